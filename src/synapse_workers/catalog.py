@@ -1,0 +1,317 @@
+"""The worker catalogue for Synapse 1.163.2, as data: roles, shorthands, presets and routes.
+
+Everything that changes with a Synapse release lives here. `tests/integration/test_catalog_vs_synapse.py`
+checks it against the installed Synapse's own worker map, so an upgrade shows exactly what moved.
+
+Sources: Synapse docs/workers.md (1.163.2), the stream-writer rules in synapse/config/workers.py, and
+behaviour confirmed against a running 1.163.2 (see docs/design.md for which routes are HARD: any other
+process answers them with an error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SYNAPSE_VERSION = "1.163.2"
+
+# Streams Synapse lets exactly one instance write (ConfigError otherwise), and those it lets shard.
+SINGLE_WRITER_STREAMS = ("account_data", "presence", "push_rules", "to_device", "typing")
+MULTI_WRITER_STREAMS = ("device_lists", "events", "quarantined_media_changes", "receipts", "thread_subscriptions")
+STREAMS = tuple(sorted(SINGLE_WRITER_STREAMS + MULTI_WRITER_STREAMS))
+
+# Listener resources a role can need. "replication" is added by the planner for stream writers.
+CLIENT, FEDERATION, MEDIA = "client", "federation", "media"
+
+# Shared-config duties that name workers (synapse/config/workers.py).
+LIST_DUTIES = ("pusher_instances", "federation_sender_instances")
+ONE_NAME_DUTIES = (
+    "run_background_tasks_on",
+    "notify_appservices_from_worker",
+    "update_user_directory_from_worker",
+    "media_instance_running_background_jobs",
+)
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    summary: str
+    resources: tuple[str, ...] = ()
+    streams: tuple[str, ...] = ()
+    duty: str | None = None  # one of LIST_DUTIES / ONE_NAME_DUTIES
+    max_instances: int | None = None  # Synapse-enforced (or single-name config key)
+
+    @property
+    def is_writer(self) -> bool:
+        return bool(self.streams)
+
+
+def _writer(name: str, stream: str, summary: str, extra: tuple[str, ...] = ()) -> Role:
+    single = 1 if stream in SINGLE_WRITER_STREAMS else None
+    return Role(name, summary, (CLIENT, *extra), (stream,), max_instances=single)
+
+
+ROLES: dict[str, Role] = {
+    r.name: r
+    for r in (
+        Role("synchrotron", "/sync, /events and initialSync, sticky per user", (CLIENT,)),
+        Role("sliding_synchrotron", "sliding sync (MSC3575 simplified), sticky per user", (CLIENT,)),
+        Role("client_reader_room", "room-scoped client reads (members, state, context, /messages, ...)", (CLIENT,)),
+        Role("client_reader_non_room", "other client reads: login, register, keys, devices, versions, ...", (CLIENT,)),
+        Role("federation_reader_room", "room-scoped federation requests (state, backfill, joins, ...)", (FEDERATION,)),
+        Role("federation_reader_non_room", "other federation reads: version, query, event, keys, ...", (FEDERATION,)),
+        Role("federation_inbound", "inbound federation transactions (/send), sticky per origin", (FEDERATION,)),
+        Role("event_creator", "event sending: send, state, redact, membership, createRoom, profile", (CLIENT,)),
+        Role("frontend_proxy", "legacy frontend proxy: key uploads", (CLIENT,)),
+        Role("user_dir", "user directory search; the first one also updates the directory", (CLIENT,),
+             duty="update_user_directory_from_worker"),
+        Role("media_repository", "media up/download, thumbnails, media admin and quarantine",
+             (CLIENT, FEDERATION, MEDIA), ("quarantined_media_changes",),
+             duty="media_instance_running_background_jobs"),
+        Role("pusher", "sends push notifications", duty="pusher_instances"),
+        Role("federation_sender", "sends outbound federation", duty="federation_sender_instances"),
+        Role("appservice", "talks to application services", duty="notify_appservices_from_worker",
+             max_instances=1),
+        Role("background_worker", "runs background tasks", duty="run_background_tasks_on", max_instances=1),
+        Role("event_persister", "persists events (stream writer for events)", streams=("events",)),
+        _writer("account_data", "account_data", "writes account data and tags"),
+        _writer("presence", "presence", "writes presence"),
+        _writer("receipts", "receipts", "writes receipts and read markers"),
+        _writer("to_device", "to_device", "writes to-device messages"),
+        _writer("typing", "typing", "writes typing notifications"),
+        _writer("push_rules", "push_rules", "writes push rules"),
+        _writer("device_lists", "device_lists", "writes device lists, device and key uploads"),
+        _writer("thread_subscriptions", "thread_subscriptions", "writes thread subscriptions (MSC4306)"),
+    )
+}
+
+# Names a user may write that stand for several roles (kept as written in `types`).
+SHORTHANDS: dict[str, tuple[str, ...]] = {
+    "client_reader": ("client_reader_non_room", "client_reader_room"),
+    "federation_reader": ("federation_reader_non_room", "federation_reader_room"),
+    "room_reader": ("client_reader_room", "federation_reader_room"),
+    "general_reader": ("client_reader_non_room", "federation_reader_non_room"),
+}
+
+# `full`: the seed image's preset, one process of each.
+FULL_PRESET: tuple[str, ...] = (
+    "account_data", "background_worker", "event_creator", "event_persister", "federation_inbound",
+    "federation_reader", "federation_sender", "frontend_proxy", "media_repository", "presence", "pusher",
+    "receipts", "to_device", "typing", "synchrotron", "user_dir",
+)
+
+TYPE_NAMES: tuple[str, ...] = tuple(sorted((*ROLES, *SHORTHANDS)))
+
+
+def expand_type(name: str) -> tuple[str, ...]:
+    """A declared type name → the roles it stands for."""
+    return SHORTHANDS.get(name, (name,))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Routes
+# ---------------------------------------------------------------------------------------------------
+
+ANY = None  # a branch for every method
+READ = frozenset({"GET", "HEAD"})
+
+# Balancing keys (how nginx spreads a route over several processes of one role).
+ROUND_ROBIN, BY_USER, BY_ROOM, BY_ORIGIN = None, "user", "room", "origin"
+
+
+@dataclass(frozen=True)
+class Branch:
+    """For requests with one of `methods` (None: any), the first deployed role of `roles` serves."""
+
+    methods: frozenset[str] | None
+    roles: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One nginx location: a regex from the docs, who serves it, how it is balanced."""
+
+    id: str
+    group: str
+    pattern: str
+    branches: tuple[Branch, ...]
+    balance: str | None = ROUND_ROBIN
+    hard: bool = False  # any other process answers with an error (500/404/405)
+    why: str = ""
+    examples: tuple[str, ...] = field(default=())  # "METHOD /path" samples, used by the checks
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(r for b in self.branches for r in b.roles))
+
+
+def _r(rid, group, pattern, *roles, balance=ROUND_ROBIN, hard=False, why="", examples=()):
+    return Rule(rid, group, pattern, (Branch(ANY, tuple(roles)),), balance, hard, why, tuple(examples))
+
+
+def _split(rid, group, pattern, all_roles, read_roles, balance=ROUND_ROBIN, hard=False, why="", examples=()):
+    """Writes only to `all_roles` (else main); reads also to `read_roles`."""
+    branches = (Branch(ANY, tuple(all_roles)), Branch(READ, tuple(read_roles)))
+    return Rule(rid, group, pattern, branches, balance, hard, why, tuple(examples))
+
+
+C = "^/_matrix/client/(api/v1|r0|v3|unstable)"  # the docs' usual client prefix
+C3 = "^/_matrix/client/(r0|v3|unstable)"
+F = "^/_matrix/federation"
+NONROOM, ROOM = "client_reader_non_room", "client_reader_room"
+FNONROOM, FROOM = "federation_reader_non_room", "federation_reader_room"
+
+# Order matters: nginx tries regex locations in file order and the first match wins. Routes that fail
+# on the wrong process (HARD) and method-sensitive ones come first, broad `.*` patterns last.
+RULES: tuple[Rule, ...] = (
+    # --- stream writers whose endpoints fail anywhere else -------------------------------------------
+    _r("typing", "stream writers", C + "/rooms/.*/typing", "typing", hard=True,
+       why="only the typing writer accepts typing (others answer 500)",
+       examples=["PUT /_matrix/client/v3/rooms/!r:x/typing/@u:x"]),
+    _r("to_device", "stream writers", C3 + "/sendToDevice/", "to_device", hard=True,
+       why="only the to_device writer accepts sendToDevice (others answer 500)",
+       examples=["PUT /_matrix/client/v3/sendToDevice/m.test/txn1"]),
+    _r("receipts", "stream writers", C3 + "/rooms/.*/(receipt|read_markers)", "receipts", balance=BY_ROOM,
+       hard=True, why="only a receipts writer accepts receipts and read markers (others answer 500)",
+       examples=["POST /_matrix/client/v3/rooms/!r:x/receipt/m.read/$e", "POST /_matrix/client/v3/rooms/!r:x/read_markers"]),
+    _r("thread_subscriptions", "stream writers", "^/_matrix/client/unstable/io\\.element\\.msc4306/",
+       "thread_subscriptions", hard=True,
+       why="only a thread_subscriptions writer accepts subscription writes (others answer 500)",
+       examples=["PUT /_matrix/client/unstable/io.element.msc4306/rooms/!r:x/thread/$e/subscription"]),
+    _r("media_quarantine", "media", "^/_synapse/admin/v1/(quarantine_media/|room/.*/media/quarantine$|"
+       "user/.*/media/quarantine$|media/quarantine/|media/unquarantine/)", "media_repository", hard=True,
+       why="quarantine needs a quarantined_media_changes writer running the media repo",
+       examples=["POST /_synapse/admin/v1/media/quarantine/x/abc", "POST /_synapse/admin/v1/room/!r:x/media/quarantine"]),
+    # --- method-sensitive -----------------------------------------------------------------------------
+    _split("push_rules", "push rules", C + "/pushrules/", ["push_rules"], [NONROOM], hard=True,
+           why="any worker reads push rules; writes need the push_rules writer (others answer 500)",
+           examples=["GET /_matrix/client/v3/pushrules/", "PUT /_matrix/client/v3/pushrules/global/room/!r:x",
+                     "DELETE /_matrix/client/v3/pushrules/global/override/x"]),
+    _r("delayed_events_restart", "MSC4140", "^/_matrix/client/unstable/org\\.matrix\\.msc4140/delayed_events/[^/]+/restart$",
+       NONROOM, why="restart is workerisable since 1.144", examples=["POST /_matrix/client/unstable/org.matrix.msc4140/delayed_events/abc/restart"]),
+    _split("delayed_events", "MSC4140", "^/_matrix/client/unstable/org\\.matrix\\.msc4140/delayed_events(/[^/]+)?$",
+           [], [NONROOM], hard=True, why="GET works on workers; POST /{id} is main-only (worker 405)",
+           examples=["GET /_matrix/client/unstable/org.matrix.msc4140/delayed_events",
+                     "POST /_matrix/client/unstable/org.matrix.msc4140/delayed_events/abc"]),
+    _split("admin_user_v2", "admin", "^/_synapse/admin/v2/users/[^/]+$", [], [NONROOM], hard=True,
+           why="GET works on workers; PUT is main-only (worker 405)",
+           examples=["GET /_synapse/admin/v2/users/@u:x", "PUT /_synapse/admin/v2/users/@u:x"]),
+    Rule("admin_room_v1", "admin", "^/_synapse/admin/v1/rooms/[^/]+$",
+         (Branch(frozenset({"GET", "HEAD", "DELETE"}), (NONROOM,)),), hard=True,
+         why="GET and DELETE work on workers; other methods stay on main",
+         examples=("GET /_synapse/admin/v1/rooms/!r:x", "DELETE /_synapse/admin/v1/rooms/!r:x")),
+    # --- media ----------------------------------------------------------------------------------------
+    _r("media", "media", "^/_matrix/(media|client/v1/media|federation/v1/media)/", "media_repository", hard=True,
+       why="with media workers, main has enable_media_repo off and answers media with 404",
+       examples=["POST /_matrix/media/v3/upload", "GET /_matrix/client/v1/media/download/x/abc",
+                 "GET /_matrix/federation/v1/media/download/abc", "GET /_matrix/media/v3/config"]),
+    _r("media_admin", "media", "^/_synapse/admin/v1/(purge_media_cache$|room/.*/media|user/.*/media|media/|"
+       "users/.*/media$)", "media_repository", hard=True,
+       why="media admin runs where the media repo runs",
+       examples=["POST /_synapse/admin/v1/purge_media_cache", "GET /_synapse/admin/v1/users/@u:x/media",
+                 "GET /_synapse/admin/v1/room/!r:x/media", "DELETE /_synapse/admin/v1/media/x/abc"]),
+    # --- sync -----------------------------------------------------------------------------------------
+    _r("sync", "sync", "^/_matrix/client/(r0|v3)/sync$", "synchrotron", balance=BY_USER,
+       examples=["GET /_matrix/client/v3/sync"]),
+    _r("events", "sync", "^/_matrix/client/(api/v1|r0|v3)/events$", "synchrotron", balance=BY_USER,
+       examples=["GET /_matrix/client/v3/events"]),
+    _r("initial_sync", "sync", "^/_matrix/client/(api/v1|r0|v3)/initialSync$", "synchrotron", balance=BY_USER,
+       examples=["GET /_matrix/client/v3/initialSync"]),
+    _r("room_initial_sync", "sync", "^/_matrix/client/(api/v1|r0|v3)/rooms/[^/]+/initialSync$", "synchrotron",
+       balance=BY_USER, examples=["GET /_matrix/client/v3/rooms/!r:x/initialSync"]),
+    _r("sliding_sync", "sync", "^/_matrix/client/unstable/org\\.matrix\\.simplified_msc3575/sync$",
+       "sliding_synchrotron", "synchrotron", balance=BY_USER,
+       why="registered on generic workers, not listed in docs/workers.md",
+       examples=["POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync"]),
+    # --- federation -----------------------------------------------------------------------------------
+    _r("federation_send", "federation", F + "/v1/send/", "federation_inbound", balance=BY_ORIGIN,
+       why="one origin's transactions to one process, in order",
+       examples=["PUT /_matrix/federation/v1/send/txn1"]),
+    _r("federation_room", "federation", F + "/(v1/(state|state_ids|backfill|get_missing_events|make_join|"
+       "make_leave|make_knock|send_knock|event_auth|timestamp_to_event|exchange_third_party_invite)/|"
+       "(v1|v2)/(send_join|send_leave|invite)/)", FROOM, balance=BY_ROOM,
+       examples=["GET /_matrix/federation/v1/state/!r:x", "GET /_matrix/federation/v1/make_join/!r:x/@u:y",
+                 "PUT /_matrix/federation/v2/send_join/!r:x/$e", "PUT /_matrix/federation/v2/invite/!r:x/$e",
+                 "GET /_matrix/federation/v1/backfill/!r:x", "POST /_matrix/federation/v1/get_missing_events/!r:x"]),
+    _r("federation_other", "federation", F + "/v1/(version$|event/|publicRooms|query/|user/devices/|hierarchy/)",
+       FNONROOM, examples=["GET /_matrix/federation/v1/version", "GET /_matrix/federation/v1/event/$e",
+                           "GET /_matrix/federation/v1/query/profile", "GET /_matrix/federation/v1/user/devices/@u:x",
+                           "GET /_matrix/federation/v1/hierarchy/!r:x", "GET /_matrix/federation/v1/publicRooms"]),
+    _r("key_query", "federation", "^/_matrix/key/v2/query", FNONROOM,
+       examples=["POST /_matrix/key/v2/query"]),
+    # --- event sending (before the broad account-data patterns: `rooms/.*/state/m.tag/tags`) ----------
+    _r("event_send", "event sending", C + "/(rooms/.*/(redact|send|state/)|rooms/.*/(join|invite|leave|ban|"
+       "unban|kick)$|join/|knock/)", "event_creator", balance=BY_ROOM,
+       examples=["PUT /_matrix/client/v3/rooms/!r:x/send/m.room.message/t1",
+                 "PUT /_matrix/client/v3/rooms/!r:x/state/m.room.topic/", "POST /_matrix/client/v3/rooms/!r:x/invite",
+                 "POST /_matrix/client/v3/join/%23a:x", "PUT /_matrix/client/v3/rooms/!r:x/redact/$e/t1"]),
+    _r("create_room", "event sending", C + "/createRoom$", "event_creator", NONROOM,
+       examples=["POST /_matrix/client/v3/createRoom"]),
+    _r("profile", "event sending", C + "/profile/", "event_creator", NONROOM,
+       examples=["GET /_matrix/client/v3/profile/@u:x", "PUT /_matrix/client/v3/profile/@u:x/displayname"]),
+    # --- device lists and keys ------------------------------------------------------------------------
+    _r("key_upload", "encryption", C + "/keys/(upload|device_signing/upload$|signatures/upload$)",
+       "device_lists", "frontend_proxy", NONROOM,
+       examples=["POST /_matrix/client/v3/keys/upload", "POST /_matrix/client/v3/keys/device_signing/upload"]),
+    _r("devices", "encryption", C + "/(devices(/|$)|delete_devices$)", "device_lists", NONROOM,
+       examples=["GET /_matrix/client/v3/devices", "PUT /_matrix/client/v3/devices/DEV",
+                 "POST /_matrix/client/v3/delete_devices"]),
+    _r("keys", "encryption", C3 + "/(keys/(query|changes|claim)$|room_keys/)", NONROOM,
+       examples=["POST /_matrix/client/v3/keys/query", "GET /_matrix/client/v3/room_keys/version"]),
+    # --- user directory -------------------------------------------------------------------------------
+    _r("user_directory", "user directory", C3 + "/user_directory/search$", "user_dir",
+       examples=["POST /_matrix/client/v3/user_directory/search"]),
+    # --- room-scoped client reads ---------------------------------------------------------------------
+    _r("messages", "room reads", C + "/rooms/.*/messages$", ROOM, balance=BY_ROOM,
+       why="pagination for one room must stay on one process",
+       examples=["GET /_matrix/client/v3/rooms/!r:x/messages"]),
+    _r("room_reads", "room reads", C + "/rooms/.*/(joined_members$|context/.*$|members$|state$|event/|aliases)",
+       ROOM, balance=BY_ROOM,
+       examples=["GET /_matrix/client/v3/rooms/!r:x/members", "GET /_matrix/client/v3/rooms/!r:x/state",
+                 "GET /_matrix/client/v3/rooms/!r:x/context/$e", "GET /_matrix/client/v3/rooms/!r:x/event/$e"]),
+    _r("room_reads_v1", "room reads", "^/_matrix/client/(v1|unstable)/rooms/.*/(hierarchy$|relations/|threads$|"
+       "timestamp_to_event$)", ROOM, balance=BY_ROOM,
+       examples=["GET /_matrix/client/v1/rooms/!r:x/hierarchy", "GET /_matrix/client/v1/rooms/!r:x/relations/$e",
+                 "GET /_matrix/client/v1/rooms/!r:x/threads"]),
+    _r("room_aliases_unstable", "room reads", "^/_matrix/client/unstable/.*/rooms/.*/aliases", ROOM, balance=BY_ROOM,
+       examples=["GET /_matrix/client/unstable/org.matrix.msc2432/rooms/!r:x/aliases"]),
+    _r("room_summary", "room reads", "^/_matrix/client/(v1/room_summary/|unstable/im\\.nheko\\.summary/summary/)",
+       ROOM, balance=BY_ROOM, examples=["GET /_matrix/client/v1/room_summary/!r:x"]),
+    # --- other client reads ---------------------------------------------------------------------------
+    _r("client_reads", "client reads", C + "/(publicRooms$|voip/turnServer$|joined_rooms$|search$|"
+       "directory/room/.*$|login$)", NONROOM,
+       examples=["GET /_matrix/client/v3/publicRooms", "GET /_matrix/client/v3/joined_rooms",
+                 "POST /_matrix/client/v3/search", "POST /_matrix/client/v3/login",
+                 "GET /_matrix/client/v3/directory/room/%23a:x"]),
+    _r("client_reads_v3", "client reads", C3 + "/(account/(3pid|whoami|deactivate)$|user/.*/filter(/|$)|"
+       "capabilities$|notifications$|register$|register/available$|password_policy$)", NONROOM,
+       examples=["GET /_matrix/client/v3/account/whoami", "GET /_matrix/client/v3/capabilities",
+                 "POST /_matrix/client/v3/register", "GET /_matrix/client/v3/user/@u:x/filter/1"]),
+    _r("versions", "client reads", "^/_matrix/client/(versions$|v1/register/m\\.login\\.registration_token/validity$)",
+       NONROOM, examples=["GET /_matrix/client/versions"]),
+    _r("mas", "client reads", "^/_synapse/mas/", NONROOM, why="only used with matrix_authentication_service",
+       examples=["GET /_synapse/mas/is_localpart_available"]),
+    # --- broad patterns last --------------------------------------------------------------------------
+    _split("account_data", "account data", C3 + "/.*/(tags|account_data)", ["account_data"], [NONROOM],
+           why="reads anywhere; writes prefer the account_data writer",
+           examples=["PUT /_matrix/client/v3/user/@u:x/account_data/m.test",
+                     "GET /_matrix/client/v3/user/@u:x/rooms/!r:x/tags"]),
+    _split("presence", "presence", C + "/presence/", ["presence"], [NONROOM],
+           why="reads anywhere; writes prefer the presence writer",
+           examples=["PUT /_matrix/client/v3/presence/@u:x/status", "GET /_matrix/client/v3/presence/@u:x/status"]),
+)
+
+RULES_BY_ID = {rule.id: rule for rule in RULES}
+
+# Paths no public request may reach: they are only on internal listeners anyway; nginx also refuses them.
+PRIVATE_PREFIXES = ("/_synapse/replication", "/_synapse/metrics")
+
+# Endpoints generic workers register that we keep on main on purpose (see docs/design.md).
+KEPT_ON_MAIN = (
+    "^/_matrix/client/v1/appservice/.*/ping$",
+    "^/_matrix/federation/v1/user/keys/(query|claim)$",
+    "^/_matrix/federation/v1/openid/userinfo$",
+    "^/_matrix/federation/v1/3pid/onbind$",
+    "^/_matrix/client/unstable/rooms/.*/complexity$",
+    "^/_matrix/key/v2/server",
+)

@@ -1,0 +1,155 @@
+"""The `synapse-workers` command: thin wrappers around load → plan → render → files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+
+from . import __version__, catalog
+from .errors import UserError
+from .files import write_files
+from .load import load_plan
+from .plan import Plan, explain
+from .render import render_all
+from .settings import ENV_NAMES, Settings
+
+
+def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    env = os.environ if env is None else env
+    try:
+        return args.func(args, env)
+    except UserError as exc:
+        for problem in exc.problems:
+            print(f"synapse-workers: error: {problem}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"synapse-workers: cannot write or read {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synapse-workers",
+        description=f"Synapse {catalog.SYNAPSE_VERSION} with workers and an internal nginx, from the environment.",
+    )
+    parser.add_argument("--version", action="version", version=f"synapse-workers {__version__} "
+                        f"(Synapse {catalog.SYNAPSE_VERSION})")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("generate", help="validate the environment and write every config file").set_defaults(
+        func=cmd_generate)
+    plan = sub.add_parser("plan", help="print the deployment plan; writes nothing")
+    plan.add_argument("--json", action="store_true", help="machine-readable output")
+    plan.set_defaults(func=cmd_plan)
+    sub.add_parser("check", help="generate, then nginx -t and Synapse's config loader on every process").set_defaults(
+        func=cmd_check)
+    routes = sub.add_parser("routes", help="explain where a request goes: routes [METHOD] PATH")
+    routes.add_argument("words", nargs="+", metavar="[METHOD] PATH")
+    routes.add_argument("--json", action="store_true")
+    routes.set_defaults(func=cmd_routes)
+    sub.add_parser("env", help="list every recognised variable with its effective value").set_defaults(func=cmd_env)
+    return parser
+
+
+def cmd_generate(args, env) -> int:
+    plan = load_plan(env)
+    written = write_files(plan, render_all(plan))
+    print(f"synapse-workers: wrote {len(written)} files for main + {len(plan.workers)} workers "
+          f"(nginx: {plan.files['nginx']})")
+    return 0
+
+
+def cmd_plan(args, env) -> int:
+    plan = load_plan(env)
+    if args.json:
+        print(json.dumps(plan.as_json(), indent=2))
+        return 0
+    print(f"server_name {plan.homeserver.server_name}; public port {plan.public.port}; Synapse {catalog.SYNAPSE_VERSION}")
+    for proc in plan.processes:
+        listeners = ", ".join(f"{lst.kind}={lst.address}" for lst in proc.listeners)
+        types = "+".join(proc.types) or "main"
+        print(f"  {proc.name:28} {types:40} {listeners}")
+    return 0
+
+
+def cmd_check(args, env) -> int:
+    plan = load_plan(env)
+    write_files(plan, render_all(plan))
+    ok = _nginx_test(plan)
+    ok = _synapse_test(plan) and ok
+    print("check: OK" if ok else "check: FAILED")
+    return 0 if ok else 1
+
+
+def nginx_binary() -> str:
+    return shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def _nginx_test(plan: Plan) -> bool:
+    result = subprocess.run([nginx_binary(), "-t", "-q", "-c", plan.files["nginx"]], capture_output=True, text=True)
+    if result.returncode == 0:
+        print(f"nginx: OK ({plan.files['nginx']})")
+        return True
+    print(f"nginx: FAILED\n{result.stderr.strip()}")
+    return False
+
+
+def _synapse_test(plan: Plan) -> bool:
+    procs = [{"name": p.name, "app": p.app, "config_files": list(p.config_files)} for p in plan.processes]
+    result = subprocess.run(
+        [sys.executable, "-m", "synapse_workers.synapse_check"],
+        input=json.dumps(procs), capture_output=True, text=True,
+    )
+    seen = 0
+    for line in result.stdout.splitlines():
+        report = json.loads(line)
+        seen += 1
+        print(f"{report['name']}: OK" if report["ok"] else f"{report['name']}: FAILED\n  {report['error']}")
+    if seen != len(procs):
+        print(f"synapse config check crashed:\n{result.stderr.strip()[-2000:]}")
+        return False
+    return result.returncode == 0
+
+
+def cmd_routes(args, env) -> int:
+    words = args.words
+    if len(words) > 2 or not words[-1].startswith("/"):
+        raise UserError("routes: expected [METHOD] PATH, for example: routes PUT /_matrix/client/v3/sendToDevice/m.x/1")
+    method = words[0] if len(words) == 2 else "GET"
+    plan = load_plan(env)
+    result = explain(plan, method, words[-1])
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    if result["upstream"] is None:
+        print(f"{result['method']} {result['path']} -> refused (404): {result['why']}")
+        return 0
+    servers = ", ".join(result["servers"])
+    balance = f", balanced by {result['balance']}" if result.get("balance") else ""
+    print(f"{result['method']} {result['path']}")
+    print(f"  -> upstream {result['upstream']} ({servers}{balance})")
+    if result.get("rule"):
+        print(f"  rule {result['rule']}: {result['pattern']}")
+    print(f"  why: {result['why']}")
+    return 0
+
+
+def cmd_env(args, env) -> int:
+    fields = {f.alias: name for name, f in Settings.model_fields.items()}
+    for var_name in ENV_NAMES:
+        shown = env.get(var_name)
+        if shown is not None and any(w in var_name for w in ("PASSWORD", "SECRET", "MACAROON")):
+            shown = "<hidden>"
+        default = Settings.model_fields[fields[var_name]].default
+        print(f"{var_name}={shown if shown is not None else ''}    # default: {default!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""Write a rendered FileSet: the only module (with run/) that touches the disk.
+
+Managed files are staged in a temporary directory under the runtime dir and swapped in per top-level
+directory only after everything is written, so a failed run leaves the previous files as they were.
+Files created once (homeserver.yaml, secrets) are never overwritten, except secrets given in the
+environment, which win.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as pysecrets
+import shutil
+import tempfile
+from pathlib import Path
+
+from .plan import Plan
+from .render import FileSet
+
+SECRET_MODE = 0o600
+
+
+def write_files(plan: Plan, fileset: FileSet) -> list[str]:
+    """Write everything; returns the paths written (managed files and newly created ones)."""
+    written = _swap_in_managed(plan.files["runtime_dir"], fileset.managed)
+    for path, (text, mode) in sorted(fileset.once.items()):
+        if not os.path.exists(path):
+            _write_new(path, text, mode)
+            written.append(path)
+    created = [p for p in written if p in fileset.once]
+    created += ensure_secrets(plan)
+    _make_runtime_dirs(plan)
+    _chown_for_synapse(plan, created)
+    return written + [p for p in created if p not in written]
+
+
+def _swap_in_managed(runtime_dir: str, files: dict[str, str]) -> list[str]:
+    root = Path(runtime_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        tops: set[str] = set()
+        for path, text in files.items():
+            rel = Path(path).relative_to(root)
+            tops.add(rel.parts[0])
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+            os.chmod(target, 0o644)
+        for top in sorted(tops):
+            live, old = root / top, root / f".old-{top}"
+            _carry_over_state(live, staging / top)
+            if old.exists():
+                shutil.rmtree(old)
+            if live.exists():
+                live.rename(old)
+            (staging / top).rename(live)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return sorted(files)
+
+
+def _carry_over_state(live: Path, staged: Path) -> None:
+    """nginx keeps its temp dirs next to its config; keep them (and a running pid file) across swaps."""
+    for name in ("tmp", "nginx.pid"):
+        if (live / name).exists() and not (staged / name).exists():
+            (live / name).rename(staged / name)
+
+
+def _write_new(path: str, text: str, mode: int) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def ensure_secrets(plan: Plan) -> list[str]:
+    """Persisted secrets in the data dir (0600): created when missing, replaced when the env gives one."""
+    s, paths = plan.settings, plan.secrets
+    written = []
+    wanted: list[tuple[str, str | None]] = []
+    if not plan.homeserver.exists:
+        wanted += [
+            (paths.registration, _secret(s.registration_shared_secret)),
+            (paths.macaroon, _secret(s.macaroon_secret_key)),
+            (paths.form, _secret(s.form_secret)),
+        ]
+        if s.turn_uris or s.enable_coturn:
+            wanted.append((paths.turn, _secret(s.turn_secret)))
+    if plan.workers:
+        wanted.append((paths.replication, None))
+    for path, given in wanted:
+        current = Path(path).read_text().strip() if os.path.exists(path) else None
+        if current is not None and (given is None or given == current):
+            continue
+        _write_new(path, (given or pysecrets.token_hex(32)) + "\n", SECRET_MODE)
+        written.append(path)
+    if not plan.homeserver.exists and not os.path.exists(paths.signing_key):
+        _write_new(paths.signing_key, _signing_key(), SECRET_MODE)
+        written.append(paths.signing_key)
+    return written
+
+
+def _secret(value) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+def _signing_key() -> str:
+    # signedjson ships with Synapse; the key id follows Synapse's own "a_XXXX".
+    from signedjson.key import encode_signing_key_base64, generate_signing_key
+
+    key = generate_signing_key("a_" + pysecrets.token_hex(2))
+    return f"{key.alg} {key.version} {encode_signing_key_base64(key)}\n"
+
+
+def _make_runtime_dirs(plan: Plan) -> None:
+    for key in ("sockets_dir", "nginx_dir"):
+        Path(plan.files[key]).mkdir(parents=True, exist_ok=True)
+    Path(plan.files["nginx_dir"], "tmp").mkdir(exist_ok=True)
+    if plan.settings.write_logs_to_disk:
+        Path(plan.files["logs_on_disk"]).mkdir(parents=True, exist_ok=True)
+
+
+def _chown_for_synapse(plan: Plan, created: list[str]) -> None:
+    """As root, Synapse runs as UID:GID: it must read its config and secrets and own its sockets dir.
+
+    Only files we created or manage are touched; a user's own homeserver.yaml keeps its owner."""
+    if os.geteuid() != 0:
+        return
+    uid, gid = plan.settings.uid, plan.settings.gid
+    trees = [plan.files["sockets_dir"], plan.files["synapse_dir"]]
+    if plan.settings.write_logs_to_disk:
+        trees.append(plan.files["logs_on_disk"])
+    for tree in trees:
+        os.chown(tree, uid, gid)
+        for root, dirs, names in os.walk(tree):
+            for name in dirs + names:
+                os.chown(os.path.join(root, name), uid, gid)
+    for path in created:
+        os.chown(path, uid, gid)

@@ -1,0 +1,224 @@
+"""The user's homeserver.yaml: what we learn from an existing one, and what we generate when there is none.
+
+Reading the file is the only I/O here (`read_homeserver`); `describe` and `generated_homeserver` are pure.
+An existing file is never written to: everything we need is layered on with extra --config-path files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+from .settings import Settings
+
+
+@dataclass(frozen=True)
+class HomeserverInfo:
+    """What the rest of the plan needs to know about homeserver.yaml (existing or about to be generated)."""
+
+    path: str
+    exists: bool
+    server_name: str
+    public_port: int | None  # the port the user's own client listener had (becomes nginx's)
+    database: str  # "postgres" or "sqlite"
+    has_redis: bool
+    enable_metrics: bool
+    app_service_config_files: tuple[str, ...] = ()
+    signing_key_path: str | None = None
+
+
+def read_homeserver(path: str) -> dict[str, Any] | None:
+    """The parsed file, or None when it does not exist."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"{path} (SYNAPSE_CONFIG_PATH) cannot be read as YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} (SYNAPSE_CONFIG_PATH) is not a YAML mapping of Synapse settings.")
+    return doc
+
+
+def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) -> HomeserverInfo:
+    path = settings.homeserver_config_path
+    if doc is None:
+        if not settings.server_name:
+            raise UserError(
+                f"SYNAPSE_SERVER_NAME is required: there is no {path} yet, and one is generated from the environment."
+            )
+        if settings.report_stats is None:
+            raise UserError(
+                f"SYNAPSE_REPORT_STATS is required (yes or no): there is no {path} yet, and one is generated."
+            )
+        database = "sqlite" if settings.database_kind == "sqlite" else "postgres"
+        info = HomeserverInfo(path, False, settings.server_name, None, database, False, settings.metrics)
+    else:
+        info = _describe_existing(settings, path, doc)
+    if has_workers and info.database == "sqlite":
+        where = f"{path} uses SQLite" if info.exists else "SYNAPSE_DATABASE=sqlite"
+        raise UserError(
+            f"SYNAPSE_WORKER_TYPES needs PostgreSQL, but {where}: Synapse workers share one PostgreSQL database. "
+            "Port the database to PostgreSQL (synapse_port_db) or leave SYNAPSE_WORKER_TYPES empty."
+        )
+    return info
+
+
+def _describe_existing(settings: Settings, path: str, doc: dict[str, Any]) -> HomeserverInfo:
+    server_name = doc.get("server_name")
+    if not isinstance(server_name, str) or not server_name:
+        raise UserError(f"{path} (SYNAPSE_CONFIG_PATH) has no server_name.")
+    if settings.server_name and settings.server_name != server_name:
+        raise UserError(
+            f"SYNAPSE_SERVER_NAME={settings.server_name!r} differs from server_name {server_name!r} in {path}: "
+            "changing the server name breaks an existing homeserver. Unset SYNAPSE_SERVER_NAME or make them equal."
+        )
+    db = doc.get("database") or {}
+    engine = db.get("name", "sqlite3") if isinstance(db, dict) else "sqlite3"
+    database = "sqlite" if engine == "sqlite3" else "postgres"
+    redis = doc.get("redis")
+    has_redis = isinstance(redis, dict) and bool(redis.get("enabled", False))
+    appservices = doc.get("app_service_config_files") or []
+    return HomeserverInfo(
+        path=path,
+        exists=True,
+        server_name=server_name,
+        public_port=_public_port(doc.get("listeners")),
+        database=database,
+        has_redis=has_redis,
+        enable_metrics=bool(doc.get("enable_metrics", False)),
+        app_service_config_files=tuple(str(a) for a in appservices if isinstance(a, str)),
+        signing_key_path=doc.get("signing_key_path"),
+    )
+
+
+def _public_port(listeners: Any) -> int | None:
+    """The first plain-HTTP TCP listener serving client traffic (the official images use 8008)."""
+    for listener in listeners or []:
+        if not isinstance(listener, dict) or listener.get("type", "http") != "http" or listener.get("tls"):
+            continue
+        names = {n for res in listener.get("resources") or [] for n in (res or {}).get("names", [])}
+        if "client" in names and isinstance(listener.get("port"), int):
+            return listener["port"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecretPaths:
+    """Where the persisted secrets live (data dir, mode 0600); created by files.ensure_secrets."""
+
+    signing_key: str
+    registration: str
+    macaroon: str
+    form: str
+    replication: str
+    turn: str
+
+
+def secret_paths(settings: Settings, server_name: str) -> SecretPaths:
+    data = settings.data_dir
+    return SecretPaths(
+        signing_key=f"{data}/{server_name}.signing.key",
+        registration=f"{data}/{server_name}.registration.key",
+        macaroon=f"{data}/{server_name}.macaroon.key",
+        form=f"{data}/{server_name}.form.key",
+        replication=f"{data}/worker_replication.key",
+        turn=f"{data}/{server_name}.turn.key",
+    )
+
+
+def database_block(settings: Settings, embedded_socket_dir: str) -> dict[str, Any]:
+    kind = settings.database_kind
+    if kind == "sqlite":
+        return {"name": "sqlite3", "args": {"database": f"{settings.data_dir}/homeserver.db"}}
+    if kind == "embedded":
+        args: dict[str, Any] = {"user": "synapse", "dbname": "synapse", "host": embedded_socket_dir}
+    else:
+        args = {
+            "user": settings.postgres_user,
+            "password": settings.postgres_password.get_secret_value() if settings.postgres_password else None,
+            "dbname": settings.postgres_db,
+            "host": settings.postgres_host,
+            "port": settings.postgres_port,
+        }
+    # Small pools: every worker opens its own, and PostgreSQL allows 100 connections by default.
+    args.update({"cp_min": 1, "cp_max": 5})
+    return {"name": "psycopg2", "txn_limit": 10000, "args": args}
+
+
+def generated_homeserver(settings: Settings, secrets: SecretPaths, embedded_socket_dir: str) -> dict[str, Any]:
+    """homeserver.yaml for a new install: a runnable monolith config; workers are layered on top."""
+    s = settings
+    port = s.http_port or 8008
+    doc: dict[str, Any] = {
+        "server_name": s.server_name,
+        "report_stats": bool(s.report_stats),
+        "listeners": [
+            {
+                "port": port,
+                "type": "http",
+                "x_forwarded": True,
+                "resources": [{"names": ["client", "federation"], "compress": False}],
+            }
+        ],
+        "database": database_block(s, embedded_socket_dir),
+        "log_config": s.log_config or f"{s.config_dir}/{s.server_name}.log.config",
+        "media_store_path": s.media_store_path or f"{s.data_dir}/media_store",
+        "max_upload_size": _size_text(s.max_upload_size),
+        "event_cache_size": s.event_cache_size,
+        "signing_key_path": secrets.signing_key,
+        "registration_shared_secret_path": secrets.registration,
+        "macaroon_secret_key_path": secrets.macaroon,
+        "form_secret_path": secrets.form,
+        "trusted_key_servers": [{"server_name": "matrix.org"}],
+        "suppress_key_server_warning": True,
+        "enable_registration": s.enable_registration,
+        "allow_guest_access": s.allow_guest,
+        "serve_server_wellknown": s.serve_server_wellknown,
+        "enable_metrics": s.metrics,
+        "url_preview_enabled": s.url_preview_enabled,
+    }
+    if s.enable_registration:
+        # Synapse refuses open registration without this; the operator asked for it explicitly.
+        doc["enable_registration_without_verification"] = True
+    if s.url_preview_enabled:
+        doc["url_preview_ip_range_blacklist"] = URL_PREVIEW_BLACKLIST
+    if s.public_baseurl:
+        doc["public_baseurl"] = s.public_baseurl
+    turn_uris = s.turn_uris or (_default_turn_uris(s.server_name or "") if s.enable_coturn else ())
+    if turn_uris:
+        doc["turn_uris"] = list(turn_uris)
+        doc["turn_shared_secret_path"] = secrets.turn
+        doc["turn_user_lifetime"] = "1h"
+        doc["turn_allow_guests"] = True
+    return doc
+
+
+def _default_turn_uris(server_name: str) -> tuple[str, ...]:
+    host = server_name.split(":")[0]
+    return (f"turn:{host}:3478?transport=udp", f"turn:{host}:3478?transport=tcp")
+
+
+def _size_text(size: int) -> str:
+    for unit, factor in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+URL_PREVIEW_BLACKLIST = [
+    "127.0.0.0/8", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "192.0.0.0/24",
+    "169.254.0.0/16", "192.88.99.0/24", "198.18.0.0/15", "192.0.2.0/24", "198.51.100.0/24",
+    "203.0.113.0/24", "224.0.0.0/4", "::1/128", "fe80::/10", "fc00::/7", "2001:db8::/32", "ff00::/8",
+    "fec0::/10",
+]

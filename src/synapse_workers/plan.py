@@ -1,0 +1,496 @@
+"""Settings + declared workers + homeserver.yaml facts → the deployment Plan. Pure: no I/O.
+
+The plan is the single source every renderer reads: processes with their listeners and duties, the
+shared Synapse wiring (instance_map, stream_writers, duties), nginx upstreams and routes, and file paths.
+It says nothing about how processes are started, so other targets (compose, Kubernetes) can render it too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote
+
+from . import catalog
+from .errors import UserError
+from .homeserver import HomeserverInfo, SecretPaths, secret_paths
+from .settings import Settings
+from .workers import Worker
+
+MAIN = "main"
+MAIN_APP = "synapse.app.homeserver"
+WORKER_APP = "synapse.app.generic_worker"
+LOOPBACK = "127.0.0.1"
+
+PUBLIC, REPLICATION, HEALTH, METRICS = "public", "replication", "health", "metrics"
+# Ports from SYNAPSE_INTERNAL_PORT_BASE: main takes base+0..3, workers count up from base+WORKER_OFFSET.
+MAIN_PORT_OFFSETS = {PUBLIC: 0, REPLICATION: 1, HEALTH: 2, METRICS: 3}
+WORKER_OFFSET = 10
+
+
+@dataclass(frozen=True)
+class Listener:
+    kind: str  # public | replication | health | metrics
+    resources: tuple[str, ...]
+    host: str | None = None
+    port: int | None = None
+    path: str | None = None
+
+    @property
+    def address(self) -> str:
+        """nginx/httpx style address."""
+        return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
+
+    def as_json(self) -> dict[str, Any]:
+        where = {"path": self.path} if self.path else {"host": self.host, "port": self.port}
+        return {"kind": self.kind, "resources": list(self.resources), **where}
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str
+    app: str
+    types: tuple[str, ...]
+    roles: tuple[str, ...]
+    listeners: tuple[Listener, ...]
+    config_files: tuple[str, ...]
+    log_config: str
+    streams: tuple[str, ...] = ()
+    duties: tuple[str, ...] = ()
+
+    def listener(self, kind: str) -> Listener | None:
+        return next((lst for lst in self.listeners if lst.kind == kind), None)
+
+    @property
+    def is_main(self) -> bool:
+        return self.name == MAIN
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"name": self.name}
+        if not self.is_main:
+            data["types"] = list(self.types)
+            data["roles"] = list(self.roles)
+        data.update(
+            app=self.app,
+            listeners=[lst.as_json() for lst in self.listeners],
+            config_files=list(self.config_files),
+            log_config=self.log_config,
+            streams=list(self.streams),
+            duties=list(self.duties),
+        )
+        return data
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    role: str | None  # None: main
+    balance: str | None
+    servers: tuple[str, ...]  # process names
+
+
+@dataclass(frozen=True)
+class Route:
+    rule: catalog.Rule
+    # (methods or None for "any other"), upstream name; evaluated in order, the None entry last.
+    targets: tuple[tuple[frozenset[str] | None, str], ...]
+
+    def upstream_for(self, method: str) -> str:
+        for methods, upstream in self.targets:
+            if methods is None or method.upper() in methods:
+                return upstream
+        return MAIN
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(u for _, u in self.targets))
+
+
+@dataclass(frozen=True)
+class Public:
+    bind_address: str
+    port: int
+    unix_socket: str | None
+    tls_port: int | None
+    tls_cert: str | None
+    tls_key: str | None
+    max_body_size: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "bind_address": self.bind_address,
+            "port": self.port,
+            "unix_socket": self.unix_socket,
+            "tls_port": self.tls_port,
+            "max_body_size": self.max_body_size,
+        }
+
+
+@dataclass(frozen=True)
+class Redis:
+    external: bool  # configured in homeserver.yaml by the user: we neither start nor configure it
+    path: str | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    settings: Settings
+    homeserver: HomeserverInfo
+    secrets: SecretPaths
+    public: Public
+    main: Process
+    workers: tuple[Process, ...]
+    redis: Redis | None
+    instance_map: dict[str, Listener]
+    stream_writers: dict[str, tuple[str, ...]]
+    duties: dict[str, Any]
+    upstreams: tuple[Upstream, ...]
+    routes: tuple[Route, ...]
+    files: dict[str, str]
+    app_service_config_files: tuple[str, ...] = ()
+
+    @property
+    def processes(self) -> tuple[Process, ...]:
+        return (self.main, *self.workers)
+
+    def process(self, name: str) -> Process:
+        return next(p for p in self.processes if p.name == name)
+
+    def upstream(self, name: str) -> Upstream:
+        return next(u for u in self.upstreams if u.name == name)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "synapse_version": catalog.SYNAPSE_VERSION,
+            "server_name": self.homeserver.server_name,
+            "homeserver_yaml": {"path": self.homeserver.path, "exists": self.homeserver.exists},
+            "public": self.public.as_json(),
+            "main": self.main.as_json(),
+            "workers": [w.as_json() for w in self.workers],
+            "redis": None if self.redis is None else {"external": self.redis.external, "path": self.redis.path},
+            "instance_map": {k: v.as_json() for k, v in self.instance_map.items()},
+            "stream_writers": {k: list(v) for k, v in self.stream_writers.items()},
+            "duties": self.duties,
+            "upstreams": [
+                {"name": u.name, "role": u.role, "balance": u.balance, "servers": list(u.servers)}
+                for u in self.upstreams
+            ],
+            "routes": [
+                {
+                    "id": r.rule.id,
+                    "pattern": r.rule.pattern,
+                    "targets": [{"methods": sorted(m) if m else None, "upstream": u} for m, u in r.targets],
+                }
+                for r in self.routes
+            ],
+            "files": self.files,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------
+
+
+def paths(settings: Settings) -> dict[str, str]:
+    """Every generated file and runtime location, from SYNAPSE_RUNTIME_DIR."""
+    r = settings.runtime_dir
+    return {
+        "runtime_dir": r,
+        "synapse_dir": f"{r}/synapse",
+        "shared_config": f"{r}/synapse/shared.yaml",
+        "main_config": f"{r}/synapse/main.yaml",
+        "workers_dir": f"{r}/synapse/workers",
+        "log_dir": f"{r}/synapse/log",
+        "sockets_dir": f"{r}/sockets",
+        "nginx": f"{r}/nginx/nginx.conf",
+        "nginx_dir": f"{r}/nginx",
+        "redis_socket": f"{r}/sockets/redis.sock",
+        "postgres_socket_dir": f"{r}/postgresql",
+        "logs_on_disk": f"{settings.data_dir}/logs",
+    }
+
+
+def make_plan(
+    settings: Settings,
+    homeserver: HomeserverInfo,
+    workers: tuple[Worker, ...],
+    app_service_files: tuple[str, ...] = (),
+) -> Plan:
+    files = paths(settings)
+    has_workers = bool(workers)
+    ports = _PortAllocator(settings.internal_port_base)
+
+    main = _main_process(settings, files, has_workers, ports)
+    worker_procs = tuple(_worker_process(settings, files, w, ports) for w in workers)
+    public = _public(settings, homeserver)
+    _check_ports(settings, public, ports)
+
+    stream_writers = _stream_writers(worker_procs)
+    writer_names = {n for names in stream_writers.values() for n in names}
+    instance_map: dict[str, Listener] = {}
+    if has_workers:
+        instance_map[MAIN] = _listener(main, REPLICATION)
+        for proc in worker_procs:
+            if proc.name in writer_names:
+                instance_map[proc.name] = _listener(proc, REPLICATION)
+    # Synapse calls main "master" inside stream_writers.
+    stream_writers = {s: tuple("master" if n == MAIN else n for n in names) for s, names in stream_writers.items()}
+
+    redis = None
+    if has_workers:
+        redis = Redis(external=homeserver.has_redis, path=None if homeserver.has_redis else files["redis_socket"])
+
+    upstreams, routes = _routing(main, worker_procs)
+    files = dict(files)
+    files.update({f"synapse:{p.name}": p.config_files[-1] for p in (main, *worker_procs)})
+    appservices = tuple(dict.fromkeys((*homeserver.app_service_config_files, *app_service_files)))
+    return Plan(
+        settings=settings,
+        homeserver=homeserver,
+        secrets=secret_paths(settings, homeserver.server_name),
+        public=public,
+        main=main,
+        workers=worker_procs,
+        redis=redis,
+        instance_map=instance_map,
+        stream_writers=stream_writers,
+        duties=_duties(worker_procs),
+        upstreams=upstreams,
+        routes=routes,
+        files=files,
+        app_service_config_files=appservices,
+    )
+
+
+class _PortAllocator:
+    def __init__(self, base: int):
+        self.base = base
+        self.next = base + WORKER_OFFSET
+        self.used: list[int] = []
+
+    def main(self, kind: str) -> int:
+        port = self.base + MAIN_PORT_OFFSETS[kind]
+        self.used.append(port)
+        return port
+
+    def take(self) -> int:
+        port = self.next
+        self.next += 1
+        self.used.append(port)
+        return port
+
+
+def _listeners(settings: Settings, files: dict[str, str], name: str, wanted: list[tuple[str, tuple[str, ...]]],
+               port_for) -> tuple[Listener, ...]:
+    """Internal listeners for one process: loopback TCP, or unix sockets where the switches ask for them."""
+    sockets = {
+        PUBLIC: settings.public_unix_sockets,
+        REPLICATION: settings.replication_unix_sockets,
+        METRICS: settings.metrics_unix_sockets,
+        HEALTH: False,  # health stays on TCP so any checker (curl, Docker) can reach it
+    }
+    result = []
+    for kind, resources in wanted:
+        if sockets[kind]:
+            result.append(Listener(kind, resources, path=f"{files['sockets_dir']}/{name}.{kind}.sock"))
+        else:
+            result.append(Listener(kind, resources, host=LOOPBACK, port=port_for(kind)))
+    return tuple(result)
+
+
+def _main_process(settings: Settings, files: dict[str, str], has_workers: bool, ports: _PortAllocator) -> Process:
+    wanted: list[tuple[str, tuple[str, ...]]] = [(PUBLIC, ("client", "federation"))]
+    if has_workers:
+        wanted.append((REPLICATION, ("replication",)))
+    wanted.append((HEALTH, ()))
+    if settings.metrics:
+        wanted.append((METRICS, ("metrics",)))
+    listeners = _listeners(settings, files, MAIN, wanted, ports.main)
+    return Process(
+        name=MAIN,
+        app=MAIN_APP,
+        types=(),
+        roles=(),
+        listeners=listeners,
+        config_files=(settings.homeserver_config_path, files["shared_config"], files["main_config"]),
+        log_config=f"{files['log_dir']}/{MAIN}.log.config",
+    )
+
+
+def _worker_process(settings: Settings, files: dict[str, str], worker: Worker, ports: _PortAllocator) -> Process:
+    resources = sorted({res for r in worker.roles for res in catalog.ROLES[r].resources})
+    wanted: list[tuple[str, tuple[str, ...]]] = []
+    if resources:
+        wanted.append((PUBLIC, tuple(resources)))
+    if worker.streams:
+        wanted.append((REPLICATION, ("replication",)))
+    wanted.append((HEALTH, ()))
+    if settings.metrics:
+        wanted.append((METRICS, ("metrics",)))
+    listeners = _listeners(settings, files, worker.name, wanted, lambda _kind: ports.take())
+    duties = tuple(sorted({catalog.ROLES[r].duty for r in worker.roles if catalog.ROLES[r].duty}))
+    return Process(
+        name=worker.name,
+        app=WORKER_APP,
+        types=worker.types,
+        roles=worker.roles,
+        listeners=listeners,
+        config_files=(
+            settings.homeserver_config_path,
+            files["shared_config"],
+            f"{files['workers_dir']}/{worker.name}.yaml",
+        ),
+        log_config=f"{files['log_dir']}/{worker.name}.log.config",
+        streams=worker.streams,
+        duties=duties,
+    )
+
+
+def _listener(proc: Process, kind: str) -> Listener:
+    found = proc.listener(kind)
+    assert found is not None, (proc.name, kind)
+    return found
+
+
+def _public(settings: Settings, homeserver: HomeserverInfo) -> Public:
+    port = settings.http_port or homeserver.public_port or 8008
+    tls = settings.tls_cert is not None
+    return Public(
+        bind_address=settings.http_bind_address,
+        port=port,
+        unix_socket=settings.nginx_listen_unix_socket,
+        tls_port=settings.tls_port if tls else None,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        max_body_size=settings.max_upload_size,
+    )
+
+
+def _check_ports(settings: Settings, public: Public, ports: _PortAllocator) -> None:
+    if ports.next > 65535:
+        raise UserError(
+            f"SYNAPSE_INTERNAL_PORT_BASE={settings.internal_port_base} leaves no room for "
+            f"{ports.next - settings.internal_port_base} internal ports: expected a lower base."
+        )
+    low, high = settings.internal_port_base, max(ports.used)
+    for name, port in (("SYNAPSE_HTTP_PORT", public.port), ("SYNAPSE_TLS_PORT", public.tls_port)):
+        if port is not None and low <= port <= high:
+            raise UserError(
+                f"{name}={port} collides with the internal ports {low}-{high} "
+                f"(SYNAPSE_INTERNAL_PORT_BASE={low}): expected a port outside that range."
+            )
+    if public.tls_port is not None and public.tls_port == public.port:
+        raise UserError(f"SYNAPSE_TLS_PORT={public.tls_port} equals the HTTP port: expected two different ports.")
+
+
+def _stream_writers(workers: tuple[Process, ...]) -> dict[str, tuple[str, ...]]:
+    writers: dict[str, list[str]] = {}
+    for stream in catalog.STREAMS:
+        names = [w.name for w in workers if stream in w.streams]
+        if names:
+            writers[stream] = names
+    return {k: tuple(v) for k, v in writers.items()}
+
+
+def _duties(workers: tuple[Process, ...]) -> dict[str, Any]:
+    duties: dict[str, Any] = {}
+    for key in catalog.LIST_DUTIES:
+        names = [w.name for w in workers if key in w.duties]
+        if names:
+            duties[key] = names
+    for key in catalog.ONE_NAME_DUTIES:
+        names = [w.name for w in workers if key in w.duties]
+        if names:
+            duties[key] = names[0]  # e.g. several user_dir workers serve search; the first updates
+    return duties
+
+
+def _routing(main: Process, workers: tuple[Process, ...]) -> tuple[tuple[Upstream, ...], tuple[Route, ...]]:
+    by_role: dict[str, tuple[str, ...]] = {}
+    for role in catalog.ROLES:
+        names = tuple(w.name for w in workers if role in w.roles)
+        if names:
+            by_role[role] = names
+    upstreams: dict[str, Upstream] = {MAIN: Upstream(MAIN, None, None, (MAIN,))}
+    routes = []
+    for rule in catalog.RULES:
+        targets: list[tuple[frozenset[str] | None, str]] = []
+        for branch in rule.branches:
+            role = next((r for r in branch.roles if r in by_role), None)
+            if role is None:
+                continue
+            servers = by_role[role]
+            balance = rule.balance if len(servers) > 1 else None
+            name = role if balance is None else f"{role}_by_{balance}"
+            upstreams.setdefault(name, Upstream(name, role, balance, servers))
+            targets.append((branch.methods, name))
+        targets = _simplify(targets)
+        routes.append(Route(rule, tuple(targets)))
+    return tuple(upstreams.values()), tuple(routes)
+
+
+def _simplify(targets: list[tuple[frozenset[str] | None, str]]) -> list[tuple[frozenset[str] | None, str]]:
+    """Drop branches shadowed by an earlier catch-all; end with a catch-all (main if none)."""
+    result: list[tuple[frozenset[str] | None, str]] = []
+    for methods, upstream in targets:
+        result.append((methods, upstream))
+        if methods is None:
+            return result
+    result.append((None, MAIN))
+    # A list of only-main targets collapses to one.
+    if all(u == MAIN for _, u in result):
+        return [(None, MAIN)]
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------
+# Route emulation: the same decision nginx makes, for `routes` and the tests.
+# ------------------------------------------------------------------------------------------------------
+
+
+def normalise(path: str) -> str:
+    """nginx matches locations on the decoded URI with merged slashes and no query string."""
+    path = path.split("?", 1)[0]
+    path = unquote(path)
+    return re.sub(r"/{2,}", "/", path)
+
+
+def private_path(path: str) -> bool:
+    return any(normalise(path).startswith(prefix) for prefix in catalog.PRIVATE_PREFIXES)
+
+
+def match_route(plan: Plan, path: str) -> Route | None:
+    uri = normalise(path)
+    for route in plan.routes:
+        if re.search(route.rule.pattern, uri):
+            return route
+    return None
+
+
+def explain(plan: Plan, method: str, path: str) -> dict[str, Any]:
+    """Where nginx sends METHOD PATH, and why."""
+    method = method.upper()
+    if private_path(path):
+        return {"method": method, "path": path, "status": 404, "upstream": None, "servers": [],
+                "why": "internal-only path: nginx refuses it on the public port"}
+    route = match_route(plan, path)
+    if route is None:
+        return {"method": method, "path": path, "rule": None, "upstream": MAIN, "servers": [MAIN],
+                "why": "no worker route matches: main serves everything not routed elsewhere"}
+    upstream = plan.upstream(route.upstream_for(method))
+    rule = route.rule
+    why = rule.why or f"docs/workers.md group '{rule.group}'"
+    if upstream.name == MAIN:
+        wanted = ", ".join(rule.roles) or "no worker"
+        why = f"{why}; no deployed worker of type {wanted} takes {method} here, so main serves it"
+    return {
+        "method": method,
+        "path": path,
+        "rule": rule.id,
+        "pattern": rule.pattern,
+        "upstream": upstream.name,
+        "servers": list(upstream.servers),
+        "balance": upstream.balance,
+        "hard": rule.hard,
+        "why": why,
+    }

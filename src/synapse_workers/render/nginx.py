@@ -1,0 +1,87 @@
+"""Plan → the internal nginx: one self-contained nginx.conf with absolute paths (single host).
+
+Routes come from plan.routes in catalogue order (nginx tries regex locations in file order, first match
+wins). Method-sensitive routes pick their upstream through a `map $request_method`; sticky upstreams hash
+on a key taken from the access token, the room ID or the federation origin.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+
+from .. import catalog
+from ..plan import MAIN, PUBLIC, Plan, Route, Upstream
+
+TEMPLATES = Path(__file__).parent / "templates"
+HASH_KEYS = {catalog.BY_USER: "$sw_user", catalog.BY_ROOM: "$sw_room", catalog.BY_ORIGIN: "$sw_origin"}
+
+_env = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    autoescape=False,
+)
+
+
+def route_variable(route: Route) -> str:
+    return f"$sw_route_{route.rule.id}"
+
+
+def nginx_quote(text: str) -> str:
+    if '"' in text or "\\\\" in text:
+        raise ValueError(f"cannot quote {text!r} for nginx")
+    return f'"{text}"'
+
+
+def render_nginx(plan: Plan) -> dict[str, str]:
+    s = plan.settings
+    servers = {p.name: p.listener(PUBLIC) for p in plan.processes}
+    upstreams = []
+    for upstream in plan.upstreams:
+        upstreams.append(
+            {
+                "name": upstream.name,
+                "hash": HASH_KEYS.get(upstream.balance) if upstream.balance else None,
+                "servers": [servers[name].address for name in upstream.servers],
+                "keepalive": _keepalive(plan, upstream),
+            }
+        )
+    routes = []
+    for route in plan.routes:
+        split = len(route.targets) > 1
+        routes.append(
+            {
+                "id": route.rule.id,
+                "why": route.rule.why or route.rule.group,
+                "pattern": nginx_quote(route.rule.pattern),
+                "target": route_variable(route) if split else route.targets[0][1],
+                "split": split,
+                "methods": [
+                    (sorted(methods) if methods else None, upstream) for methods, upstream in route.targets
+                ],
+            }
+        )
+    text = _env.get_template("nginx.conf.j2").render(
+        version=catalog.SYNAPSE_VERSION,
+        s=s,
+        plan=plan,
+        nginx_dir=plan.files["nginx_dir"],
+        upstreams=upstreams,
+        routes=routes,
+        private_prefixes=catalog.PRIVATE_PREFIXES,
+        main=MAIN,
+        access_log=f"{plan.files['logs_on_disk']}/nginx-access.log" if s.write_logs_to_disk else None,
+    )
+    return {plan.files["nginx"]: text}
+
+
+def _keepalive(plan: Plan, upstream: Upstream) -> int:
+    s = plan.settings
+    if not s.nginx_upstream_keepalive_enable:
+        return 0
+    # Seed formula: idle connections kept per upstream = servers × 2 × multiplier.
+    return len(upstream.servers) * 2 * s.nginx_upstream_keepalive_multiplier

@@ -1,0 +1,123 @@
+"""SYNAPSE_WORKER_TYPES → declared worker processes.
+
+Grammar: a comma list of `[name=]type[+type...][:count]`, or `full` for the preset. Empty: a monolith.
+Unnamed workers are named `<types sorted, joined by +><n>`, named ones `<name><n>`, counting per base name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from . import catalog
+from .errors import UserError
+
+VAR = "SYNAPSE_WORKER_TYPES"
+NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*[A-Za-z_+-]|[A-Za-z]")  # no trailing digit: we append one
+MAX_COUNT = 64
+RESERVED_NAMES = ("main", "master")
+
+
+@dataclass(frozen=True)
+class Worker:
+    name: str
+    types: tuple[str, ...]  # as declared, shorthands kept
+    roles: tuple[str, ...]  # expanded and sorted
+
+    @property
+    def streams(self) -> tuple[str, ...]:
+        return tuple(sorted({s for r in self.roles for s in catalog.ROLES[r].streams}))
+
+
+def parse_workers(spec: str) -> tuple[Worker, ...]:
+    items = _items(spec)
+    bases: dict[str, tuple[str, ...]] = {}
+    counters: Counter[str] = Counter()
+    workers: list[Worker] = []
+    for item in items:
+        name, types, count = _parse_item(item)
+        base = name or "+".join(sorted(types))
+        key = tuple(sorted(types))
+        if bases.setdefault(base, key) != key:
+            raise UserError(
+                f"{VAR}: the worker name {base!r} is used for two different type lists "
+                f"({'+'.join(bases[base])} and {'+'.join(key)}): give each its own name."
+            )
+        roles = tuple(sorted({r for t in types for r in catalog.expand_type(t)}))
+        for _ in range(count):
+            counters[base] += 1
+            workers.append(Worker(f"{base}{counters[base]}", types, roles))
+    _check_instances(workers)
+    return tuple(workers)
+
+
+def _items(spec: str) -> list[str]:
+    items: list[str] = []
+    for raw in spec.split(","):
+        item = raw.strip()
+        if not item:
+            continue  # tolerate a trailing comma or doubled separators
+        if item.lower() == "full":
+            items.extend(catalog.FULL_PRESET)
+        else:
+            items.append(item)
+    return items
+
+
+def _parse_item(item: str) -> tuple[str | None, tuple[str, ...], int]:
+    name: str | None = None
+    rest = item
+    if "=" in rest:
+        name, rest = (part.strip() for part in rest.split("=", 1))
+        if not NAME_RE.fullmatch(name) or name.lower() in RESERVED_NAMES:
+            raise UserError(
+                f"{VAR}: {item!r} has an invalid worker name {name!r}: expected letters, digits, _, + or -, "
+                "starting with a letter and not ending in a digit (a number is appended), and not main/master."
+            )
+    count = 1
+    if ":" in rest:
+        rest, count_text = (part.strip() for part in rest.rsplit(":", 1))
+        if not re.fullmatch(r"[0-9]+", count_text) or int(count_text) > MAX_COUNT:
+            raise UserError(
+                f"{VAR}: {item!r} has an invalid count {count_text!r}: expected a whole number from 0 to "
+                f"{MAX_COUNT} (0 leaves the item out)."
+            )
+        count = int(count_text)
+    types = tuple(t.strip().lower() for t in rest.split("+"))
+    for t in types:
+        if t not in catalog.TYPE_NAMES:
+            raise UserError(_unknown_type(item, t))
+    dupes = sorted(t for t, n in Counter(types).items() if n > 1)
+    if dupes:
+        raise UserError(f"{VAR}: {item!r} lists {', '.join(dupes)} more than once.")
+    return name, types, count
+
+
+def _unknown_type(item: str, word: str) -> str:
+    if not word:
+        return f"{VAR}: {item!r} has an empty worker type: expected type names joined by '+'."
+    close = difflib.get_close_matches(word, catalog.TYPE_NAMES + ("full",), n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return (
+        f"{VAR}: unknown worker type {word!r} in {item!r}.{hint} Known types: "
+        + ", ".join(catalog.TYPE_NAMES)
+        + ", and the preset full."
+    )
+
+
+def _check_instances(workers: list[Worker]) -> None:
+    problems = []
+    for role in catalog.ROLES.values():
+        if role.max_instances is None:
+            continue
+        holders = [w.name for w in workers if role.name in w.roles]
+        if len(holders) > role.max_instances:
+            what = f"the {role.streams[0]} stream has exactly one writer" if role.streams else role.duty
+            problems.append(
+                f"{VAR}: {role.name!r} can run on only one worker (Synapse: {what}), "
+                f"but {len(holders)} are declared: {', '.join(holders)}."
+            )
+    if problems:
+        raise UserError(*problems)
