@@ -481,8 +481,10 @@ def explain(plan: Plan, method: str, path: str) -> dict[str, Any]:
     rule = route.rule
     why = rule.why or f"docs/workers.md group '{rule.group}'"
     if upstream.name == MAIN:
-        wanted = ", ".join(rule.roles) or "no worker"
-        why = f"{why}; no deployed worker of type {wanted} takes {method} here, so main serves it"
+        roles = [r for b in rule.branches if b.methods is None or method in b.methods for r in b.roles]
+        wanted = " or ".join(dict.fromkeys(roles))
+        why = (f"{why}; no {wanted} worker is deployed, so main serves {method}" if wanted
+               else f"{why}; {method} is served by main only")
     return {
         "method": method,
         "path": path,

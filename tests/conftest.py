@@ -1,0 +1,63 @@
+"""Shared fixtures: an isolated environment (temp data/runtime dirs, free ports) for each test."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def free_port_range(size: int = 120) -> int:
+    """A base port such that base..base+size-1 are all free right now."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - size)
+        if all(port_is_free(p) for p in range(base, base + size)):
+            return base
+    raise RuntimeError("no free port range found")
+
+
+@pytest.fixture
+def tmp_root():
+    # Short paths: unix socket paths must stay under 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="sw-", dir="/tmp"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def base_env(tmp_root):
+    """A minimal valid environment for a new install, isolated under tmp_root."""
+    return {
+        "SYNAPSE_SERVER_NAME": "example.test",
+        "SYNAPSE_REPORT_STATS": "no",
+        "POSTGRES_PASSWORD": "not-a-real-password",
+        "SYNAPSE_CONFIG_DIR": str(tmp_root / "data"),
+        "SYNAPSE_DATA_DIR": str(tmp_root / "data"),
+        "SYNAPSE_RUNTIME_DIR": str(tmp_root / "run"),
+        "SYNAPSE_INTERNAL_PORT_BASE": str(free_port_range()),
+        "SYNAPSE_HTTP_PORT": str(free_port()),
+        "SYNAPSE_HTTP_BIND_ADDRESS": "127.0.0.1",
+    }
