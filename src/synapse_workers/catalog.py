@@ -312,6 +312,6 @@ KEPT_ON_MAIN = (
     "^/_matrix/federation/v1/user/keys/(query|claim)$",
     "^/_matrix/federation/v1/openid/userinfo$",
     "^/_matrix/federation/v1/3pid/onbind$",
-    "^/_matrix/client/unstable/rooms/.*/complexity$",
+    "^/_matrix/federation/unstable/rooms/.*/complexity$",  # a federation endpoint (RoomComplexityServlet)
     "^/_matrix/key/v2/server",
 )

@@ -53,6 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     routes.add_argument("words", nargs="+", metavar="[METHOD] PATH")
     routes.add_argument("--json", action="store_true")
     routes.set_defaults(func=cmd_routes)
+    sub.add_parser("run", help="generate, then start and supervise the whole stack (container entrypoint)").set_defaults(
+        func=cmd_run)
+    sub.add_parser("health", help="exit 0 only when nginx, main and every worker answer /health").set_defaults(
+        func=cmd_health)
     sub.add_parser("env", help="list every recognised variable with its effective value").set_defaults(func=cmd_env)
     return parser
 
@@ -115,6 +119,25 @@ def _synapse_test(plan: Plan) -> bool:
         print(f"synapse config check crashed:\n{result.stderr.strip()[-2000:]}")
         return False
     return result.returncode == 0
+
+
+def cmd_run(args, env) -> int:
+    from .run.supervise import Stack
+
+    plan = load_plan(env)
+    write_files(plan, render_all(plan))
+    return Stack(plan).run()
+
+
+def cmd_health(args, env) -> int:
+    from .run.health import check_all, public_health, synapse_checks
+
+    plan = load_plan(env)
+    checks = {"nginx": public_health(plan), **synapse_checks(plan)}
+    results = check_all(checks)
+    for name, problem in results.items():
+        print(f"{name}: {'OK' if problem is None else 'FAILED (' + problem + ')'}")
+    return 0 if not any(results.values()) else 1
 
 
 def cmd_routes(args, env) -> int:

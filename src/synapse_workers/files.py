@@ -97,6 +97,10 @@ def ensure_secrets(plan: Plan) -> list[str]:
             wanted.append((paths.turn, _secret(s.turn_secret)))
     if plan.workers:
         wanted.append((paths.replication, None))
+    if plan.postgres and not os.path.exists(paths.postgres):
+        # libpq passfile: host:port:db:user:password; the password itself is random.
+        _write_new(paths.postgres, f"*:*:*:synapse:{pysecrets.token_hex(24)}\n", SECRET_MODE)
+        written.append(paths.postgres)
     for path, given in wanted:
         current = Path(path).read_text().strip() if os.path.exists(path) else None
         if current is not None and (given is None or given == current):

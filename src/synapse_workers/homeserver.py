@@ -29,6 +29,7 @@ class HomeserverInfo:
     enable_metrics: bool
     app_service_config_files: tuple[str, ...] = ()
     signing_key_path: str | None = None
+    database_host: str | None = None  # PostgreSQL host or socket dir (tells an embedded cluster apart)
 
 
 def read_homeserver(path: str) -> dict[str, Any] | None:
@@ -94,7 +95,14 @@ def _describe_existing(settings: Settings, path: str, doc: dict[str, Any]) -> Ho
         enable_metrics=bool(doc.get("enable_metrics", False)),
         app_service_config_files=tuple(str(a) for a in appservices if isinstance(a, str)),
         signing_key_path=doc.get("signing_key_path"),
+        database_host=_database_host(db),
     )
+
+
+def _database_host(db: Any) -> str | None:
+    args = db.get("args") if isinstance(db, dict) else None
+    host = args.get("host") if isinstance(args, dict) else None
+    return str(host) if host is not None else None
 
 
 def _public_port(listeners: Any) -> int | None:
@@ -123,6 +131,7 @@ class SecretPaths:
     form: str
     replication: str
     turn: str
+    postgres: str  # embedded PostgreSQL: libpq passfile holding the synapse role's password
 
 
 def secret_paths(settings: Settings, server_name: str) -> SecretPaths:
@@ -134,15 +143,22 @@ def secret_paths(settings: Settings, server_name: str) -> SecretPaths:
         form=f"{data}/{server_name}.form.key",
         replication=f"{data}/worker_replication.key",
         turn=f"{data}/{server_name}.turn.key",
+        postgres=f"{data}/embedded_postgres.pgpass",
     )
 
 
-def database_block(settings: Settings, embedded_socket_dir: str) -> dict[str, Any]:
+def database_block(settings: Settings, secrets: SecretPaths, embedded_socket_dir: str) -> dict[str, Any]:
     kind = settings.database_kind
     if kind == "sqlite":
         return {"name": "sqlite3", "args": {"database": f"{settings.data_dir}/homeserver.db"}}
     if kind == "embedded":
-        args: dict[str, Any] = {"user": "synapse", "dbname": "synapse", "host": embedded_socket_dir}
+        # No password in this file: libpq reads it from the passfile (0600, created by `run`).
+        args: dict[str, Any] = {
+            "user": "synapse",
+            "dbname": "synapse",
+            "host": embedded_socket_dir,
+            "passfile": secrets.postgres,
+        }
     else:
         args = {
             "user": settings.postgres_user,
@@ -171,7 +187,7 @@ def generated_homeserver(settings: Settings, secrets: SecretPaths, embedded_sock
                 "resources": [{"names": ["client", "federation"], "compress": False}],
             }
         ],
-        "database": database_block(s, embedded_socket_dir),
+        "database": database_block(s, secrets, embedded_socket_dir),
         "log_config": s.log_config or f"{s.config_dir}/{s.server_name}.log.config",
         "media_store_path": s.media_store_path or f"{s.data_dir}/media_store",
         "max_upload_size": _size_text(s.max_upload_size),

@@ -25,7 +25,7 @@ LOOPBACK = "127.0.0.1"
 
 PUBLIC, REPLICATION, HEALTH, METRICS = "public", "replication", "health", "metrics"
 # Ports from SYNAPSE_INTERNAL_PORT_BASE: main takes base+0..3, workers count up from base+WORKER_OFFSET.
-MAIN_PORT_OFFSETS = {PUBLIC: 0, REPLICATION: 1, HEALTH: 2, METRICS: 3}
+MAIN_PORT_OFFSETS = {PUBLIC: 0, REPLICATION: 1, HEALTH: 2, METRICS: 3, "aggregate": 4}
 WORKER_OFFSET = 10
 
 
@@ -134,6 +134,13 @@ class Redis:
 
 
 @dataclass(frozen=True)
+class EmbeddedPostgres:
+    data_dir: str  # PGDATA, under the data dir
+    socket_dir: str  # no TCP: Synapse connects over this unix socket directory
+    max_connections: int
+
+
+@dataclass(frozen=True)
 class Plan:
     settings: Settings
     homeserver: HomeserverInfo
@@ -149,6 +156,8 @@ class Plan:
     routes: tuple[Route, ...]
     files: dict[str, str]
     app_service_config_files: tuple[str, ...] = ()
+    postgres: EmbeddedPostgres | None = None
+    health_port: int = 0  # the launcher's aggregated /health (what nginx answers on /health)
 
     @property
     def processes(self) -> tuple[Process, ...]:
@@ -169,6 +178,8 @@ class Plan:
             "main": self.main.as_json(),
             "workers": [w.as_json() for w in self.workers],
             "redis": None if self.redis is None else {"external": self.redis.external, "path": self.redis.path},
+            "postgres": None if self.postgres is None else vars(self.postgres),
+            "health_port": self.health_port,
             "instance_map": {k: v.as_json() for k, v in self.instance_map.items()},
             "stream_writers": {k: list(v) for k, v in self.stream_writers.items()},
             "duties": self.duties,
@@ -205,6 +216,7 @@ def paths(settings: Settings) -> dict[str, str]:
         "nginx": f"{r}/nginx/nginx.conf",
         "nginx_dir": f"{r}/nginx",
         "redis_socket": f"{r}/sockets/redis.sock",
+        "redis_conf": f"{r}/redis/redis.conf",
         "postgres_socket_dir": f"{r}/postgresql",
         "logs_on_disk": f"{settings.data_dir}/logs",
     }
@@ -221,6 +233,7 @@ def make_plan(
     ports = _PortAllocator(settings.internal_port_base)
 
     main = _main_process(settings, files, has_workers, ports)
+    health_port = ports.main("aggregate")
     worker_procs = tuple(_worker_process(settings, files, w, ports) for w in workers)
     public = _public(settings, homeserver)
     _check_ports(settings, public, ports)
@@ -259,7 +272,20 @@ def make_plan(
         routes=routes,
         files=files,
         app_service_config_files=appservices,
+        postgres=_embedded_postgres(settings, homeserver, files, len(workers)),
+        health_port=health_port,
     )
+
+
+def _embedded_postgres(
+    settings: Settings, homeserver: HomeserverInfo, files: dict[str, str], n_workers: int
+) -> EmbeddedPostgres | None:
+    socket_dir = files["postgres_socket_dir"]
+    generated = not homeserver.exists and settings.database_kind == "embedded"
+    if not generated and homeserver.database_host != socket_dir:
+        return None
+    # Each process opens at most cp_max (5) connections; leave room for psql and the compressor.
+    return EmbeddedPostgres(f"{settings.data_dir}/postgres", socket_dir, max(100, 5 * (n_workers + 1) + 20))
 
 
 class _PortAllocator:
@@ -367,7 +393,7 @@ def _public(settings: Settings, homeserver: HomeserverInfo) -> Public:
 
 
 def _check_ports(settings: Settings, public: Public, ports: _PortAllocator) -> None:
-    if ports.next > 65535:
+    if max(ports.used) > 65535:
         raise UserError(
             f"SYNAPSE_INTERNAL_PORT_BASE={settings.internal_port_base} leaves no room for "
             f"{ports.next - settings.internal_port_base} internal ports: expected a lower base."

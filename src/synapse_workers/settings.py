@@ -387,6 +387,11 @@ def _check_combinations(s: Settings) -> None:
             f"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES={s.proxy_busy_buffers_size} is below the proxy buffer size "
             f"{s.proxy_buffer_size}: expected at least NGINX_PROXY_BUFFER_SIZE_BYTES."
         )
+    if s.proxy_temp_file_write_size < s.proxy_buffer_size:
+        problems.append(
+            f"NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES={s.proxy_temp_file_write_size} is below the proxy buffer size "
+            f"{s.proxy_buffer_size}: expected at least NGINX_PROXY_BUFFER_SIZE_BYTES (nginx refuses less)."
+        )
     if s.proxy_busy_buffers_size >= buffers_total - s.proxy_buffer_size:
         problems.append(
             f"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES={s.proxy_busy_buffers_size} is too large: expected below "

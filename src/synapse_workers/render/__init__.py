@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..homeserver import generated_homeserver
 from ..plan import Plan
 from .nginx import render_nginx
+from .supervisor import render_redis
 from .synapse import dump, log_config, render_synapse
 
 
@@ -22,6 +23,8 @@ def render_all(plan: Plan) -> FileSet:
     managed: dict[str, str] = {}
     managed.update(render_synapse(plan))
     managed.update(render_nginx(plan))
+    if plan.redis and not plan.redis.external:
+        managed[plan.files["redis_conf"]] = render_redis(plan)
     once: dict[str, tuple[str, int]] = {}
     if not plan.homeserver.exists:
         doc = generated_homeserver(plan.settings, plan.secrets, plan.files["postgres_socket_dir"])

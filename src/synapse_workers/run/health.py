@@ -1,0 +1,97 @@
+"""Health checks for every kind of program, the stack-wide check, and the /health aggregator."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+
+from ..plan import HEALTH, Plan
+from .programs import Health
+
+TIMEOUT = 3.0
+
+
+def check(health: Health, timeout: float = TIMEOUT) -> str | None:
+    """None when healthy, else a short reason."""
+    try:
+        if health.kind == "http":
+            response = httpx.get(health.target, timeout=timeout)
+            return None if response.status_code == 200 else f"HTTP {response.status_code}"
+        if health.kind == "redis":
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(health.target)
+                sock.sendall(b"PING\r\n")
+                reply = sock.recv(64)
+            return None if reply.startswith(b"+PONG") else f"unexpected reply {reply[:20]!r}"
+        if health.kind == "command":
+            argv = shlex.split(health.target)
+            result = subprocess.run(argv, check=False, timeout=timeout + 2, capture_output=True)
+            return None if result.returncode == 0 else f"{os.path.basename(argv[0])} exit {result.returncode}"
+    except (OSError, httpx.HTTPError, subprocess.TimeoutExpired) as exc:
+        return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return f"unknown health check {health.kind}"
+
+
+def synapse_checks(plan: Plan) -> dict[str, Health]:
+    checks = {}
+    for proc in plan.processes:
+        lst = proc.listener(HEALTH)
+        assert lst is not None
+        checks[proc.name] = Health("http", f"http://{lst.host}:{lst.port}/health")
+    return checks
+
+
+def public_health(plan: Plan) -> Health:
+    s = plan.settings
+    host = "127.0.0.1" if s.http_bind_address in ("0.0.0.0", "::") else s.http_bind_address
+    return Health("http", f"http://{host}:{plan.public.port}/health")
+
+
+def check_all(checks: dict[str, Health]) -> dict[str, str | None]:
+    with ThreadPoolExecutor(max_workers=min(16, max(1, len(checks)))) as pool:
+        results = dict(zip(checks, pool.map(check, checks.values())))
+    return results
+
+
+class Aggregator:
+    """Serves GET /health on 127.0.0.1:<health_port>: 200 only when main and every worker are healthy.
+
+    nginx answers the public /health from here, so it means the same as `synapse-workers health`."""
+
+    def __init__(self, plan: Plan):
+        self.checks = synapse_checks(plan)
+        aggregator = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server naming)
+                results = check_all(aggregator.checks)
+                failing = {name: why for name, why in results.items() if why}
+                body = b"OK" if not failing else json.dumps({"unhealthy": failing}).encode()
+                self.send_response(200 if not failing else 503)
+                self.send_header("Content-Type", "text/plain" if not failing else "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", plan.health_port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,142 @@
+"""Plan → the programs to supervise on this host, in start stages. Pure.
+
+How a Synapse process is started is behind `SynapseLauncher`: today one OS process per Synapse
+process; a forking launcher (import Synapse once, fork per worker) can replace it without touching the
+rest.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..plan import HEALTH, Plan, Process
+
+STAGE_POSTGRES, STAGE_REDIS, STAGE_MAIN, STAGE_WORKERS, STAGE_NGINX = range(5)
+STAGE_NAMES = ("postgres", "redis", "main", "workers", "nginx")
+
+
+@dataclass(frozen=True)
+class Health:
+    kind: str  # http | redis | command
+    target: str  # URL, socket path, or a shell-quoted command that exits 0 when healthy
+
+
+@dataclass(frozen=True)
+class Program:
+    name: str
+    command: tuple[str, ...]
+    stage: int
+    health: Health
+    user: tuple[int, int] | None = None  # drop to uid:gid (only when started as root)
+    env: dict[str, str] = field(default_factory=dict)
+    stop_signal: str = "TERM"
+    stop_wait: int = 10
+    start_secs: int = 3
+    critical: bool = True  # the stack cannot serve without it
+    log_file: str | None = None  # rotated copy of its output (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK)
+
+
+class SynapseLauncher(Protocol):
+    def command(self, plan: Plan, proc: Process) -> tuple[str, ...]: ...
+
+
+@dataclass(frozen=True)
+class SeparateProcesses:
+    """One `python -m synapse.app.*` per process: simple, and what Synapse documents."""
+
+    python: str = sys.executable
+
+    def command(self, plan: Plan, proc: Process) -> tuple[str, ...]:
+        args = [arg for path in proc.config_files for arg in ("--config-path", path)]
+        return (self.python, "-m", proc.app, *args)
+
+
+def programs(
+    plan: Plan,
+    as_root: bool,
+    binaries: dict[str, str],
+    launcher: SynapseLauncher | None = None,
+    postgres_user: tuple[str, int, int] | None = None,
+) -> list[Program]:
+    """binaries: paths of postgres, redis-server, nginx, setpriv (found by the caller)."""
+    launcher = launcher or SeparateProcesses()
+    s = plan.settings
+    synapse_user = (s.uid, s.gid) if as_root else None
+    disk_logs = plan.files["logs_on_disk"] if s.write_logs_to_disk else None
+    result: list[Program] = []
+
+    if plan.postgres:
+        pg = plan.postgres
+        result.append(Program(
+            name="postgres",
+            command=(
+                binaries["postgres"], "-D", pg.data_dir,
+                "-c", "listen_addresses=", "-c", f"unix_socket_directories={pg.socket_dir}",
+                "-c", f"max_connections={pg.max_connections}",
+            ),
+            stage=STAGE_POSTGRES,
+            health=Health("command", _pg_isready(binaries, pg.socket_dir, postgres_user, as_root)),
+            user=(postgres_user[1], postgres_user[2]) if as_root and postgres_user else None,
+            stop_signal="INT",  # PostgreSQL's "fast" shutdown
+            stop_wait=20,
+            log_file=disk_logs and f"{disk_logs}/postgres.log",
+        ))
+    if plan.redis and not plan.redis.external:
+        result.append(Program(
+            name="redis",
+            command=(binaries["redis-server"], plan.files["redis_conf"]),
+            stage=STAGE_REDIS,
+            health=Health("redis", plan.redis.path or ""),
+            user=synapse_user,
+            stop_wait=10,
+            log_file=disk_logs and f"{disk_logs}/redis.log",
+        ))
+    env = {"PYTHONUNBUFFERED": "1", "HOME": s.data_dir}
+    for proc in plan.processes:
+        health = proc.listener(HEALTH)
+        assert health is not None
+        result.append(Program(
+            name=proc.name,
+            command=launcher.command(plan, proc),
+            stage=STAGE_MAIN if proc.is_main else STAGE_WORKERS,
+            health=Health("http", f"http://{health.host}:{health.port}/health"),
+            user=synapse_user,
+            env=env,
+            stop_wait=15,
+            start_secs=5,
+            critical=proc.is_main,
+        ))
+    public_host = "127.0.0.1" if s.http_bind_address in ("0.0.0.0", "::") else s.http_bind_address
+    result.append(Program(
+        name="nginx",
+        command=(binaries["nginx"], "-c", plan.files["nginx"], "-g", "daemon off;"),
+        stage=STAGE_NGINX,
+        health=Health("http", f"http://{public_host}:{plan.public.port}/_matrix/client/versions"),
+        stop_signal="QUIT",  # graceful: finish requests in flight
+        stop_wait=10,
+        log_file=disk_logs and f"{disk_logs}/nginx.log",
+    ))
+    if as_root:
+        result = [_drop_privileges(p, binaries["setpriv"]) for p in result]
+    return result
+
+
+def _pg_isready(binaries: dict[str, str], socket_dir: str, owner, as_root: bool) -> str:
+    """As the cluster owner over peer auth: a wrong user would make PostgreSQL log a failed login."""
+    name, uid, gid = owner
+    command = [binaries["pg_isready"], "-q", "-h", socket_dir, "-U", name, "-d", "postgres", "-t", "2"]
+    if as_root:
+        command = [binaries["setpriv"], f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *command]
+    return shlex.join(command)
+
+
+def _drop_privileges(program: Program, setpriv: str) -> Program:
+    if program.user is None:
+        return program
+    uid, gid = program.user
+    # setpriv needs no passwd entry for UID/GID, unlike supervisor's own `user=`.
+    command = (setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *program.command)
+    return Program(**{**vars(program), "command": command})
