@@ -1,0 +1,156 @@
+"""Start and stop a real `synapse-workers run` stack for tests and benchmarks.
+
+The stack runs as a child process; everything it starts is found afterwards by scanning /proc for
+command lines that mention its runtime or data dir, so a test can prove nothing was left behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.conftest import free_port, free_port_range
+
+SW = shutil.which("synapse-workers", path=str(Path(os.sys.executable).parent)) or "synapse-workers"
+
+
+def stack_env(root: Path, worker_types: str = "", **extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items()
+        if not k.startswith(("SYNAPSE_", "POSTGRES_", "NGINX_", "COTURN_", "PROMETHEUS_"))
+    }
+    env.update({
+        "SYNAPSE_SERVER_NAME": "localhost",
+        "SYNAPSE_REPORT_STATS": "no",
+        "SYNAPSE_CONFIG_DIR": str(root / "data"),
+        "SYNAPSE_DATA_DIR": str(root / "data"),
+        "SYNAPSE_RUNTIME_DIR": str(root / "run"),
+        "SYNAPSE_INTERNAL_PORT_BASE": str(free_port_range()),
+        "SYNAPSE_HTTP_PORT": str(free_port()),
+        "SYNAPSE_HTTP_BIND_ADDRESS": "127.0.0.1",
+        "SYNAPSE_WORKER_TYPES": worker_types,
+    })
+    env.update(extra)
+    return env
+
+
+def make_root(prefix: str = "sw-e2e-") -> Path:
+    """A temp dir Synapse's own user (UID 991) can traverse: mkdtemp makes 0700 dirs."""
+    root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(root, 0o755)
+    return root
+
+
+class Stack:
+    def __init__(self, env: dict[str, str], log_path: Path | None = None):
+        self.env = env
+        self.root = Path(env["SYNAPSE_RUNTIME_DIR"]).parent
+        self.log_path = log_path or self.root / "stack.log"
+        self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
+        self.ready_after: float | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['SYNAPSE_HTTP_PORT']}"
+
+    def start(self, timeout: float = 300) -> "Stack":
+        self.started_at = time.monotonic()
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([SW, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"synapse-workers run exited {self.proc.returncode}:\n{self.tail()}")
+            if self.ready():
+                self.ready_after = time.monotonic() - self.started_at
+                return self
+            time.sleep(0.25)
+        raise TimeoutError(f"stack not ready after {timeout}s:\n{self.tail()}")
+
+    def ready(self) -> bool:
+        try:
+            health = httpx.get(f"{self.base_url}/health", timeout=2)
+            versions = httpx.get(f"{self.base_url}/_matrix/client/versions", timeout=2)
+        except httpx.HTTPError:
+            return False
+        return health.status_code == 200 and versions.status_code == 200
+
+    def tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> tuple[int, float]:
+        """SIGTERM; returns (exit code, seconds taken). Kills everything if it does not stop in time."""
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            code = -1
+        return code, time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in self.leftovers():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def leftovers(self) -> list[int]:
+        """PIDs of processes whose command line mentions this stack's directories."""
+        marker = str(self.root)
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if marker in cmdline:
+                found.append(int(entry.name))
+        return found
+
+    def processes(self) -> dict[str, int]:
+        """Synapse process name → pid, from the running stack's command lines."""
+        result = {}
+        for pid in self.leftovers():
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            args = [a.decode() for a in cmdline if a]
+            if any(a.startswith("synapse.app.") for a in args) and "setpriv" not in args[0]:
+                last = args[-1]
+                name = "main" if last.endswith("/main.yaml") else Path(last).stem
+                result[name] = pid
+        return result
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+__all__ = ["Stack", "make_root", "stack_env", "wait_for", "threading"]
