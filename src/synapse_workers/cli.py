@@ -151,7 +151,8 @@ def cmd_routes(args, env) -> int:
         print(json.dumps(result, indent=2))
         return 0
     if result["upstream"] is None:
-        print(f"{result['method']} {result['path']} -> refused (404): {result['why']}")
+        outcome = "refused (404)" if result["status"] == 404 else "answered by the launcher"
+        print(f"{result['method']} {result['path']} -> {outcome}: {result['why']}")
         return 0
     servers = ", ".join(result["servers"])
     balance = f", balanced by {result['balance']}" if result.get("balance") else ""

@@ -475,10 +475,18 @@ def _simplify(targets: list[tuple[frozenset[str] | None, str]]) -> list[tuple[fr
 
 
 def normalise(path: str) -> str:
-    """nginx matches locations on the decoded URI with merged slashes and no query string."""
-    path = path.split("?", 1)[0]
-    path = unquote(path)
-    return re.sub(r"/{2,}", "/", path)
+    """nginx matches locations on the decoded URI: no query, merged slashes, dot segments resolved."""
+    path = re.sub(r"/{2,}", "/", unquote(path.split("?", 1)[0]))
+    segments: list[str] = []
+    parts = path.split("/")[1:]
+    for segment in parts:
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment != ".":
+            segments.append(segment)
+    trailing = bool(parts) and parts[-1] in ("", ".", "..") and segments
+    return "/" + "/".join(segments) + ("/" if trailing and segments[-1] != "" else "")
 
 
 def private_path(path: str) -> bool:
@@ -496,6 +504,9 @@ def match_route(plan: Plan, path: str) -> Route | None:
 def explain(plan: Plan, method: str, path: str) -> dict[str, Any]:
     """Where nginx sends METHOD PATH, and why."""
     method = method.upper()
+    if normalise(path) == "/health":
+        return {"method": method, "path": path, "status": 200, "upstream": None, "servers": [],
+                "why": "the whole stack's health, answered by the launcher (same as `synapse-workers health`)"}
     if private_path(path):
         return {"method": method, "path": path, "status": 404, "upstream": None, "servers": [],
                 "why": "internal-only path: nginx refuses it on the public port"}
