@@ -33,4 +33,5 @@ spec="$here"
 echo "install: pip install $spec (pinned Synapse, see pyproject.toml)"
 "$venv/bin/pip" install -q -e "$spec"
 ln -sf "$venv/bin/synapse-workers" /usr/local/bin/synapse-workers
+ln -sf "$venv/bin/register_new_matrix_user" /usr/local/bin/register_new_matrix_user
 echo "install: done ($("$venv/bin/synapse-workers" --version))"
