@@ -47,9 +47,19 @@ def tmp_root():
         shutil.rmtree(root, ignore_errors=True)
 
 
+def free_ports(size: int = 120) -> tuple[int, int]:
+    """(internal port base, public port) with the public port outside the internal range."""
+    base = free_port_range(size)
+    port = free_port()
+    while base <= port < base + size:
+        port = free_port()
+    return base, port
+
+
 @pytest.fixture
 def base_env(tmp_root):
     """A minimal valid environment for a new install, isolated under tmp_root."""
+    base, port = free_ports()
     return {
         "SYNAPSE_SERVER_NAME": "example.test",
         "SYNAPSE_REPORT_STATS": "no",
@@ -57,7 +67,7 @@ def base_env(tmp_root):
         "SYNAPSE_CONFIG_DIR": str(tmp_root / "data"),
         "SYNAPSE_DATA_DIR": str(tmp_root / "data"),
         "SYNAPSE_RUNTIME_DIR": str(tmp_root / "run"),
-        "SYNAPSE_INTERNAL_PORT_BASE": str(free_port_range()),
-        "SYNAPSE_HTTP_PORT": str(free_port()),
+        "SYNAPSE_INTERNAL_PORT_BASE": str(base),
+        "SYNAPSE_HTTP_PORT": str(port),
         "SYNAPSE_HTTP_BIND_ADDRESS": "127.0.0.1",
     }

@@ -253,6 +253,7 @@ def make_plan(
     if has_workers:
         redis = Redis(external=homeserver.has_redis, path=None if homeserver.has_redis else files["redis_socket"])
 
+    _check_socket_paths(settings, files, (main, *worker_procs))
     upstreams, routes = _routing(main, worker_procs)
     files = dict(files)
     files.update({f"synapse:{p.name}": p.config_files[-1] for p in (main, *worker_procs)})
@@ -399,7 +400,8 @@ def _check_ports(settings: Settings, public: Public, ports: _PortAllocator) -> N
             f"{ports.next - settings.internal_port_base} internal ports: expected a lower base."
         )
     low, high = settings.internal_port_base, max(ports.used)
-    for name, port in (("SYNAPSE_HTTP_PORT", public.port), ("SYNAPSE_TLS_PORT", public.tls_port)):
+    http_source = "SYNAPSE_HTTP_PORT" if settings.http_port else "the client port in homeserver.yaml, port"
+    for name, port in ((http_source, public.port), ("SYNAPSE_TLS_PORT", public.tls_port)):
         if port is not None and low <= port <= high:
             raise UserError(
                 f"{name}={port} collides with the internal ports {low}-{high} "
@@ -407,6 +409,25 @@ def _check_ports(settings: Settings, public: Public, ports: _PortAllocator) -> N
             )
     if public.tls_port is not None and public.tls_port == public.port:
         raise UserError(f"SYNAPSE_TLS_PORT={public.tls_port} equals the HTTP port: expected two different ports.")
+
+
+SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+
+
+def _check_socket_paths(settings: Settings, files: dict[str, str], procs: tuple[Process, ...]) -> None:
+    paths = [lst.path for p in procs for lst in p.listeners if lst.path]
+    paths += [files["redis_socket"], f"{files['postgres_socket_dir']}/.s.PGSQL.5432"]
+    longest = max(paths, key=lambda p: len(p.encode()))
+    if len(longest.encode()) > SOCKET_PATH_MAX:
+        raise UserError(
+            f"SYNAPSE_RUNTIME_DIR={settings.runtime_dir!r} is too long for unix sockets: {longest!r} has "
+            f"{len(longest.encode())} bytes, expected at most {SOCKET_PATH_MAX}. Use a shorter directory."
+        )
+    if settings.nginx_listen_unix_socket and len(settings.nginx_listen_unix_socket.encode()) > SOCKET_PATH_MAX:
+        raise UserError(
+            f"NGINX_LISTEN_UNIX_SOCKET={settings.nginx_listen_unix_socket!r} is too long: expected at most "
+            f"{SOCKET_PATH_MAX} bytes."
+        )
 
 
 def _stream_writers(workers: tuple[Process, ...]) -> dict[str, tuple[str, ...]]:

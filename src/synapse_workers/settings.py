@@ -78,8 +78,9 @@ def _range(low: int, high: int | None) -> str:
 
 def _abs_path(value: Any) -> str:
     text = str(value).strip()
-    if not text.startswith("/") or "\n" in text:
-        raise ValueError("an absolute path (starting with /)")
+    # These characters would break nginx/supervisor/YAML files that embed the path.
+    if not text.startswith("/") or re.search(r"[\s;{}'\"$\\%#]", text):
+        raise ValueError("an absolute path (starting with /) without spaces or any of ; { } ' \" $ \\ % #")
     return text.rstrip("/") or "/"
 
 

@@ -61,6 +61,8 @@ def _items(spec: str) -> list[str]:
             continue  # tolerate a trailing comma or doubled separators
         if item.lower() == "full":
             items.extend(catalog.FULL_PRESET)
+        elif re.fullmatch(r"(?i)([^=]*=)?\s*full\s*(:.*)?", item):
+            raise UserError(f"{VAR}: {item!r}: full is a preset of 16 workers and takes no name or count.")
         else:
             items.append(item)
     return items

@@ -343,7 +343,6 @@ def test_rendering_does_not_import_synapse(env):
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.xfail(reason="known bug: nginx.conf.j2 writes `listen ::1:8008`; IPv6 needs `listen [::1]:8008`")
 def test_ipv6_bind_address_is_bracketed(env):
     plan, files = rendered(env, "", SYNAPSE_HTTP_BIND_ADDRESS="::1")
     assert "[::1]:8008 so_keepalive=on" in directive(files.managed[plan.files["nginx"]], "listen")

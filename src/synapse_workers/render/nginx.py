@@ -74,6 +74,7 @@ def render_nginx(plan: Plan) -> dict[str, str]:
         routes=routes,
         private_prefixes=catalog.PRIVATE_PREFIXES,
         main=MAIN,
+        listen_host=f"[{s.http_bind_address}]" if ":" in s.http_bind_address else s.http_bind_address,
         access_log=f"{plan.files['logs_on_disk']}/nginx-access.log" if s.write_logs_to_disk else None,
     )
     return {plan.files["nginx"]: text}
