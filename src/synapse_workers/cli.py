@@ -122,11 +122,15 @@ def _synapse_test(plan: Plan) -> bool:
 
 
 def cmd_run(args, env) -> int:
-    from .run.supervise import Stack
+    from .run.supervise import Stack, lock_runtime_dir
 
     plan = load_plan(env)
-    write_files(plan, render_all(plan))
-    return Stack(plan).run()
+    lock = lock_runtime_dir(plan.files["runtime_dir"])  # before writing: never rewrite a live stack's files
+    try:
+        write_files(plan, render_all(plan))
+        return Stack(plan).run()
+    finally:
+        lock.close()
 
 
 def cmd_health(args, env) -> int:

@@ -293,6 +293,23 @@ class Stack:
             return None
 
 
+def lock_runtime_dir(runtime_dir: str):
+    """Hold an exclusive lock for the launcher's lifetime: one stack per runtime dir."""
+    import fcntl
+
+    Path(runtime_dir).mkdir(parents=True, exist_ok=True)
+    handle = open(Path(runtime_dir) / ".launcher.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(
+            f"SYNAPSE_RUNTIME_DIR={runtime_dir!r} is in use by another `synapse-workers run`: "
+            "stop it first, or give this stack its own runtime dir and SYNAPSE_INTERNAL_PORT_BASE."
+        ) from None
+    return handle
+
+
 def _kill_group(pid: int) -> None:
     for kill in (os.killpg, os.kill):
         try:
