@@ -13,11 +13,12 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_port, free_port_range
+from tests.conftest import free_ports
 
 SW = shutil.which("synapse-workers", path=str(Path(os.sys.executable).parent)) or "synapse-workers"
 
@@ -27,14 +28,15 @@ def stack_env(root: Path, worker_types: str = "", **extra: str) -> dict[str, str
         k: v for k, v in os.environ.items()
         if not k.startswith(("SYNAPSE_", "POSTGRES_", "NGINX_", "COTURN_", "PROMETHEUS_"))
     }
+    base, port = free_ports()
     env.update({
         "SYNAPSE_SERVER_NAME": "localhost",
         "SYNAPSE_REPORT_STATS": "no",
         "SYNAPSE_CONFIG_DIR": str(root / "data"),
         "SYNAPSE_DATA_DIR": str(root / "data"),
         "SYNAPSE_RUNTIME_DIR": str(root / "run"),
-        "SYNAPSE_INTERNAL_PORT_BASE": str(free_port_range()),
-        "SYNAPSE_HTTP_PORT": str(free_port()),
+        "SYNAPSE_INTERNAL_PORT_BASE": str(base),
+        "SYNAPSE_HTTP_PORT": str(port),
         "SYNAPSE_HTTP_BIND_ADDRESS": "127.0.0.1",
         "SYNAPSE_WORKER_TYPES": worker_types,
     })
@@ -57,6 +59,7 @@ class Stack:
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
         self.ready_after: float | None = None
+        self._sessions: set[int] = set()  # session ids the stack's processes run in (see leftovers)
 
     @property
     def base_url(self) -> str:
@@ -73,6 +76,7 @@ class Stack:
                 raise RuntimeError(f"synapse-workers run exited {self.proc.returncode}:\n{self.tail()}")
             if self.ready():
                 self.ready_after = time.monotonic() - self.started_at
+                self.leftovers()  # remembers the stack's sessions while its processes still show the root
                 return self
             time.sleep(0.25)
         raise TimeoutError(f"stack not ready after {timeout}s:\n{self.tail()}")
@@ -113,20 +117,35 @@ class Stack:
             except ProcessLookupError:
                 pass
 
+    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """`synapse-workers ARGS` with this stack's environment (health, routes, plan...)."""
+        return subprocess.run([SW, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+
     def leftovers(self) -> list[int]:
-        """PIDs of processes whose command line mentions this stack's directories."""
-        marker = str(self.root)
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        """PIDs of everything this stack started that still runs.
+
+        A process belongs to the stack when its command line or environment mentions the stack's root,
+        when it descends from such a process, or when it is in a session one of them started (supervisord
+        runs in its own). The descendants and sessions catch what renames itself and overwrites its own
+        argv and environment: PostgreSQL backends, nginx workers, redis-server."""
+        marker = str(self.root).encode()
+        own_session = os.getsid(0)
+        table = _process_table()
+        seeds = {pid for pid, info in table.items() if marker in info.cmdline or marker in info.environ}
+        self._sessions.update(table[pid].sid for pid in seeds if table[pid].sid not in (0, 1, own_session))
+        children: dict[int, list[int]] = {}
+        for pid, info in table.items():
+            children.setdefault(info.ppid, []).append(pid)
+        found: set[int] = set()
+        todo = list(seeds | {pid for pid, info in table.items() if info.sid in self._sessions})
+        while todo:
+            pid = todo.pop()
+            if pid in found:
                 continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmdline:
-                found.append(int(entry.name))
-        return found
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+        found.discard(os.getpid())
+        return sorted(found)
 
     def processes(self) -> dict[str, int]:
         """Synapse process name → pid, from the running stack's command lines."""
@@ -142,6 +161,35 @@ class Stack:
                 name = "main" if last.endswith("/main.yaml") else Path(last).stem
                 result[name] = pid
         return result
+
+
+@dataclass(frozen=True)
+class _Proc:
+    ppid: int
+    sid: int
+    cmdline: bytes
+    environ: bytes
+
+
+def _process_table() -> dict[int, _Proc]:
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            try:
+                environ = (entry / "environ").read_bytes()
+            except PermissionError:
+                environ = b""
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        if fields[0] == "Z":
+            continue  # a zombie runs nothing; its parent reaps it
+        table[int(entry.name)] = _Proc(int(fields[1]), int(fields[3]), cmdline, environ)
+    return table
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.25) -> bool:

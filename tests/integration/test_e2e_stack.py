@@ -1,0 +1,282 @@
+"""End to end: `synapse-workers run` starts a whole stack; a real Matrix client drives it on the public port.
+
+Three topologies, each started once per class (class scope, so one stack runs at a time on a small
+machine): a monolith on the embedded PostgreSQL (then restarted with a synchrotron on the same data),
+a small worker set on the embedded PostgreSQL (worker crash and hang), and the Complement default
+worker set on an external PostgreSQL the test starts itself (events written by the event persisters).
+Every class ends by stopping its stack with SIGTERM and proving nothing it started is still running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psycopg2
+import pytest
+from nio import RoomMessagesResponse, RoomMessageText
+
+from tests.support.matrix import check_still_works, login, scenario
+from tests.support.pgcluster import PgCluster
+from tests.support.stack import Stack, make_root, stack_env, wait_for
+
+pytestmark = pytest.mark.integration
+
+SMALL_SET = (
+    "synchrotron, event_persister, stream_writers=typing+to_device+receipts+account_data+presence, media_repository"
+)
+COMPLEMENT_SET = (
+    "event_persister:2, background_worker, event_creator, user_dir, media_repository, federation_inbound, "
+    "federation_reader, federation_sender, synchrotron, client_reader, appservice, pusher, device_lists:2, "
+    "stream_writers=account_data+presence+receipts+to_device+typing"
+)
+START_TIMEOUT = 300
+TIMINGS: dict[str, dict[str, float]] = {}
+
+
+@dataclass
+class Deployment:
+    """One topology: its temp root, the current stack, and what earlier tests left for later ones."""
+
+    name: str
+    root: Path
+    env: dict[str, str]
+    stacks: list[Stack] = field(default_factory=list)  # every stack started here (all are torn down)
+    room_id: str | None = None
+
+    @property
+    def stack(self) -> Stack:
+        return self.stacks[-1]
+
+    @property
+    def data_dir(self) -> str:
+        return self.env["SYNAPSE_DATA_DIR"]
+
+    def start(self, env: dict[str, str] | None = None) -> Stack:
+        if env is not None:
+            self.env = env
+        self.stacks.append(Stack(self.env))
+        return self.stack.start(START_TIMEOUT)
+
+    def time(self, key: str, seconds: float) -> None:
+        TIMINGS.setdefault(self.name, {})[key] = round(seconds, 1)
+
+
+def _teardown(deployment: Deployment) -> None:
+    for stack in deployment.stacks:
+        try:
+            if stack.proc is not None and stack.proc.poll() is None:
+                stack.stop()
+        finally:
+            stack.kill()
+
+
+def _deploy(name: str, worker_types: str, **extra: str):
+    root = make_root(f"sw-e2e-{name}-")
+    env = stack_env(root, worker_types, **extra)
+    deployment = Deployment(name, root, env)
+    try:
+        deployment.time("ready", deployment.start().ready_after or 0)
+        yield deployment
+    finally:
+        try:
+            _teardown(deployment)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def timing_report(request):
+    """Prints ready/scenario/stop times per topology at the end (and writes them to $SW_E2E_TIMINGS)."""
+    yield
+    if os.environ.get("SW_E2E_TIMINGS"):
+        Path(os.environ["SW_E2E_TIMINGS"]).write_text(json.dumps(TIMINGS, indent=2))
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter and capture and TIMINGS:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line("")
+            for name, values in TIMINGS.items():
+                shown = (f"{k} {v}s" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+                reporter.write_line(f"e2e timings {name}: " + ", ".join(shown))
+
+
+# ---- shared checks ----------------------------------------------------------------------------------------
+
+def run_scenario(deployment: Deployment) -> None:
+    started = time.monotonic()
+    result = asyncio.run(scenario(deployment.stack.base_url, deployment.data_dir))
+    deployment.time("scenario", time.monotonic() - started)
+    deployment.room_id = result.room_id
+    TIMINGS[f"{deployment.name} scenario steps"] = result.timings
+    if result.user_directory_reindex:
+        TIMINGS[deployment.name]["user_directory_reindex"] = result.user_directory_reindex
+
+
+def health(stack: Stack):
+    return stack.cli("health", timeout=60)
+
+
+def assert_stops_cleanly(deployment: Deployment, key: str = "stop") -> None:
+    stack = deployment.stack
+    code, took = stack.stop(timeout=30)
+    deployment.time(key, took)
+    assert code == 0, f"exit code {code} after SIGTERM:\n{stack.tail()}"
+    assert took < 30
+    left = {pid: _cmdline(pid) for pid in stack.leftovers()}
+    assert not left, f"still running after a clean stop: {left}"
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")[:200]
+    except OSError:
+        return "?"
+
+
+def expected_processes(stack: Stack) -> set[str]:
+    plan = stack.cli("plan")
+    assert plan.returncode == 0, plan.stderr
+    return {line.split()[0] for line in plan.stdout.splitlines()[1:]}
+
+
+# ---- monolith, embedded PostgreSQL; restart with a synchrotron -------------------------------------------
+
+@pytest.fixture(scope="class")
+def monolith():
+    yield from _deploy("monolith", "")
+
+
+class TestMonolith:
+    def test_scenario(self, monolith: Deployment):
+        assert set(monolith.stack.processes()) == {"main"}
+        run_scenario(monolith)
+
+    def test_sigterm_stops_everything(self, monolith: Deployment):
+        assert_stops_cleanly(monolith)
+
+    def test_restart_with_a_synchrotron_keeps_the_data(self, monolith: Deployment):
+        assert monolith.room_id, "the scenario did not run"
+        env = {**monolith.env, "SYNAPSE_WORKER_TYPES": "synchrotron"}
+        stack = monolith.start(env)
+        monolith.time("ready_with_synchrotron", stack.ready_after or 0)
+        assert set(stack.processes()) == {"main", "synchrotron1"}
+
+        routes = stack.cli("routes", "GET", "/_matrix/client/v3/sync")
+        assert routes.returncode == 0, routes.stderr
+        assert "synchrotron1" in routes.stdout, routes.stdout
+
+        sync_log = Path(env["SYNAPSE_RUNTIME_DIR"], "supervisor", "synchrotron1.log")
+        before = sync_log.read_text(errors="replace").count("/_matrix/client/v3/sync")
+        asyncio.run(check_still_works(stack.base_url, monolith.room_id, label="restarted"))
+        asyncio.run(_history_survived(stack.base_url, monolith.room_id))
+        after = sync_log.read_text(errors="replace").count("/_matrix/client/v3/sync")
+        assert after > before, f"synchrotron1 logged no /sync request ({sync_log})"
+
+        assert_stops_cleanly(monolith, "stop_with_synchrotron")
+
+
+async def _history_survived(base_url: str, room_id: str) -> None:
+    alice = await login(base_url, "alice", device_name="alice-history")
+    try:
+        response = await alice.room_messages(room_id, start="", limit=100)
+        assert isinstance(response, RoomMessagesResponse), response
+        bodies = {e.body.split(" ")[1] for e in response.chunk
+                  if isinstance(e, RoomMessageText) and e.body.startswith("message ")}
+        assert bodies == {str(i) for i in range(10)}, bodies
+    finally:
+        await alice.close()
+
+
+# ---- small worker set, embedded PostgreSQL: crash and hang of a worker ------------------------------------
+
+@pytest.fixture(scope="class")
+def small():
+    yield from _deploy("small", SMALL_SET)
+
+
+class TestSmallWorkerSet:
+    def test_scenario(self, small: Deployment):
+        assert set(small.stack.processes()) == expected_processes(small.stack)
+        run_scenario(small)
+
+    def test_killed_worker_comes_back(self, small: Deployment):
+        stack = small.stack
+        old = stack.processes()["synchrotron1"]
+        back = "synchrotron1 is back and healthy"
+        backs_before = stack.log_path.read_text(errors="replace").count(back)
+        killed = time.monotonic()
+        os.kill(old, signal.SIGKILL)
+        assert wait_for(lambda: stack.processes().get("synchrotron1") not in (None, old), 30), \
+            f"synchrotron1 was not restarted:\n{stack.tail()}"
+        assert wait_for(lambda: health(stack).returncode == 0, 60, interval=1), \
+            f"not healthy again after 60s:\n{health(stack).stdout}\n{stack.tail()}"
+        small.time("worker_recovery", time.monotonic() - killed)
+        # The launcher noticed the crash and reported the recovery.
+        assert wait_for(lambda: stack.log_path.read_text(errors="replace").count(back) > backs_before, 10), \
+            stack.tail()
+        asyncio.run(check_still_works(stack.base_url, small.room_id, label="after-kill"))
+
+    def test_health_names_a_hung_worker(self, small: Deployment):
+        stack = small.stack
+        assert health(stack).returncode == 0
+        pid = stack.processes()["media_repository1"]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            result = health(stack)
+            assert result.returncode == 1, result.stdout
+            failing = [line for line in result.stdout.splitlines() if "FAILED" in line]
+            assert any(line.startswith("media_repository1: FAILED") for line in failing), result.stdout
+            assert not any(line.startswith(("main:", "synchrotron1:", "event_persister1:")) for line in failing), \
+                result.stdout
+            public = httpx.get(f"{stack.base_url}/health", timeout=30)  # the same verdict on the public port
+            assert public.status_code == 503 and "media_repository1" in public.json()["unhealthy"], public.text
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert wait_for(lambda: health(stack).returncode == 0, 30, interval=1), health(stack).stdout
+
+    def test_sigterm_stops_everything(self, small: Deployment):
+        assert_stops_cleanly(small)
+
+
+# ---- the Complement worker set on an external PostgreSQL ---------------------------------------------------
+
+@pytest.fixture(scope="class")
+def external_pg():
+    with PgCluster() as pg:
+        yield pg
+
+
+@pytest.fixture(scope="class")
+def complement(external_pg: PgCluster):
+    yield from _deploy("complement", COMPLEMENT_SET, **external_pg.env())
+
+
+class TestComplementSetExternalPostgres:
+    def test_scenario(self, complement: Deployment):
+        running = set(complement.stack.processes())
+        assert running == expected_processes(complement.stack)
+        assert len(running) == 17
+        run_scenario(complement)
+
+    def test_events_written_by_event_persisters(self, complement: Deployment, external_pg: PgCluster):
+        assert complement.room_id, "the scenario did not run"
+        with psycopg2.connect(**external_pg.dsn()) as conn, conn.cursor() as cur:
+            cur.execute("SELECT instance_name, count(*) FROM events WHERE room_id = %s GROUP BY instance_name",
+                        (complement.room_id,))
+            writers = dict(cur.fetchall())
+        conn.close()
+        assert writers, "no events for the room"
+        assert set(writers) <= {"event_persister1", "event_persister2"}, writers
+        assert sum(writers.values()) >= 15  # create, members, power levels, ..., 10 messages
+
+    def test_sigterm_stops_everything(self, complement: Deployment, external_pg: PgCluster):
+        assert_stops_cleanly(complement)
+        assert external_pg.running()  # an external database is not ours to stop
