@@ -19,11 +19,24 @@ from .programs import Health
 TIMEOUT = 3.0
 
 
+_client: httpx.Client | None = None
+_client_lock = threading.Lock()
+
+
+def _http() -> httpx.Client:
+    """One shared keep-alive client: a new client per check costs ~20 ms of CPU (TLS context set-up)."""
+    global _client
+    with _client_lock:
+        if _client is None:
+            _client = httpx.Client(limits=httpx.Limits(max_connections=64, max_keepalive_connections=32))
+        return _client
+
+
 def check(health: Health, timeout: float = TIMEOUT) -> str | None:
     """None when healthy, else a short reason."""
     try:
         if health.kind == "http":
-            response = httpx.get(health.target, timeout=timeout)
+            response = _http().get(health.target, timeout=timeout)
             return None if response.status_code == 200 else f"HTTP {response.status_code}"
         if health.kind == "redis":
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:

@@ -23,13 +23,14 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from ..errors import UserError
 from ..plan import Plan
-from ..render.supervisor import render_supervisor, supervisor_paths
+from ..render.supervisor import GROUP_NAME, render_supervisor, supervisor_paths
 from . import postgres
 from .health import Aggregator, check
 from .programs import STAGE_NAMES, Program, programs
 
 STAGE_TIMEOUT = {"postgres": 60, "redis": 15, "main": 300, "workers": 180, "nginx": 30}  # first start migrates
 CRASH_LIMIT, CRASH_WINDOW = 5, 600  # more restarts than this within the window: stop and report
+GROUP = GROUP_NAME + ":"  # every program sits in one supervisor group (see render/supervisor.py)
 RUNNING_STATES = {"RUNNING", "STARTING", "BACKOFF", "STOPPING"}
 DONE_STATES = {"STOPPED", "EXITED", "FATAL", "UNKNOWN"}
 
@@ -146,7 +147,7 @@ class Stack:
                 continue
             started = time.monotonic()
             for program in members:
-                self.rpc.supervisor.startProcess(program.name, False)
+                self.rpc.supervisor.startProcess(GROUP + program.name, False)
             if not self._wait_healthy(members, STAGE_TIMEOUT[name]):
                 self.exit_code = 1
                 return False
@@ -162,7 +163,7 @@ class Stack:
             if self.stop_requested.is_set():
                 return False
             for name in list(pending):
-                state = self.rpc.supervisor.getProcessInfo(name)["statename"]
+                state = self.rpc.supervisor.getProcessInfo(GROUP + name)["statename"]
                 if state == "FATAL":
                     log(f"{name} could not start (FATAL). Last output:\n{self._tail(name)}")
                     return False
@@ -198,9 +199,11 @@ class Stack:
                 last[name] = (state, pid)
                 if before is None:
                     continue
-                restarted = bool(pid) and pid != before[1] and state in ("STARTING", "RUNNING")
-                crashed = before[0] == "RUNNING" and (restarted or state not in ("RUNNING", "STOPPING", "STOPPED"))
-                if crashed:
+                alive = ("STARTING", "RUNNING")
+                restarted = bool(pid) and pid != before[1] and state in alive
+                died = before[0] in alive and state in ("EXITED", "BACKOFF", "FATAL", "UNKNOWN")
+                # A death and the restart can fall between two polls: then only the new pid shows it.
+                if died or (restarted and before[0] in alive):
                     now = time.monotonic()
                     window = crashes[name]
                     window.append(now)
@@ -211,7 +214,7 @@ class Stack:
                     if len(window) >= CRASH_LIMIT:
                         log(f"{name} crashed {len(window)} times in {CRASH_WINDOW // 60} minutes: stopping it. "
                             f"Last output:\n{self._tail(name)}")
-                        self._safe(self.rpc.supervisor.stopProcess, name, False)
+                        self._safe(self.rpc.supervisor.stopProcess, GROUP + name, False)
                         self._give_up_if_critical(name)
                 if restarted:
                     self._watch_recovery(name)
@@ -244,7 +247,7 @@ class Stack:
 
     def _tail(self, name: str, size: int = 3000) -> str:
         try:
-            text = self.rpc.supervisor.tailProcessStdoutLog(name, 0, size)[0]
+            text = self.rpc.supervisor.tailProcessStdoutLog(GROUP + name, 0, size)[0]
         except (OSError, xmlrpc.client.Fault):
             return "  (no output captured)"
         return "\n".join(f"  {line}" for line in text.strip().splitlines()[-25:])
@@ -257,7 +260,7 @@ class Stack:
             for stage in reversed(range(len(STAGE_NAMES))):
                 members = [p for p in self.programs if p.stage == stage]
                 for program in members:
-                    self._safe(self.rpc.supervisor.stopProcess, program.name, False)
+                    self._safe(self.rpc.supervisor.stopProcess, GROUP + program.name, False)
                 self._wait_stopped(members)
             self._safe(self.rpc.supervisor.shutdown)
         try:
@@ -269,7 +272,7 @@ class Stack:
     def _wait_stopped(self, members: list[Program]) -> None:
         deadline = time.monotonic() + max((p.stop_wait for p in members), default=0) + 5
         while time.monotonic() < deadline:
-            states = [self._safe(self.rpc.supervisor.getProcessInfo, p.name) for p in members]
+            states = [self._safe(self.rpc.supervisor.getProcessInfo, GROUP + p.name) for p in members]
             if all(s is None or s["statename"] in DONE_STATES for s in states):
                 return
             time.sleep(0.1)
