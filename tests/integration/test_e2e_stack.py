@@ -242,6 +242,22 @@ class TestSmallWorkerSet:
             os.kill(pid, signal.SIGCONT)
         assert wait_for(lambda: health(stack).returncode == 0, 30, interval=1), health(stack).stdout
 
+    def test_crash_loop_is_stopped_and_reported(self, small: Deployment):
+        """A worker that keeps dying is stopped and named, not restarted forever; the rest keeps serving."""
+        stack = small.stack
+        for _ in range(5):  # CRASH_LIMIT in run/supervise.py
+            old = stack.processes()["media_repository1"]
+            os.kill(old, signal.SIGKILL)
+            assert wait_for(lambda: stack.processes().get("media_repository1") not in (None, old), 30) or \
+                "crashed 5 times" in stack.log_path.read_text(errors="replace"), stack.tail()
+        assert wait_for(lambda: "media_repository1 crashed 5 times" in stack.log_path.read_text(errors="replace"),
+                        15), stack.tail()
+        assert wait_for(lambda: "media_repository1" not in stack.processes(), 30), stack.tail()
+        result = health(stack)
+        assert result.returncode == 1 and "media_repository1: FAILED" in result.stdout, result.stdout
+        assert "main: OK" in result.stdout, result.stdout
+        assert httpx.get(f"{stack.base_url}/_matrix/client/versions", timeout=10).status_code == 200
+
     def test_sigterm_stops_everything(self, small: Deployment):
         assert_stops_cleanly(small)
 

@@ -1,0 +1,101 @@
+"""Plan → supervised programs and supervisord.conf (pure; nothing is started here)."""
+
+from __future__ import annotations
+
+import configparser
+
+from synapse_workers.load import load_plan
+from synapse_workers.render.supervisor import GROUP_NAME, render_redis, render_supervisor
+from synapse_workers.run.programs import STAGE_NAMES, SeparateProcesses, programs
+
+BINARIES = {
+    "nginx": "/usr/sbin/nginx",
+    "setpriv": "/usr/bin/setpriv",
+    "redis-server": "/usr/bin/redis-server",
+    "postgres": "/usr/lib/postgresql/15/bin/postgres",
+    "pg_isready": "/usr/lib/postgresql/15/bin/pg_isready",
+}
+PG_USER = ("postgres", 101, 104)
+
+
+def plan_for(base_env, spec, **extra):
+    env = {**base_env, "SYNAPSE_WORKER_TYPES": spec, **extra}
+    return load_plan(env)
+
+
+def test_stages_and_order(base_env):
+    env = {k: v for k, v in base_env.items() if k != "POSTGRES_PASSWORD"}  # embedded database
+    plan = plan_for(env, "synchrotron:2, event_persister")
+    progs = programs(plan, as_root=True, binaries=BINARIES, postgres_user=PG_USER)
+    by_stage = {STAGE_NAMES[p.stage]: [] for p in progs}
+    for p in progs:
+        by_stage[STAGE_NAMES[p.stage]].append(p.name)
+    assert by_stage == {
+        "postgres": ["postgres"],
+        "redis": ["redis"],
+        "main": ["main"],
+        "workers": ["synchrotron1", "synchrotron2", "event_persister1"],
+        "nginx": ["nginx"],
+    }
+    critical = {p.name for p in progs if p.critical}
+    assert critical == {"postgres", "redis", "main", "nginx"}
+
+
+def test_monolith_with_external_database_has_no_redis_or_postgres(base_env):
+    progs = programs(plan_for(base_env, ""), as_root=False, binaries=BINARIES)
+    assert [p.name for p in progs] == ["main", "nginx"]
+
+
+def test_privileges_dropped_only_as_root(base_env):
+    plan = plan_for(base_env, "synchrotron", UID="1234", GID="5678")
+    as_root = {p.name: p for p in programs(plan, as_root=True, binaries=BINARIES)}
+    assert as_root["main"].command[:5] == ("/usr/bin/setpriv", "--reuid=1234", "--regid=5678", "--clear-groups", "--")
+    assert as_root["redis"].command[1] == "--reuid=1234"
+    assert as_root["nginx"].command[0] == "/usr/sbin/nginx"  # binds the public port; drops to nobody itself
+    as_user = {p.name: p for p in programs(plan, as_root=False, binaries=BINARIES)}
+    assert as_user["main"].command[0] != "/usr/bin/setpriv"
+
+
+def test_synapse_command_comes_from_the_launcher(base_env):
+    plan = plan_for(base_env, "synchrotron")
+    worker = plan.process("synchrotron1")
+    command = SeparateProcesses("/venv/bin/python").command(plan, worker)
+    assert command[:3] == ("/venv/bin/python", "-m", "synapse.app.generic_worker")
+    assert command[3::2] == ("--config-path",) * 3
+    assert command[4::2] == worker.config_files
+
+    class Fake:
+        def command(self, plan, proc):
+            return ("fork-launcher", proc.name)
+
+    progs = {p.name: p for p in programs(plan, as_root=False, binaries=BINARIES, launcher=Fake())}
+    assert progs["synchrotron1"].command == ("fork-launcher", "synchrotron1")
+
+
+def test_supervisord_conf_parses_and_groups_every_program(base_env):
+    env = {k: v for k, v in base_env.items() if k != "POSTGRES_PASSWORD"}
+    plan = plan_for(env, "synchrotron, event_persister", SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK="1")
+    progs = programs(plan, as_root=True, binaries=BINARIES, postgres_user=PG_USER)
+    text = render_supervisor(plan, progs, as_root=True)
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";",))
+    parser.read_string(text)
+    names = [p.name for p in progs]
+    assert parser.get(f"group:{GROUP_NAME}", "programs").split(",") == names
+    for program in progs:
+        section = f"program:{program.name}"
+        assert parser.get(section, "autostart") == "false"  # the launcher starts stages itself
+        assert parser.get(section, "stdout_events_enabled") == "true"  # feeds the prefixing listener
+    assert parser.get("program:nginx", "stopsignal") == "QUIT"
+    assert parser.get("program:postgres", "stopsignal") == "INT"
+    assert parser.get("program:nginx", "stdout_logfile").endswith("/data/logs/nginx.log")
+    assert "daemon off;" in parser.get("program:nginx", "command")
+    assert parser.get("supervisord", "user") == "root"
+    assert "user=root" not in render_supervisor(plan, progs, as_root=False)
+
+
+def test_redis_conf_is_socket_only_without_persistence(base_env):
+    plan = plan_for(base_env, "synchrotron")
+    text = render_redis(plan)
+    assert "port 0" in text.splitlines()
+    assert f"unixsocket {plan.redis.path}" in text
+    assert 'save ""' in text and "appendonly no" in text
