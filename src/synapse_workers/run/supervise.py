@@ -250,6 +250,8 @@ class Stack:
             text = self.rpc.supervisor.tailProcessStdoutLog(GROUP + name, 0, size)[0]
         except (OSError, xmlrpc.client.Fault):
             return "  (no output captured)"
+        if not text.strip():
+            return "  (it printed nothing)"
         return "\n".join(f"  {line}" for line in text.strip().splitlines()[-25:])
 
     # ---- stopping -------------------------------------------------------------------------------------
