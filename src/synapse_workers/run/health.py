@@ -64,9 +64,7 @@ def synapse_checks(plan: Plan) -> dict[str, Health]:
 
 
 def public_health(plan: Plan) -> Health:
-    s = plan.settings
-    host = "127.0.0.1" if s.http_bind_address in ("0.0.0.0", "::") else s.http_bind_address
-    return Health("http", f"http://{host}:{plan.public.port}/health")
+    return Health("http", f"{plan.public.local_url}/health")
 
 
 def check_all(checks: dict[str, Health]) -> dict[str, str | None]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..plan import Plan
+from .programs import setpriv_prefix
 
 HBA = """\
 # Written by synapse-workers on every start.
@@ -46,7 +47,7 @@ def cluster_owner(as_root: bool) -> pwd.struct_passwd:
 def _as_owner(owner: pwd.struct_passwd, as_root: bool, setpriv: str) -> list[str]:
     if not as_root:
         return []
-    return [setpriv, f"--reuid={owner.pw_uid}", f"--regid={owner.pw_gid}", "--init-groups", "--"]
+    return list(setpriv_prefix(setpriv, owner.pw_uid, owner.pw_gid))
 
 
 def prepare_cluster(plan: Plan, as_root: bool, setpriv: str) -> pwd.struct_passwd:

@@ -109,12 +109,11 @@ def programs(
             start_secs=5,
             critical=proc.is_main,
         ))
-    public_host = "127.0.0.1" if s.http_bind_address in ("0.0.0.0", "::") else s.http_bind_address
     result.append(Program(
         name="nginx",
         command=(binaries["nginx"], "-c", plan.files["nginx"], "-g", "daemon off;"),
         stage=STAGE_NGINX,
-        health=Health("http", f"http://{public_host}:{plan.public.port}/_matrix/client/versions"),
+        health=Health("http", f"{plan.public.local_url}/_matrix/client/versions"),
         stop_signal="QUIT",  # graceful: finish requests in flight
         stop_wait=10,
         log_file=disk_logs and f"{disk_logs}/nginx.log",
@@ -129,7 +128,7 @@ def _pg_isready(binaries: dict[str, str], socket_dir: str, owner, as_root: bool)
     name, uid, gid = owner
     command = [binaries["pg_isready"], "-q", "-h", socket_dir, "-U", name, "-d", "postgres", "-t", "2"]
     if as_root:
-        command = [binaries["setpriv"], f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *command]
+        command = [*setpriv_prefix(binaries["setpriv"], uid, gid), *command]
     return shlex.join(command)
 
 
@@ -138,5 +137,10 @@ def _drop_privileges(program: Program, setpriv: str) -> Program:
         return program
     uid, gid = program.user
     # setpriv needs no passwd entry for UID/GID, unlike supervisor's own `user=`.
-    command = (setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *program.command)
+    command = (*setpriv_prefix(setpriv, uid, gid), *program.command)
     return Program(**{**vars(program), "command": command})
+
+
+def setpriv_prefix(setpriv: str, uid: int, gid: int) -> tuple[str, ...]:
+    """Run the rest of a command as uid:gid with no supplementary groups (root's must not leak)."""
+    return (setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--")

@@ -178,9 +178,7 @@ class Stack:
         return True
 
     def _announce(self) -> None:
-        s = self.plan.settings
-        host = "localhost" if s.http_bind_address in ("0.0.0.0", "127.0.0.1", "::") else s.http_bind_address
-        url = f"http://{host}:{self.plan.public.port}"
+        url = self.plan.public.local_url
         log(f"ready: Synapse for {self.plan.homeserver.server_name} with {len(self.plan.workers)} workers "
             f"at {url}/ (health: {url}/health). Point a Matrix client at {url}.")
         log(f"first user: register_new_matrix_user -c {self.plan.homeserver.path} {url}")
