@@ -8,8 +8,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 venv=${SW_VENV:-/opt/synapse-workers/venv}
 extras=${SW_EXTRAS:-}
 
-apt_pkgs=(nginx-light redis-server postgresql libpq-dev build-essential python3-dev python3-venv curl ca-certificates)
+apt_pkgs=(redis-server postgresql libpq-dev build-essential python3-dev python3-venv util-linux openssl curl ca-certificates)
 missing=()
+# Any nginx flavour will do (nginx-light, nginx-full, nginx): the flavours conflict with each other.
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx-light)
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done

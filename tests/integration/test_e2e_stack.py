@@ -300,3 +300,22 @@ class TestComplementSetExternalPostgres:
     def test_sigterm_stops_everything(self, complement: Deployment, external_pg: PgCluster):
         assert_stops_cleanly(complement)
         assert external_pg.running()  # an external database is not ours to stop
+
+
+# ---- stopping while still starting ----------------------------------------------------------------------
+
+
+def test_sigterm_during_start_up_is_a_clean_stop():
+    """A stop asked for mid-start (here: after PostgreSQL, before main is up) still exits 0, leaving nothing."""
+    root = make_root("sw-e2e-early-")
+    stack = Stack(stack_env(root, "synchrotron"))
+    try:
+        stack.launch()
+        assert wait_for(lambda: "postgres: postgres healthy" in stack.tail(200), 120), stack.tail()
+        code, seconds = stack.stop()
+        assert code == 0, stack.tail()
+        assert seconds < 30
+        assert wait_for(lambda: not stack.leftovers(), 10), stack.leftovers()
+    finally:
+        stack.kill()
+        shutil.rmtree(root, ignore_errors=True)

@@ -65,11 +65,16 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.env['SYNAPSE_HTTP_PORT']}"
 
-    def start(self, timeout: float = 300) -> "Stack":
+    def launch(self) -> "Stack":
+        """Start `synapse-workers run` without waiting for it to be ready."""
         self.started_at = time.monotonic()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([SW, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
+        return self
+
+    def start(self, timeout: float = 300) -> "Stack":
+        self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -149,7 +149,8 @@ class Stack:
             for program in members:
                 self.rpc.supervisor.startProcess(GROUP + program.name, False)
             if not self._wait_healthy(members, STAGE_TIMEOUT[name]):
-                self.exit_code = 1
+                if not self.stop_requested.is_set():  # asked to stop while starting: still a clean stop
+                    self.exit_code = 1
                 return False
             log(f"{name}: {', '.join(p.name for p in members)} healthy in {time.monotonic() - started:.1f}s")
             if name == "postgres":
