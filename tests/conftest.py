@@ -56,18 +56,22 @@ def free_ports(size: int = 120) -> tuple[int, int]:
     return base, port
 
 
-@pytest.fixture
-def base_env(tmp_root):
-    """A minimal valid environment for a new install, isolated under tmp_root."""
+def isolated_env(root: Path, server_name: str = "example.test") -> dict[str, str]:
+    """Directories under root, free loopback ports: a stack that collides with nothing else."""
     base, port = free_ports()
     return {
-        "SYNAPSE_SERVER_NAME": "example.test",
+        "SYNAPSE_SERVER_NAME": server_name,
         "SYNAPSE_REPORT_STATS": "no",
-        "POSTGRES_PASSWORD": "not-a-real-password",
-        "SYNAPSE_CONFIG_DIR": str(tmp_root / "data"),
-        "SYNAPSE_DATA_DIR": str(tmp_root / "data"),
-        "SYNAPSE_RUNTIME_DIR": str(tmp_root / "run"),
+        "SYNAPSE_CONFIG_DIR": str(root / "data"),
+        "SYNAPSE_DATA_DIR": str(root / "data"),
+        "SYNAPSE_RUNTIME_DIR": str(root / "run"),
         "SYNAPSE_INTERNAL_PORT_BASE": str(base),
         "SYNAPSE_HTTP_PORT": str(port),
         "SYNAPSE_HTTP_BIND_ADDRESS": "127.0.0.1",
     }
+
+
+@pytest.fixture
+def base_env(tmp_root):
+    """A minimal valid environment for a new install (external PostgreSQL), isolated under tmp_root."""
+    return {**isolated_env(tmp_root), "POSTGRES_PASSWORD": "not-a-real-password"}

@@ -28,7 +28,7 @@ import pytest
 from synapse_workers import cli
 from synapse_workers.load import load_plan
 from synapse_workers.plan import explain
-from tests.conftest import free_port, free_port_range
+from tests.conftest import free_port, isolated_env
 from tests.integration.request_table import GROUPS, PRIVATE, REQUESTS, Req
 from tests.support.nginx import NGINX, Nginx
 from tests.support.stubs import stubs_for_plan, wait_connectable
@@ -74,17 +74,7 @@ BODY = b'{"test": true}'
 
 def make_env(root: Path, extra: dict[str, str]) -> dict[str, str]:
     """Like conftest's base_env (module-scoped here, so built by hand), plus the topology's variables."""
-    env = {
-        "SYNAPSE_SERVER_NAME": "example.test",
-        "SYNAPSE_REPORT_STATS": "no",
-        "POSTGRES_PASSWORD": "not-a-real-password",
-        "SYNAPSE_CONFIG_DIR": str(root / "data"),
-        "SYNAPSE_DATA_DIR": str(root / "data"),
-        "SYNAPSE_RUNTIME_DIR": str(root / "run"),
-        "SYNAPSE_INTERNAL_PORT_BASE": str(free_port_range()),
-        "SYNAPSE_HTTP_PORT": str(free_port()),
-        "SYNAPSE_HTTP_BIND_ADDRESS": "127.0.0.1",
-    }
+    env = {**isolated_env(root), "POSTGRES_PASSWORD": "not-a-real-password"}
     env.update({k: v.format(root=root) for k, v in extra.items()})
     return env
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import free_ports
+from tests.conftest import isolated_env
 
 SW = shutil.which("synapse-workers", path=str(Path(os.sys.executable).parent)) or "synapse-workers"
 
@@ -28,18 +28,8 @@ def stack_env(root: Path, worker_types: str = "", **extra: str) -> dict[str, str
         k: v for k, v in os.environ.items()
         if not k.startswith(("SYNAPSE_", "POSTGRES_", "NGINX_", "COTURN_", "PROMETHEUS_"))
     }
-    base, port = free_ports()
-    env.update({
-        "SYNAPSE_SERVER_NAME": "localhost",
-        "SYNAPSE_REPORT_STATS": "no",
-        "SYNAPSE_CONFIG_DIR": str(root / "data"),
-        "SYNAPSE_DATA_DIR": str(root / "data"),
-        "SYNAPSE_RUNTIME_DIR": str(root / "run"),
-        "SYNAPSE_INTERNAL_PORT_BASE": str(base),
-        "SYNAPSE_HTTP_PORT": str(port),
-        "SYNAPSE_HTTP_BIND_ADDRESS": "127.0.0.1",
-        "SYNAPSE_WORKER_TYPES": worker_types,
-    })
+    env.update(isolated_env(root, server_name="localhost"))
+    env["SYNAPSE_WORKER_TYPES"] = worker_types
     env.update(extra)
     return env
 
