@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 import shutil
 import signal
 import time
@@ -206,6 +207,18 @@ class TestSmallWorkerSet:
     def test_scenario(self, small: Deployment):
         assert set(small.stack.processes()) == expected_processes(small.stack)
         run_scenario(small)
+
+    def test_synapse_runs_as_uid_gid_and_owns_the_data_dir(self, small: Deployment):
+        """Started as root: Synapse drops to UID:GID (991 by default), PostgreSQL to `postgres`."""
+        assert os.geteuid() == 0, "the e2e tests run as root, like the container entrypoint"
+        for name, pid in small.stack.processes().items():
+            status = Path(f"/proc/{pid}/status").read_text()
+            uids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Uid:"))
+            gids = next(line.split()[1:] for line in status.splitlines() if line.startswith("Gid:"))
+            assert set(uids) == {"991"} and set(gids) == {"991"}, (name, uids, gids)
+        data = Path(small.data_dir)
+        assert (data.stat().st_uid, data.stat().st_gid) == (991, 991)
+        assert (data / "postgres").stat().st_uid == pwd.getpwnam("postgres").pw_uid
 
     def test_killed_worker_comes_back(self, small: Deployment):
         stack = small.stack
