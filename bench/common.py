@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tests.support.stack import SW, Stack, make_root, stack_env  # noqa: E402
+from tests.support.stack import SW, Stack, make_root, process_table, stack_env  # noqa: E402
 
 # Synapse rate-limits almost everything a benchmark does (sending, registering, joining, creating
 # rooms). These go into homeserver.yaml before the first start; only benchmark stacks get them.
@@ -447,25 +447,10 @@ class BenchStack:
         return result
 
 
-def _ppid_map() -> dict[int, int]:
-    result = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # the command name is in parentheses and may contain spaces
-        fields = stat[stat.rfind(")") + 2:].split()
-        result[int(entry.name)] = int(fields[1])
-    return result
-
-
 def descendants(root_pid: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    for pid, ppid in _ppid_map().items():
-        children.setdefault(ppid, []).append(pid)
+    for pid, proc in process_table().items():
+        children.setdefault(proc.ppid, []).append(pid)
     found, todo = [], [root_pid]
     while todo:
         for child in children.get(todo.pop(), []):

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +124,7 @@ class Stack:
         argv and environment: PostgreSQL backends, nginx workers, redis-server."""
         marker = str(self.root).encode()
         own_session = os.getsid(0)
-        table = _process_table()
+        table = process_table()
         seeds = {pid for pid, info in table.items() if marker in info.cmdline or marker in info.environ}
         self._sessions.update(table[pid].sid for pid in seeds if table[pid].sid not in (0, 1, own_session))
         children: dict[int, list[int]] = {}
@@ -166,7 +165,7 @@ class _Proc:
     environ: bytes
 
 
-def _process_table() -> dict[int, _Proc]:
+def process_table() -> dict[int, _Proc]:
     table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -196,4 +195,4 @@ def wait_for(predicate, timeout: float, interval: float = 0.25) -> bool:
     return False
 
 
-__all__ = ["Stack", "make_root", "stack_env", "wait_for", "threading"]
+__all__ = ["Stack", "make_root", "process_table", "stack_env", "wait_for"]

@@ -31,7 +31,6 @@ from .programs import STAGE_NAMES, Program, programs
 STAGE_TIMEOUT = {"postgres": 60, "redis": 15, "main": 300, "workers": 180, "nginx": 30}  # first start migrates
 CRASH_LIMIT, CRASH_WINDOW = 5, 600  # more restarts than this within the window: stop and report
 GROUP = GROUP_NAME + ":"  # every program sits in one supervisor group (see render/supervisor.py)
-RUNNING_STATES = {"RUNNING", "STARTING", "BACKOFF", "STOPPING"}
 DONE_STATES = {"STOPPED", "EXITED", "FATAL", "UNKNOWN"}
 
 
