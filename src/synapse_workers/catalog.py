@@ -40,6 +40,10 @@ class Role:
     streams: tuple[str, ...] = ()
     duty: str | None = None  # one of LIST_DUTIES / ONE_NAME_DUTIES
     max_instances: int | None = None  # Synapse-enforced (or single-name config key)
+    # Config effects (ESS's `responsibleForMedia` and friends): keys set in shared.yaml when a process with
+    # this role is deployed, and keys set in the config of each process that has the role.
+    shared_config: tuple[tuple[str, object], ...] = ()
+    own_config: tuple[tuple[str, object], ...] = ()
 
     @property
     def is_writer(self) -> bool:
@@ -67,7 +71,9 @@ ROLES: dict[str, Role] = {
              duty="update_user_directory_from_worker"),
         Role("media_repository", "media up/download, thumbnails, media admin and quarantine",
              (CLIENT, FEDERATION, MEDIA), ("quarantined_media_changes",),
-             duty="media_instance_running_background_jobs"),
+             duty="media_instance_running_background_jobs",
+             # main stops serving media; the media workers turn it back on for themselves
+             shared_config=(("enable_media_repo", False),), own_config=(("enable_media_repo", True),)),
         Role("pusher", "sends push notifications", duty="pusher_instances"),
         Role("federation_sender", "sends outbound federation", duty="federation_sender_instances"),
         Role("appservice", "talks to application services", duty="notify_appservices_from_worker",

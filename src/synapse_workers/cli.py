@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -13,10 +12,12 @@ from collections.abc import Mapping
 from . import __version__, catalog
 from .errors import UserError
 from .files import write_files
+from .layout import make_layout
 from .load import load_plan
-from .plan import Plan, explain
+from .plan import Plan
 from .render import render_all
-from .settings import ENV_NAMES, Settings
+from .routing import explain
+from .settings import VARIABLES, runtime_dir, shown
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -24,7 +25,13 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     args = parser.parse_args(argv)
     env = os.environ if env is None else env
     try:
-        return args.func(args, env)
+        code = args.func(args, env)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # `synapse-workers env | head`: the reader has gone; a quiet exit, like any Unix filter.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UserError as exc:
         for problem in exc.problems:
             print(f"synapse-workers: error: {problem}", file=sys.stderr)
@@ -57,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
         func=cmd_run)
     sub.add_parser("health", help="exit 0 only when nginx, main and every worker answer /health").set_defaults(
         func=cmd_health)
+    status = sub.add_parser("status", help="every process of the running stack: PID, state, uptime, restarts")
+    status.add_argument("--json", action="store_true", help="a list of objects (name, pid, state, uptime_s, ...)")
+    status.set_defaults(func=cmd_status)
     sub.add_parser("env", help="list every recognised variable with its effective value").set_defaults(func=cmd_env)
     return parser
 
@@ -65,7 +75,7 @@ def cmd_generate(args, env) -> int:
     plan = load_plan(env)
     written = write_files(plan, render_all(plan))
     print(f"synapse-workers: wrote {len(written)} files for main + {len(plan.workers)} workers "
-          f"(nginx: {plan.files['nginx']})")
+          f"(nginx: {plan.layout.nginx_conf})")
     return 0
 
 
@@ -91,14 +101,12 @@ def cmd_check(args, env) -> int:
     return 0 if ok else 1
 
 
-def nginx_binary() -> str:
-    return shutil.which("nginx") or "/usr/sbin/nginx"
-
-
 def _nginx_test(plan: Plan) -> bool:
-    result = subprocess.run([nginx_binary(), "-t", "-q", "-c", plan.files["nginx"]], capture_output=True, text=True)
+    from .run.binaries import find
+
+    result = subprocess.run([find("nginx"), "-t", "-q", "-c", plan.layout.nginx_conf], capture_output=True, text=True)
     if result.returncode == 0:
-        print(f"nginx: OK ({plan.files['nginx']})")
+        print(f"nginx: OK ({plan.layout.nginx_conf})")
         return True
     print(f"nginx: FAILED\n{result.stderr.strip()}")
     return False
@@ -122,26 +130,76 @@ def _synapse_test(plan: Plan) -> bool:
 
 
 def cmd_run(args, env) -> int:
+    from .programs import programs
+    from .run import postgres
+    from .run.binaries import find_binaries
     from .run.supervise import Stack, lock_runtime_dir
 
     plan = load_plan(env)
-    lock = lock_runtime_dir(plan.files["runtime_dir"])  # before writing: never rewrite a live stack's files
+    as_root = os.geteuid() == 0
+    binaries = find_binaries(plan)
+    pg_owner = postgres.cluster_owner(as_root) if plan.postgres else None
+    pg_user = (pg_owner.pw_name, pg_owner.pw_uid, pg_owner.pw_gid) if pg_owner else None
+    progs = programs(plan, as_root, binaries, postgres_user=pg_user)
+    # Lock before writing: never rewrite a live stack's files.
+    lock = lock_runtime_dir(plan.layout.lock_file, plan.layout.runtime_dir)
     try:
-        write_files(plan, render_all(plan))
-        return Stack(plan).run()
+        write_files(plan, render_all(plan, progs, as_root))
+        return Stack(plan, progs, binaries, as_root).run()
     finally:
         lock.close()
 
 
-def cmd_health(args, env) -> int:
-    from .run.health import check_all, public_health, synapse_checks
+def _running_status(env):
+    from .run.status import read_status
 
-    plan = load_plan(env)
-    checks = {"nginx": public_health(plan), **synapse_checks(plan)}
+    layout = make_layout(runtime_dir(env), data_dir="/")  # only runtime paths are used
+    return read_status(layout)
+
+
+def cmd_health(args, env) -> int:
+    """Reads what `run` left in the runtime dir: needs only SYNAPSE_RUNTIME_DIR (or its default)."""
+    from .run.health import check_all
+
+    status = _running_status(env)
+    checks = {"nginx": status.public_health}
+    checks.update({p.name: p.health for p in status.processes if p.health.kind == "http" and p.name != "nginx"})
     results = check_all(checks)
     for name, problem in results.items():
         print(f"{name}: {'OK' if problem is None else 'FAILED (' + problem + ')'}")
+    if not status.running:
+        print("the stack is not running (no `synapse-workers run` holds this runtime dir)")
+        return 1
     return 0 if not any(results.values()) else 1
+
+
+def cmd_status(args, env) -> int:
+    import time
+
+    status = _running_status(env)
+    now = time.time()
+    rows = [p.as_json(now) for p in status.processes]
+    if not status.running:
+        rows = [{**row, "pid": 0, "state": "STOPPED", "uptime_s": 0.0} for row in rows]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        verdict = f"running (launcher pid {status.launcher_pid})" if status.running else "not running"
+        print(f"stack for {status.server_name}: {verdict}")
+        print(f"  {'NAME':28} {'PID':>7} {'STATE':9} {'UPTIME':>9} {'RESTARTS':>8}  LAST ERROR")
+        for row in rows:
+            print(f"  {row['name']:28} {row['pid']:>7} {row['state']:9} {_duration(row['uptime_s']):>9} "
+                  f"{row['restarts']:>8}  {row['last_error']}")
+    return 0 if status.running else 3
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def cmd_routes(args, env) -> int:
@@ -169,13 +227,10 @@ def cmd_routes(args, env) -> int:
 
 
 def cmd_env(args, env) -> int:
-    fields = {f.alias: name for name, f in Settings.model_fields.items()}
-    for var_name in ENV_NAMES:
-        shown = env.get(var_name)
-        if shown is not None and any(w in var_name for w in ("PASSWORD", "SECRET", "MACAROON")):
-            shown = "<hidden>"
-        default = Settings.model_fields[fields[var_name]].default
-        print(f"{var_name}={shown if shown is not None else ''}    # default: {default!r}")
+    for name, variable in VARIABLES.items():
+        value = env.get(name)
+        text = "" if value is None else (shown(name, value) if variable.secret else value)
+        print(f"{name}={text}    # default: {variable.default!r}")
     return 0
 
 

@@ -14,6 +14,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pydantic import SecretStr
+
 from .plan import Plan
 from .render import FileSet
 
@@ -22,7 +24,7 @@ SECRET_MODE = 0o600
 
 def write_files(plan: Plan, fileset: FileSet) -> list[str]:
     """Write everything; returns the paths written (managed files and newly created ones)."""
-    written = _swap_in_managed(plan.files["runtime_dir"], fileset.managed)
+    written = _swap_in_managed(plan.layout.runtime_dir, fileset.managed)
     for path, (text, mode) in sorted(fileset.once.items()):
         if not os.path.exists(path):
             _write_new(path, text, mode)
@@ -84,17 +86,17 @@ def _write_new(path: str, text: str, mode: int) -> None:
 
 def ensure_secrets(plan: Plan) -> list[str]:
     """Persisted secrets in the data dir (0600): created when missing, replaced when the env gives one."""
-    s, paths = plan.settings, plan.secrets
+    hs, turn, paths = plan.settings.homeserver, plan.settings.turn, plan.secrets
     written = []
     wanted: list[tuple[str, str | None]] = []
     if not plan.homeserver.exists:
         wanted += [
-            (paths.registration, _secret(s.registration_shared_secret)),
-            (paths.macaroon, _secret(s.macaroon_secret_key)),
-            (paths.form, _secret(s.form_secret)),
+            (paths.registration, _secret(hs.registration_shared_secret)),
+            (paths.macaroon, _secret(hs.macaroon_secret_key)),
+            (paths.form, _secret(hs.form_secret)),
         ]
-        if s.turn_uris or s.enable_coturn:
-            wanted.append((paths.turn, _secret(s.turn_secret)))
+        if turn.uris or turn.builtin_coturn:
+            wanted.append((paths.turn, _secret(turn.secret)))
     if plan.workers:
         wanted.append((paths.replication, None))
     if plan.postgres and not os.path.exists(paths.postgres):
@@ -113,7 +115,7 @@ def ensure_secrets(plan: Plan) -> list[str]:
     return written
 
 
-def _secret(value) -> str | None:
+def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value is not None else None
 
 
@@ -126,11 +128,12 @@ def _signing_key() -> str:
 
 
 def _make_runtime_dirs(plan: Plan) -> None:
-    for key in ("sockets_dir", "nginx_dir"):
-        Path(plan.files[key]).mkdir(parents=True, exist_ok=True)
-    Path(plan.files["nginx_dir"], "tmp").mkdir(exist_ok=True)
-    if plan.settings.write_logs_to_disk:
-        Path(plan.files["logs_on_disk"]).mkdir(parents=True, exist_ok=True)
+    layout = plan.layout
+    for path in (layout.sockets_dir, layout.nginx_dir):
+        Path(path).mkdir(parents=True, exist_ok=True)
+    Path(layout.nginx_dir, "tmp").mkdir(exist_ok=True)
+    if plan.settings.logging.to_disk:
+        Path(layout.logs_on_disk).mkdir(parents=True, exist_ok=True)
 
 
 def _chown_for_synapse(plan: Plan, created: list[str]) -> None:
@@ -139,10 +142,10 @@ def _chown_for_synapse(plan: Plan, created: list[str]) -> None:
     Only files we created or manage are touched; a user's own homeserver.yaml keeps its owner."""
     if os.geteuid() != 0:
         return
-    uid, gid = plan.settings.uid, plan.settings.gid
-    trees = [plan.files["sockets_dir"], plan.files["synapse_dir"]]
-    if plan.settings.write_logs_to_disk:
-        trees.append(plan.files["logs_on_disk"])
+    uid, gid = plan.settings.core.uid, plan.settings.core.gid
+    trees = [plan.layout.sockets_dir, plan.layout.synapse_dir]
+    if plan.settings.logging.to_disk:
+        trees.append(plan.layout.logs_on_disk)
     for tree in trees:
         os.chown(tree, uid, gid)
         for root, dirs, names in os.walk(tree):

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .layout import SecretPaths
 from .settings import Settings
 
 
@@ -47,18 +48,19 @@ def read_homeserver(path: str) -> dict[str, Any] | None:
 
 
 def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) -> HomeserverInfo:
-    path = settings.homeserver_config_path
+    core = settings.core
+    path = core.homeserver_config_path
     if doc is None:
-        if not settings.server_name:
+        if not core.server_name:
             raise UserError(
                 f"SYNAPSE_SERVER_NAME is required: there is no {path} yet, and one is generated from the environment."
             )
-        if settings.report_stats is None:
+        if core.report_stats is None:
             raise UserError(
                 f"SYNAPSE_REPORT_STATS is required (yes or no): there is no {path} yet, and one is generated."
             )
-        database = "sqlite" if settings.database_kind == "sqlite" else "postgres"
-        info = HomeserverInfo(path, False, settings.server_name, None, database, False, settings.metrics)
+        database = "sqlite" if settings.database.kind == "sqlite" else "postgres"
+        info = HomeserverInfo(path, False, core.server_name, None, database, False, settings.metrics.enabled)
     else:
         info = _describe_existing(settings, path, doc)
     if has_workers and info.database == "sqlite":
@@ -74,9 +76,9 @@ def _describe_existing(settings: Settings, path: str, doc: dict[str, Any]) -> Ho
     server_name = doc.get("server_name")
     if not isinstance(server_name, str) or not server_name:
         raise UserError(f"{path} (SYNAPSE_CONFIG_PATH) has no server_name.")
-    if settings.server_name and settings.server_name != server_name:
+    if settings.core.server_name and settings.core.server_name != server_name:
         raise UserError(
-            f"SYNAPSE_SERVER_NAME={settings.server_name!r} differs from server_name {server_name!r} in {path}: "
+            f"SYNAPSE_SERVER_NAME={settings.core.server_name!r} differs from server_name {server_name!r} in {path}: "
             "changing the server name breaks an existing homeserver. Unset SYNAPSE_SERVER_NAME or make them equal."
         )
     db = doc.get("database") or {}
@@ -121,36 +123,11 @@ def _public_port(listeners: Any) -> int | None:
 # --------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SecretPaths:
-    """Where the persisted secrets live (data dir, mode 0600); created by files.ensure_secrets."""
-
-    signing_key: str
-    registration: str
-    macaroon: str
-    form: str
-    replication: str
-    turn: str
-    postgres: str  # embedded PostgreSQL: libpq passfile holding the synapse role's password
-
-
-def secret_paths(settings: Settings, server_name: str) -> SecretPaths:
-    data = settings.data_dir
-    return SecretPaths(
-        signing_key=f"{data}/{server_name}.signing.key",
-        registration=f"{data}/{server_name}.registration.key",
-        macaroon=f"{data}/{server_name}.macaroon.key",
-        form=f"{data}/{server_name}.form.key",
-        replication=f"{data}/worker_replication.key",
-        turn=f"{data}/{server_name}.turn.key",
-        postgres=f"{data}/embedded_postgres.pgpass",
-    )
-
-
 def database_block(settings: Settings, secrets: SecretPaths, embedded_socket_dir: str) -> dict[str, Any]:
-    kind = settings.database_kind
+    db = settings.database
+    kind = db.kind
     if kind == "sqlite":
-        return {"name": "sqlite3", "args": {"database": f"{settings.data_dir}/homeserver.db"}}
+        return {"name": "sqlite3", "args": {"database": f"{settings.core.data_dir}/homeserver.db"}}
     if kind == "embedded":
         # No password in this file: libpq reads it from the passfile (0600, created by `run`).
         args: dict[str, Any] = {
@@ -161,24 +138,27 @@ def database_block(settings: Settings, secrets: SecretPaths, embedded_socket_dir
         }
     else:
         args = {
-            "user": settings.postgres_user,
-            "password": settings.postgres_password.get_secret_value() if settings.postgres_password else None,
-            "dbname": settings.postgres_db,
-            "host": settings.postgres_host,
-            "port": settings.postgres_port,
+            "user": db.user,
+            "password": db.password.get_secret_value() if db.password else None,
+            "dbname": db.name,
+            "host": db.host,
+            "port": db.port,
         }
     # Small pools: every worker opens its own, and PostgreSQL allows 100 connections by default.
     args.update({"cp_min": 1, "cp_max": 5})
     return {"name": "psycopg2", "txn_limit": 10000, "args": args}
 
 
-def generated_homeserver(settings: Settings, secrets: SecretPaths, embedded_socket_dir: str) -> dict[str, Any]:
-    """homeserver.yaml for a new install: a runnable monolith config; workers are layered on top."""
-    s = settings
-    port = s.http_port or 8008
+def generated_homeserver(
+    settings: Settings, secrets: SecretPaths, embedded_socket_dir: str, port: int
+) -> dict[str, Any]:
+    """homeserver.yaml for a new install: a runnable monolith config; workers are layered on top.
+
+    `port` is the public port (nginx's, and this client listener's when the file is used without us)."""
+    core, s, turn = settings.core, settings.homeserver, settings.turn
     doc: dict[str, Any] = {
-        "server_name": s.server_name,
-        "report_stats": bool(s.report_stats),
+        "server_name": core.server_name,
+        "report_stats": bool(core.report_stats),
         "listeners": [
             {
                 "port": port,
@@ -187,10 +167,10 @@ def generated_homeserver(settings: Settings, secrets: SecretPaths, embedded_sock
                 "resources": [{"names": ["client", "federation"], "compress": False}],
             }
         ],
-        "database": database_block(s, secrets, embedded_socket_dir),
-        "log_config": s.log_config or f"{s.config_dir}/{s.server_name}.log.config",
-        "media_store_path": s.media_store_path or f"{s.data_dir}/media_store",
-        "max_upload_size": _size_text(s.max_upload_size),
+        "database": database_block(settings, secrets, embedded_socket_dir),
+        "log_config": s.log_config or f"{core.config_dir}/{core.server_name}.log.config",
+        "media_store_path": s.media_store_path or f"{core.data_dir}/media_store",
+        "max_upload_size": _size_text(core.max_upload_size),
         "event_cache_size": s.event_cache_size,
         "signing_key_path": secrets.signing_key,
         "registration_shared_secret_path": secrets.registration,
@@ -201,7 +181,7 @@ def generated_homeserver(settings: Settings, secrets: SecretPaths, embedded_sock
         "enable_registration": s.enable_registration,
         "allow_guest_access": s.allow_guest,
         "serve_server_wellknown": s.serve_server_wellknown,
-        "enable_metrics": s.metrics,
+        "enable_metrics": settings.metrics.enabled,
         "url_preview_enabled": s.url_preview_enabled,
     }
     if s.enable_registration:
@@ -211,7 +191,7 @@ def generated_homeserver(settings: Settings, secrets: SecretPaths, embedded_sock
         doc["url_preview_ip_range_blacklist"] = URL_PREVIEW_BLACKLIST
     if s.public_baseurl:
         doc["public_baseurl"] = s.public_baseurl
-    turn_uris = s.turn_uris or (_default_turn_uris(s.server_name or "") if s.enable_coturn else ())
+    turn_uris = turn.uris or (_default_turn_uris(core.server_name or "") if turn.builtin_coturn else ())
     if turn_uris:
         doc["turn_uris"] = list(turn_uris)
         doc["turn_shared_secret_path"] = secrets.turn

@@ -1,46 +1,78 @@
 """Environment → Plan: the edge where inputs are read (homeserver.yaml, appservice dir, TLS files).
 
-Everything after this is pure; everything here is reading only, never writing.
+Everything after this is pure; everything here is reading only, never writing. One run reports every
+problem it can find: the variables, the worker list and the files are checked independently, and the
+plan's own checks (ports, socket paths) run once those inputs are sound.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import UserError
 from .homeserver import describe, read_homeserver
 from .plan import Plan, make_plan
-from .settings import load_settings
+from .settings import Settings, load_settings
 from .workers import parse_workers
+
+T = TypeVar("T")
 
 
 def load_plan(env: Mapping[str, str]) -> Plan:
-    settings = load_settings(env)
-    workers = parse_workers(settings.worker_types)
-    doc = read_homeserver(settings.homeserver_config_path)
-    info = describe(settings, doc, has_workers=bool(workers))
-    _check_files(settings)
-    appservices = list(settings.appservices)
-    if settings.as_registration_dir:
-        folder = Path(settings.as_registration_dir)
+    problems: list[str] = []
+
+    def attempt(step: Callable[[], T]) -> T | None:
+        try:
+            return step()
+        except UserError as exc:
+            problems.extend(exc.problems)
+            return None
+
+    settings = attempt(lambda: load_settings(env))
+    # The worker list is a plain string: check its grammar even when other variables are bad.
+    workers = attempt(lambda: parse_workers(settings.core.worker_types if settings else _raw_workers(env)))
+    if settings is None:
+        raise UserError(*problems)
+    attempt(lambda: _check_files(settings))
+    info = attempt(lambda: describe(settings, read_homeserver(settings.core.homeserver_config_path),
+                                    has_workers=bool(workers)))
+    if info is None or workers is None:
+        raise UserError(*problems)
+    plan = attempt(lambda: make_plan(settings, info, workers, _appservices(settings)))
+    if plan is None or problems:
+        raise UserError(*problems)
+    return plan
+
+
+def _raw_workers(env: Mapping[str, str]) -> str:
+    return env.get("SYNAPSE_WORKER_TYPES", "")
+
+
+def _appservices(settings: Settings) -> tuple[str, ...]:
+    appservices = list(settings.core.appservices)
+    if settings.core.as_registration_dir and os.path.isdir(settings.core.as_registration_dir):
+        folder = Path(settings.core.as_registration_dir)
         appservices += sorted(str(p) for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
-    return make_plan(settings, info, workers, tuple(appservices))
+    return tuple(appservices)
 
 
-def _check_files(settings) -> None:
+def _check_files(settings: Settings) -> None:
     problems = []
-    for name, path in (("SYNAPSE_TLS_CERT", settings.tls_cert), ("SYNAPSE_TLS_KEY", settings.tls_key)):
+    listen, core = settings.listen, settings.core
+    for name, path in (("SYNAPSE_TLS_CERT", listen.tls_cert), ("SYNAPSE_TLS_KEY", listen.tls_key)):
         if path and not os.path.isfile(path):
             problems.append(f"{name}={path!r} is invalid: expected an existing file (PEM).")
-    if settings.as_registration_dir and not os.path.isdir(settings.as_registration_dir):
+    if core.as_registration_dir and not os.path.isdir(core.as_registration_dir):
         problems.append(
-            f"SYNAPSE_AS_REGISTRATION_DIR={settings.as_registration_dir!r} is invalid: expected an existing "
+            f"SYNAPSE_AS_REGISTRATION_DIR={core.as_registration_dir!r} is invalid: expected an existing "
             "directory of application service registration files (*.yaml)."
         )
-    for path in settings.appservices:
+    for path in core.appservices:
         if not os.path.isfile(path):
             problems.append(f"SYNAPSE_APPSERVICES names {path!r}, which is not an existing file.")
     if problems:
         raise UserError(*problems)
+

@@ -7,15 +7,15 @@ It says nothing about how processes are started, so other targets (compose, Kube
 
 from __future__ import annotations
 
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
 from . import catalog
 from .errors import UserError
-from .homeserver import HomeserverInfo, SecretPaths, secret_paths
-from .settings import Settings
+from .homeserver import HomeserverInfo
+from .layout import Layout, SecretPaths, make_layout, secret_paths
+from .settings import DEFAULT_HTTP_PORT, Settings
 from .workers import Worker
 
 MAIN = "main"
@@ -160,7 +160,7 @@ class Plan:
     duties: dict[str, Any]
     upstreams: tuple[Upstream, ...]
     routes: tuple[Route, ...]
-    files: dict[str, str]
+    layout: Layout
     app_service_config_files: tuple[str, ...] = ()
     postgres: EmbeddedPostgres | None = None
     health_port: int = 0  # the launcher's aggregated /health (what nginx answers on /health)
@@ -201,31 +201,14 @@ class Plan:
                 }
                 for r in self.routes
             ],
-            "files": self.files,
+            "files": {
+                **self.layout.as_json(),
+                **{f"synapse:{p.name}": p.config_files[-1] for p in self.processes},
+            },
         }
 
 
 # ------------------------------------------------------------------------------------------------------
-
-
-def paths(settings: Settings) -> dict[str, str]:
-    """Every generated file and runtime location, from SYNAPSE_RUNTIME_DIR."""
-    r = settings.runtime_dir
-    return {
-        "runtime_dir": r,
-        "synapse_dir": f"{r}/synapse",
-        "shared_config": f"{r}/synapse/shared.yaml",
-        "main_config": f"{r}/synapse/main.yaml",
-        "workers_dir": f"{r}/synapse/workers",
-        "log_dir": f"{r}/synapse/log",
-        "sockets_dir": f"{r}/sockets",
-        "nginx": f"{r}/nginx/nginx.conf",
-        "nginx_dir": f"{r}/nginx",
-        "redis_socket": f"{r}/sockets/redis.sock",
-        "redis_conf": f"{r}/redis/redis.conf",
-        "postgres_socket_dir": f"{r}/postgresql",
-        "logs_on_disk": f"{settings.data_dir}/logs",
-    }
 
 
 def make_plan(
@@ -234,13 +217,13 @@ def make_plan(
     workers: tuple[Worker, ...],
     app_service_files: tuple[str, ...] = (),
 ) -> Plan:
-    files = paths(settings)
+    layout = make_layout(settings.core.runtime_dir, settings.core.data_dir)
     has_workers = bool(workers)
-    ports = _PortAllocator(settings.internal_port_base)
+    ports = _PortAllocator(settings.listen.internal_port_base)
 
-    main = _main_process(settings, files, has_workers, ports)
+    main = _main_process(settings, layout, has_workers, ports)
     health_port = ports.main("aggregate")
-    worker_procs = tuple(_worker_process(settings, files, w, ports) for w in workers)
+    worker_procs = tuple(_worker_process(settings, layout, w, ports) for w in workers)
     public = _public(settings, homeserver)
     _check_ports(settings, public, ports)
 
@@ -257,17 +240,15 @@ def make_plan(
 
     redis = None
     if has_workers:
-        redis = Redis(external=homeserver.has_redis, path=None if homeserver.has_redis else files["redis_socket"])
+        redis = Redis(external=homeserver.has_redis, path=None if homeserver.has_redis else layout.redis_socket)
 
-    _check_socket_paths(settings, files, (main, *worker_procs))
+    _check_socket_paths(settings, layout, (main, *worker_procs))
     upstreams, routes = _routing(main, worker_procs)
-    files = dict(files)
-    files.update({f"synapse:{p.name}": p.config_files[-1] for p in (main, *worker_procs)})
     appservices = tuple(dict.fromkeys((*homeserver.app_service_config_files, *app_service_files)))
     return Plan(
         settings=settings,
         homeserver=homeserver,
-        secrets=secret_paths(settings, homeserver.server_name),
+        secrets=secret_paths(settings.core.data_dir, homeserver.server_name),
         public=public,
         main=main,
         workers=worker_procs,
@@ -277,22 +258,22 @@ def make_plan(
         duties=_duties(worker_procs),
         upstreams=upstreams,
         routes=routes,
-        files=files,
+        layout=layout,
         app_service_config_files=appservices,
-        postgres=_embedded_postgres(settings, homeserver, files, len(workers)),
+        postgres=_embedded_postgres(settings, homeserver, layout, len(workers)),
         health_port=health_port,
     )
 
 
 def _embedded_postgres(
-    settings: Settings, homeserver: HomeserverInfo, files: dict[str, str], n_workers: int
+    settings: Settings, homeserver: HomeserverInfo, layout: Layout, n_workers: int
 ) -> EmbeddedPostgres | None:
-    socket_dir = files["postgres_socket_dir"]
-    generated = not homeserver.exists and settings.database_kind == "embedded"
+    socket_dir = layout.postgres_socket_dir
+    generated = not homeserver.exists and settings.database.kind == "embedded"
     if not generated and homeserver.database_host != socket_dir:
         return None
     # Each process opens at most cp_max (5) connections; leave room for psql and the compressor.
-    return EmbeddedPostgres(f"{settings.data_dir}/postgres", socket_dir, max(100, 5 * (n_workers + 1) + 20))
+    return EmbeddedPostgres(layout.postgres_data_dir, socket_dir, max(100, 5 * (n_workers + 1) + 20))
 
 
 class _PortAllocator:
@@ -313,44 +294,44 @@ class _PortAllocator:
         return port
 
 
-def _listeners(settings: Settings, files: dict[str, str], name: str, wanted: list[tuple[str, tuple[str, ...]]],
-               port_for) -> tuple[Listener, ...]:
+def _listeners(settings: Settings, layout: Layout, name: str, wanted: list[tuple[str, tuple[str, ...]]],
+               port_for: Callable[[str], int]) -> tuple[Listener, ...]:
     """Internal listeners for one process: loopback TCP, or unix sockets where the switches ask for them."""
     sockets = {
-        PUBLIC: settings.public_unix_sockets,
-        REPLICATION: settings.replication_unix_sockets,
-        METRICS: settings.metrics_unix_sockets,
+        PUBLIC: settings.listen.public_unix_sockets,
+        REPLICATION: settings.listen.replication_unix_sockets,
+        METRICS: settings.metrics.unix_sockets,
         HEALTH: False,  # health stays on TCP so any checker (curl, Docker) can reach it
     }
     result = []
     for kind, resources in wanted:
         if sockets[kind]:
-            result.append(Listener(kind, resources, path=f"{files['sockets_dir']}/{name}.{kind}.sock"))
+            result.append(Listener(kind, resources, path=layout.socket(name, kind)))
         else:
             result.append(Listener(kind, resources, host=LOOPBACK, port=port_for(kind)))
     return tuple(result)
 
 
-def _main_process(settings: Settings, files: dict[str, str], has_workers: bool, ports: _PortAllocator) -> Process:
+def _main_process(settings: Settings, layout: Layout, has_workers: bool, ports: _PortAllocator) -> Process:
     wanted: list[tuple[str, tuple[str, ...]]] = [(PUBLIC, ("client", "federation"))]
     if has_workers:
         wanted.append((REPLICATION, ("replication",)))
     wanted.append((HEALTH, ()))
-    if settings.metrics:
+    if settings.metrics.enabled:
         wanted.append((METRICS, ("metrics",)))
-    listeners = _listeners(settings, files, MAIN, wanted, ports.main)
+    listeners = _listeners(settings, layout, MAIN, wanted, ports.main)
     return Process(
         name=MAIN,
         app=MAIN_APP,
         types=(),
         roles=(),
         listeners=listeners,
-        config_files=(settings.homeserver_config_path, files["shared_config"], files["main_config"]),
-        log_config=f"{files['log_dir']}/{MAIN}.log.config",
+        config_files=(settings.core.homeserver_config_path, layout.shared_config, layout.main_config),
+        log_config=layout.log_config(MAIN),
     )
 
 
-def _worker_process(settings: Settings, files: dict[str, str], worker: Worker, ports: _PortAllocator) -> Process:
+def _worker_process(settings: Settings, layout: Layout, worker: Worker, ports: _PortAllocator) -> Process:
     resources = sorted({res for r in worker.roles for res in catalog.ROLES[r].resources})
     wanted: list[tuple[str, tuple[str, ...]]] = []
     if resources:
@@ -358,9 +339,9 @@ def _worker_process(settings: Settings, files: dict[str, str], worker: Worker, p
     if worker.streams:
         wanted.append((REPLICATION, ("replication",)))
     wanted.append((HEALTH, ()))
-    if settings.metrics:
+    if settings.metrics.enabled:
         wanted.append((METRICS, ("metrics",)))
-    listeners = _listeners(settings, files, worker.name, wanted, lambda _kind: ports.take())
+    listeners = _listeners(settings, layout, worker.name, wanted, lambda _kind: ports.take())
     duties = tuple(sorted({catalog.ROLES[r].duty for r in worker.roles if catalog.ROLES[r].duty}))
     return Process(
         name=worker.name,
@@ -368,12 +349,8 @@ def _worker_process(settings: Settings, files: dict[str, str], worker: Worker, p
         types=worker.types,
         roles=worker.roles,
         listeners=listeners,
-        config_files=(
-            settings.homeserver_config_path,
-            files["shared_config"],
-            f"{files['workers_dir']}/{worker.name}.yaml",
-        ),
-        log_config=f"{files['log_dir']}/{worker.name}.log.config",
+        config_files=(settings.core.homeserver_config_path, layout.shared_config, layout.worker_config(worker.name)),
+        log_config=layout.log_config(worker.name),
         streams=worker.streams,
         duties=duties,
     )
@@ -386,27 +363,29 @@ def _listener(proc: Process, kind: str) -> Listener:
 
 
 def _public(settings: Settings, homeserver: HomeserverInfo) -> Public:
-    port = settings.http_port or homeserver.public_port or 8008
-    tls = settings.tls_cert is not None
+    listen = settings.listen
+    port = listen.http_port or homeserver.public_port or DEFAULT_HTTP_PORT
+    tls = listen.tls_cert is not None
     return Public(
-        bind_address=settings.http_bind_address,
+        bind_address=listen.http_bind_address,
         port=port,
-        unix_socket=settings.nginx_listen_unix_socket,
-        tls_port=settings.tls_port if tls else None,
-        tls_cert=settings.tls_cert,
-        tls_key=settings.tls_key,
-        max_body_size=settings.max_upload_size,
+        unix_socket=listen.nginx_listen_unix_socket,
+        tls_port=listen.tls_port if tls else None,
+        tls_cert=listen.tls_cert,
+        tls_key=listen.tls_key,
+        max_body_size=settings.core.max_upload_size,
     )
 
 
 def _check_ports(settings: Settings, public: Public, ports: _PortAllocator) -> None:
+    base = settings.listen.internal_port_base
     if max(ports.used) > 65535:
         raise UserError(
-            f"SYNAPSE_INTERNAL_PORT_BASE={settings.internal_port_base} leaves no room for "
-            f"{ports.next - settings.internal_port_base} internal ports: expected a lower base."
+            f"SYNAPSE_INTERNAL_PORT_BASE={base} leaves no room for {ports.next - base} internal ports: "
+            "expected a lower base."
         )
-    low, high = settings.internal_port_base, max(ports.used)
-    http_source = "SYNAPSE_HTTP_PORT" if settings.http_port else "the client port in homeserver.yaml, port"
+    low, high = base, max(ports.used)
+    http_source = "SYNAPSE_HTTP_PORT" if settings.listen.http_port else "the client port in homeserver.yaml, port"
     for name, port in ((http_source, public.port), ("SYNAPSE_TLS_PORT", public.tls_port)):
         if port is not None and low <= port <= high:
             raise UserError(
@@ -420,20 +399,18 @@ def _check_ports(settings: Settings, public: Public, ports: _PortAllocator) -> N
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 
-def _check_socket_paths(settings: Settings, files: dict[str, str], procs: tuple[Process, ...]) -> None:
+def _check_socket_paths(settings: Settings, layout: Layout, procs: tuple[Process, ...]) -> None:
     paths = [lst.path for p in procs for lst in p.listeners if lst.path]
-    paths += [files["redis_socket"], f"{files['postgres_socket_dir']}/.s.PGSQL.5432"]
+    paths += [layout.redis_socket, layout.supervisor_socket, f"{layout.postgres_socket_dir}/.s.PGSQL.5432"]
     longest = max(paths, key=lambda p: len(p.encode()))
     if len(longest.encode()) > SOCKET_PATH_MAX:
         raise UserError(
-            f"SYNAPSE_RUNTIME_DIR={settings.runtime_dir!r} is too long for unix sockets: {longest!r} has "
+            f"SYNAPSE_RUNTIME_DIR={settings.core.runtime_dir!r} is too long for unix sockets: {longest!r} has "
             f"{len(longest.encode())} bytes, expected at most {SOCKET_PATH_MAX}. Use a shorter directory."
         )
-    if settings.nginx_listen_unix_socket and len(settings.nginx_listen_unix_socket.encode()) > SOCKET_PATH_MAX:
-        raise UserError(
-            f"NGINX_LISTEN_UNIX_SOCKET={settings.nginx_listen_unix_socket!r} is too long: expected at most "
-            f"{SOCKET_PATH_MAX} bytes."
-        )
+    outer = settings.listen.nginx_listen_unix_socket
+    if outer and len(outer.encode()) > SOCKET_PATH_MAX:
+        raise UserError(f"NGINX_LISTEN_UNIX_SOCKET={outer!r} is too long: expected at most {SOCKET_PATH_MAX} bytes.")
 
 
 def _stream_writers(workers: tuple[Process, ...]) -> dict[str, tuple[str, ...]]:
@@ -494,69 +471,3 @@ def _simplify(targets: list[tuple[frozenset[str] | None, str]]) -> list[tuple[fr
     if all(u == MAIN for _, u in result):
         return [(None, MAIN)]
     return result
-
-
-# ------------------------------------------------------------------------------------------------------
-# Route emulation: the same decision nginx makes, for `routes` and the tests.
-# ------------------------------------------------------------------------------------------------------
-
-
-def normalise(path: str) -> str:
-    """nginx matches locations on the decoded URI: no query, merged slashes, dot segments resolved."""
-    path = re.sub(r"/{2,}", "/", unquote(path.split("?", 1)[0]))
-    segments: list[str] = []
-    parts = path.split("/")[1:]
-    for segment in parts:
-        if segment == "..":
-            if segments:
-                segments.pop()
-        elif segment != ".":
-            segments.append(segment)
-    trailing = bool(parts) and parts[-1] in ("", ".", "..") and segments
-    return "/" + "/".join(segments) + ("/" if trailing and segments[-1] != "" else "")
-
-
-def private_path(path: str) -> bool:
-    return any(normalise(path).startswith(prefix) for prefix in catalog.PRIVATE_PREFIXES)
-
-
-def match_route(plan: Plan, path: str) -> Route | None:
-    uri = normalise(path)
-    for route in plan.routes:
-        if re.search(route.rule.pattern, uri):
-            return route
-    return None
-
-
-def explain(plan: Plan, method: str, path: str) -> dict[str, Any]:
-    """Where nginx sends METHOD PATH, and why."""
-    method = method.upper()
-    if normalise(path) == "/health":
-        return {"method": method, "path": path, "status": 200, "upstream": None, "servers": [],
-                "why": "the whole stack's health, answered by the launcher (same as `synapse-workers health`)"}
-    if private_path(path):
-        return {"method": method, "path": path, "status": 404, "upstream": None, "servers": [],
-                "why": "internal-only path: nginx refuses it on the public port"}
-    route = match_route(plan, path)
-    if route is None:
-        return {"method": method, "path": path, "rule": None, "upstream": MAIN, "servers": [MAIN],
-                "why": "no worker route matches: main serves everything not routed elsewhere"}
-    upstream = plan.upstream(route.upstream_for(method))
-    rule = route.rule
-    why = rule.why or f"docs/workers.md group '{rule.group}'"
-    if upstream.name == MAIN:
-        roles = [r for b in rule.branches if b.methods is None or method in b.methods for r in b.roles]
-        wanted = " or ".join(dict.fromkeys(roles))
-        why = (f"{why}; no {wanted} worker is deployed, so main serves {method}" if wanted
-               else f"{why}; {method} is served by main only")
-    return {
-        "method": method,
-        "path": path,
-        "rule": rule.id,
-        "pattern": rule.pattern,
-        "upstream": upstream.name,
-        "servers": list(upstream.servers),
-        "balance": upstream.balance,
-        "hard": rule.hard,
-        "why": why,
-    }

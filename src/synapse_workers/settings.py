@@ -10,7 +10,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 
@@ -169,179 +170,297 @@ def _workers_processes(value: Any) -> str:
     raise ValueError("'auto' or a number of processes from 1 to 9999")
 
 
+def _secret_text(value: Any) -> Any:
+    text = value.get_secret_value() if isinstance(value, SecretStr) else str(value)
+    # Secrets are written to one-line files (and libpq passfiles): a line break would split them.
+    if re.search(r"[\x00-\x1f\x7f]", text):
+        raise ValueError("a single line without control characters (it is stored in a one-line key file)")
+    return text
+
+
 Bool = Annotated[bool, BeforeValidator(_passthrough(_bool))]
 OnOff = Annotated[str, BeforeValidator(_passthrough(_on_off))]
 AbsPath = Annotated[str, BeforeValidator(_passthrough(_abs_path))]
 Port = Annotated[int, _int(1, 65535)]
 Bytes = Annotated[int, _int(512, 1 << 30)]
-Secret = SecretStr
+Secret = Annotated[SecretStr, BeforeValidator(_passthrough(_secret_text))]
+ServerName = Annotated[str, BeforeValidator(_passthrough(_server_name))]
+CacheSize = Annotated[str, BeforeValidator(_passthrough(_cache_size))]
+Size = Annotated[int, BeforeValidator(parse_size)]
+NginxTime = Annotated[str, BeforeValidator(_passthrough(_nginx_time))]
+PromDuration = Annotated[str, BeforeValidator(_passthrough(_prom_duration))]
+IP = Annotated[str, BeforeValidator(_passthrough(_ip))]
+Id = Annotated[int, _int(0, 2**31 - 1)]
+
+DEFAULT_HTTP_PORT = 8008  # the official images' client port: nginx's public port unless told otherwise
 
 
 def var(name: str, default: Any = None) -> Any:
     return Field(default, alias=name)
 
 
-class Settings(BaseModel):
-    """Everything the environment can say. Field aliases are the variable names."""
+S = TypeVar("S", bound="Section")
+
+
+class Section(BaseModel):
+    """One group of variables, validated on its own; a consumer receives only its section.
+
+    Field aliases are the environment variables' names."""
 
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True, validate_default=True)
 
-    # Identity and generation of homeserver.yaml
-    server_name: Annotated[str | None, BeforeValidator(_passthrough(_server_name))] = var("SYNAPSE_SERVER_NAME")
+
+class CoreSettings(Section):
+    """Identity, where things live, who Synapse runs as, and which workers exist."""
+
+    server_name: ServerName | None = var("SYNAPSE_SERVER_NAME")
     report_stats: Annotated[bool | None, BeforeValidator(_passthrough(_yes_no))] = var("SYNAPSE_REPORT_STATS")
     config_dir: AbsPath = var("SYNAPSE_CONFIG_DIR", "/data")
     data_dir: AbsPath = var("SYNAPSE_DATA_DIR", "/data")
     config_path: AbsPath | None = var("SYNAPSE_CONFIG_PATH")
+    runtime_dir: AbsPath = var("SYNAPSE_RUNTIME_DIR", "/run/synapse-workers")
+    worker_types: str = var("SYNAPSE_WORKER_TYPES", "")
+    as_registration_dir: AbsPath | None = var("SYNAPSE_AS_REGISTRATION_DIR")
+    appservices: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_path_list))] = var("SYNAPSE_APPSERVICES", ())
+    max_upload_size: Size = var("SYNAPSE_MAX_UPLOAD_SIZE", "50M")
+    uid: Id = var("UID", 991)
+    gid: Id = var("GID", 991)
+
+    @property
+    def homeserver_config_path(self) -> str:
+        return self.config_path or f"{self.config_dir}/homeserver.yaml"
+
+
+class HomeserverSettings(Section):
+    """Read only when homeserver.yaml is generated (a new install)."""
+
     media_store_path: AbsPath | None = var("SYNAPSE_MEDIA_STORE_PATH")
     no_tls: Bool = var("SYNAPSE_NO_TLS", True)  # accepted for compatibility; TLS is nginx's job
-    event_cache_size: Annotated[str, BeforeValidator(_passthrough(_cache_size))] = var("SYNAPSE_EVENT_CACHE_SIZE", "10K")
-    max_upload_size: Annotated[int, BeforeValidator(parse_size)] = var("SYNAPSE_MAX_UPLOAD_SIZE", "50M")
-    turn_uris: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_turn_uris))] = var("SYNAPSE_TURN_URIS", ())
-    turn_secret: Secret | None = var("SYNAPSE_TURN_SECRET")
+    event_cache_size: CacheSize = var("SYNAPSE_EVENT_CACHE_SIZE", "10K")
     enable_registration: Bool = var("SYNAPSE_ENABLE_REGISTRATION", False)
     allow_guest: Bool = var("SYNAPSE_ALLOW_GUEST", False)
     registration_shared_secret: Secret | None = var("SYNAPSE_REGISTRATION_SHARED_SECRET")
     macaroon_secret_key: Secret | None = var("SYNAPSE_MACAROON_SECRET_KEY")
     form_secret: Secret | None = var("SYNAPSE_FORM_SECRET")
-    as_registration_dir: AbsPath | None = var("SYNAPSE_AS_REGISTRATION_DIR")
-    appservices: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_path_list))] = var("SYNAPSE_APPSERVICES", ())
     log_config: AbsPath | None = var("SYNAPSE_LOG_CONFIG")
     serve_server_wellknown: Bool = var("SYNAPSE_SERVE_SERVER_WELLKNOWN", False)
     public_baseurl: Annotated[str | None, BeforeValidator(_passthrough(_base_url))] = var("SYNAPSE_PUBLIC_BASEURL")
     url_preview_enabled: Bool = var("SYNAPSE_URL_PREVIEW_ENABLED", False)
-    uid: Annotated[int, _int(0, 2**31 - 1)] = var("UID", 991)
-    gid: Annotated[int, _int(0, 2**31 - 1)] = var("GID", 991)
 
-    # Database
+
+class DatabaseSettings(Section):
     database: Annotated[
         Literal["embedded", "postgres", "sqlite"] | None, _choice("embedded", "postgres", "sqlite")
     ] = var("SYNAPSE_DATABASE")
-    postgres_host: str = var("POSTGRES_HOST", "db")
-    postgres_port: Port = var("POSTGRES_PORT", 5432)
-    postgres_db: str = var("POSTGRES_DB", "synapse")
-    postgres_user: str = var("POSTGRES_USER", "synapse")
-    postgres_password: Secret | None = var("POSTGRES_PASSWORD")
+    host: str = var("POSTGRES_HOST", "db")
+    port: Port = var("POSTGRES_PORT", 5432)
+    name: str = var("POSTGRES_DB", "synapse")
+    user: str = var("POSTGRES_USER", "synapse")
+    password: Secret | None = var("POSTGRES_PASSWORD")
 
-    # Workers and transport
-    worker_types: str = var("SYNAPSE_WORKER_TYPES", "")
+    @property
+    def kind(self) -> str:
+        """What a generated homeserver.yaml uses: external postgres when a password is given."""
+        if self.database:
+            return self.database
+        return "postgres" if self.password is not None else "embedded"
+
+
+class ListenSettings(Section):
+    """Where the stack listens: nginx's public side, and how processes reach each other."""
+
+    http_port: Port | None = var("SYNAPSE_HTTP_PORT")
+    http_bind_address: IP = var("SYNAPSE_HTTP_BIND_ADDRESS", "0.0.0.0")
+    internal_port_base: Annotated[int, _int(1024, 64535)] = var("SYNAPSE_INTERNAL_PORT_BASE", 18000)
     public_unix_sockets: Bool = var("SYNAPSE_PUBLIC_UNIX_SOCKETS", False)
     replication_unix_sockets: Bool = var("SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS", False)
-    runtime_dir: AbsPath = var("SYNAPSE_RUNTIME_DIR", "/run/synapse-workers")
-    internal_port_base: Annotated[int, _int(1024, 64535)] = var("SYNAPSE_INTERNAL_PORT_BASE", 18000)
-    http_port: Port | None = var("SYNAPSE_HTTP_PORT")
-    http_bind_address: Annotated[str, BeforeValidator(_passthrough(_ip))] = var("SYNAPSE_HTTP_BIND_ADDRESS", "0.0.0.0")
+    nginx_listen_unix_socket: AbsPath | None = var("NGINX_LISTEN_UNIX_SOCKET")
     tls_cert: AbsPath | None = var("SYNAPSE_TLS_CERT")
     tls_key: AbsPath | None = var("SYNAPSE_TLS_KEY")
     tls_port: Port = var("SYNAPSE_TLS_PORT", 8448)
 
-    # Logging
-    log_level: Annotated[str, _choice("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", upper=True)] = var(
+
+class LoggingSettings(Section):
+    level: Annotated[str, _choice("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", upper=True)] = var(
         "SYNAPSE_LOG_LEVEL", "INFO"
     )
-    log_sensitive: Bool = var("SYNAPSE_LOG_SENSITIVE", False)
-    write_logs_to_disk: Bool = var("SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK", False)
+    sensitive: Bool = var("SYNAPSE_LOG_SENSITIVE", False)
+    to_disk: Bool = var("SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK", False)
 
-    # Metrics and add-ons
-    metrics: Bool = var("SYNAPSE_METRICS", False)
-    metrics_unix_sockets: Bool = var("SYNAPSE_METRICS_UNIX_SOCKETS", False)
-    redis_metric_export: Bool = var("SYNAPSE_ENABLE_REDIS_METRIC_EXPORT", False)
-    postgres_metric_export: Bool = var("SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT", False)
-    prometheus_scrape_interval: Annotated[str, BeforeValidator(_passthrough(_prom_duration))] = var(
-        "PROMETHEUS_SCRAPE_INTERVAL", "15s"
-    )
-    prometheus_retention: Annotated[str, BeforeValidator(_passthrough(_prom_duration))] = var(
-        "PROMETHEUS_STORAGE_RETENTION_TIME", "1y"
-    )
-    enable_compressor: Bool = var("SYNAPSE_ENABLE_COMPRESSOR", False)
-    enable_coturn: Bool = var("SYNAPSE_ENABLE_BUILTIN_COTURN", False)
-    coturn_min_port: Port = var("COTURN_MIN_PORT", 49153)
-    coturn_max_port: Port = var("COTURN_MAX_PORT", 49173)
-    coturn_metrics: Bool = var("COTURN_METRICS", False)
-    coturn_external_ip: Annotated[str | None, BeforeValidator(_passthrough(_ip))] = var("COTURN_EXTERNAL_IP")
-    coturn_internal_ip: Annotated[str | None, BeforeValidator(_passthrough(_ip))] = var("COTURN_INTERNAL_IP")
 
-    # nginx
-    nginx_listen_unix_socket: AbsPath | None = var("NGINX_LISTEN_UNIX_SOCKET")
-    nginx_worker_processes: Annotated[str, BeforeValidator(_passthrough(_workers_processes))] = var(
+class MetricsSettings(Section):
+    enabled: Bool = var("SYNAPSE_METRICS", False)
+    unix_sockets: Bool = var("SYNAPSE_METRICS_UNIX_SOCKETS", False)
+    redis_export: Bool = var("SYNAPSE_ENABLE_REDIS_METRIC_EXPORT", False)
+    postgres_export: Bool = var("SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT", False)
+    scrape_interval: PromDuration = var("PROMETHEUS_SCRAPE_INTERVAL", "15s")
+    retention: PromDuration = var("PROMETHEUS_STORAGE_RETENTION_TIME", "1y")
+
+
+class TurnSettings(Section):
+    uris: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_turn_uris))] = var("SYNAPSE_TURN_URIS", ())
+    secret: Secret | None = var("SYNAPSE_TURN_SECRET")
+    builtin_coturn: Bool = var("SYNAPSE_ENABLE_BUILTIN_COTURN", False)
+    min_port: Port = var("COTURN_MIN_PORT", 49153)
+    max_port: Port = var("COTURN_MAX_PORT", 49173)
+    metrics: Bool = var("COTURN_METRICS", False)
+    external_ip: IP | None = var("COTURN_EXTERNAL_IP")
+    internal_ip: IP | None = var("COTURN_INTERNAL_IP")
+
+
+class CompressorSettings(Section):
+    enabled: Bool = var("SYNAPSE_ENABLE_COMPRESSOR", False)
+
+
+PROXY_BUFFER_COUNT = 8
+
+
+class NginxSettings(Section):
+    """How the internal nginx is tuned (what it routes comes from the plan)."""
+
+    worker_processes: Annotated[str, BeforeValidator(_passthrough(_workers_processes))] = var(
         "NGINX_WORKER_PROCESSES", "auto"
     )
-    nginx_worker_connections: Annotated[int, _int(16, 1 << 20)] = var("NGINX_WORKER_CONNECTIONS", 2048)
-    nginx_page_size: Bytes = var("NGINX_GENERAL_PAGE_SIZE_BYTES", 4096)
-    nginx_gzip_comp_level: Annotated[int, _int(1, 9)] = var("NGINX_GZIP_COMP_LEVEL", 1)
-    nginx_gzip_http_version: Annotated[str, _choice("1.0", "1.1")] = var("NGINX_GZIP_HTTP_VERSION", "1.1")
-    nginx_gzip_min_length: Annotated[int, _int(0, 1 << 30)] = var("NGINX_GZIP_MIN_LENGTH", 200)
-    nginx_client_keepalive_enable: Bool = var("NGINX_CLIENT_KEEPALIVE_ENABLE", True)
-    nginx_client_keepalive_timeout: Annotated[int, _int(0, 86400)] = var(
+    worker_connections: Annotated[int, _int(16, 1 << 20)] = var("NGINX_WORKER_CONNECTIONS", 2048)
+    page_size: Bytes = var("NGINX_GENERAL_PAGE_SIZE_BYTES", 4096)
+    gzip_comp_level: Annotated[int, _int(1, 9)] = var("NGINX_GZIP_COMP_LEVEL", 1)
+    gzip_http_version: Annotated[str, _choice("1.0", "1.1")] = var("NGINX_GZIP_HTTP_VERSION", "1.1")
+    gzip_min_length: Annotated[int, _int(0, 1 << 30)] = var("NGINX_GZIP_MIN_LENGTH", 200)
+    client_keepalive_enable: Bool = var("NGINX_CLIENT_KEEPALIVE_ENABLE", True)
+    client_keepalive_timeout_seconds: Annotated[int, _int(0, 86400)] = var(
         "NGINX_CLIENT_KEEPALIVE_TIMEOUT_SECONDS", 60
     )
-    nginx_upstream_keepalive_enable: Bool = var("NGINX_UPSTREAM_KEEPALIVE_ENABLE", True)
-    nginx_upstream_keepalive_timeout: Annotated[int, _int(1, 86400)] = var(
-        "NGINX_UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS", 60
-    )
-    nginx_upstream_keepalive_multiplier: Annotated[int, _int(1, 1000)] = var(
+    upstream_keepalive_enable: Bool = var("NGINX_UPSTREAM_KEEPALIVE_ENABLE", True)
+    upstream_keepalive_timeout: Annotated[int, _int(1, 86400)] = var("NGINX_UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS", 60)
+    upstream_keepalive_multiplier: Annotated[int, _int(1, 1000)] = var(
         "NGINX_UPSTREAM_KEEPALIVE_CONNECTION_MULTIPLIER", 1
     )
-    nginx_max_fails: Annotated[int, _int(0, 1000)] = var("NGINX_UPSTREAM_SERVER_MAX_FAILS", 1)
-    nginx_fail_timeout: Annotated[int, _int(1, 86400)] = var("NGINX_UPSTREAM_SERVER_FAIL_TIMEOUT", 10)
-    nginx_proxy_buffering: OnOff = var("NGINX_PROXY_BUFFERING", "on")
-    nginx_proxy_request_buffering: OnOff = var("NGINX_PROXY_REQUEST_BUFFERING", "on")
-    nginx_proxy_buffer_size: Bytes | None = var("NGINX_PROXY_BUFFER_SIZE_BYTES")
-    nginx_buffering_disabled_multiplier: Annotated[int, _int(1, 1024)] = var(
+    max_fails: Annotated[int, _int(0, 1000)] = var("NGINX_UPSTREAM_SERVER_MAX_FAILS", 1)
+    fail_timeout: Annotated[int, _int(1, 86400)] = var("NGINX_UPSTREAM_SERVER_FAIL_TIMEOUT", 10)
+    proxy_buffering: OnOff = var("NGINX_PROXY_BUFFERING", "on")
+    proxy_request_buffering: OnOff = var("NGINX_PROXY_REQUEST_BUFFERING", "on")
+    proxy_buffer_size_bytes: Bytes | None = var("NGINX_PROXY_BUFFER_SIZE_BYTES")
+    buffering_disabled_multiplier: Annotated[int, _int(1, 1024)] = var(
         "NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER", 1
     )
-    nginx_proxy_busy_buffers_size: Bytes | None = var("NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES")
-    nginx_proxy_temp_file_write_size: Bytes | None = var("NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES")
-    nginx_client_body_buffer_size: Bytes | None = var("NGINX_CLIENT_BODY_BUFFER_SIZE_BYTES")
-    nginx_proxy_read_timeout: Annotated[str, BeforeValidator(_passthrough(_nginx_time))] = var("NGINX_PROXY_READ_TIMEOUT", "60s")
-    nginx_disable_logrotate: Bool = var("NGINX_DISABLE_LOGROTATE", False)
+    proxy_busy_buffers_size_bytes: Bytes | None = var("NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES")
+    proxy_temp_file_write_size_bytes: Bytes | None = var("NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES")
+    client_body_buffer_size_bytes: Bytes | None = var("NGINX_CLIENT_BODY_BUFFER_SIZE_BYTES")
+    proxy_read_timeout: NginxTime = var("NGINX_PROXY_READ_TIMEOUT", "60s")
+    disable_logrotate: Bool = var("NGINX_DISABLE_LOGROTATE", False)
 
-    # ---- derived values (no I/O) ----
-    @property
-    def homeserver_config_path(self) -> str:
-        return self.config_path or f"{self.config_dir}/homeserver.yaml"
-
+    # ---- derived values ----
     @property
     def proxy_buffer_size(self) -> int:
-        if self.nginx_proxy_buffer_size:
-            return self.nginx_proxy_buffer_size
-        if self.nginx_proxy_buffering == "off":
-            return self.nginx_page_size * self.nginx_buffering_disabled_multiplier
-        return self.nginx_page_size
+        if self.proxy_buffer_size_bytes:
+            return self.proxy_buffer_size_bytes
+        if self.proxy_buffering == "off":
+            return self.page_size * self.buffering_disabled_multiplier
+        return self.page_size
 
     @property
     def proxy_busy_buffers_size(self) -> int:
         # nginx needs busy >= proxy_buffer_size; the seed's plain 2×page breaks with a large multiplier.
-        return self.nginx_proxy_busy_buffers_size or max(2 * self.nginx_page_size, self.proxy_buffer_size)
+        return self.proxy_busy_buffers_size_bytes or max(2 * self.page_size, self.proxy_buffer_size)
 
     @property
     def proxy_temp_file_write_size(self) -> int:
-        return self.nginx_proxy_temp_file_write_size or max(2 * self.nginx_page_size, self.proxy_buffer_size)
+        return self.proxy_temp_file_write_size_bytes or max(2 * self.page_size, self.proxy_buffer_size)
 
     @property
     def client_body_buffer_size(self) -> int:
-        return self.nginx_client_body_buffer_size or 1024 * self.nginx_page_size
+        return self.client_body_buffer_size_bytes or 1024 * self.page_size
 
     @property
     def client_keepalive_timeout(self) -> int:
-        return self.nginx_client_keepalive_timeout if self.nginx_client_keepalive_enable else 0
-
-    @property
-    def database_kind(self) -> str:
-        """What a generated homeserver.yaml uses: external postgres when a password is given."""
-        if self.database:
-            return self.database
-        return "postgres" if self.postgres_password is not None else "embedded"
+        return self.client_keepalive_timeout_seconds if self.client_keepalive_enable else 0
 
 
-ENV_NAMES = tuple(f.alias for f in Settings.model_fields.values() if f.alias)
-BOOL_NAMES = frozenset(
-    f.alias for f in Settings.model_fields.values() if f.alias and f.annotation is bool
-)
-PROXY_BUFFER_COUNT = 8
+SECTIONS: dict[str, type[Section]] = {
+    "core": CoreSettings,
+    "homeserver": HomeserverSettings,
+    "database": DatabaseSettings,
+    "listen": ListenSettings,
+    "logging": LoggingSettings,
+    "metrics": MetricsSettings,
+    "turn": TurnSettings,
+    "compressor": CompressorSettings,
+    "nginx": NginxSettings,
+}
 
 
-def load_settings(env: Mapping[str, str]) -> Settings:
-    """Validate every recognised variable; raise UserError listing all problems at once."""
+@dataclass(frozen=True)
+class Settings:
+    """Everything the environment can say, one typed section per consumer."""
+
+    core: CoreSettings
+    homeserver: HomeserverSettings
+    database: DatabaseSettings
+    listen: ListenSettings
+    logging: LoggingSettings
+    metrics: MetricsSettings
+    turn: TurnSettings
+    compressor: CompressorSettings
+    nginx: NginxSettings
+
+    def value(self, name: str) -> Any:
+        """The parsed value of one environment variable."""
+        variable = VARIABLES[name]
+        return getattr(getattr(self, variable.section), variable.field)
+
+
+def _is_secret(annotation: Any) -> bool:
+    if annotation is SecretStr:
+        return True
+    return any(_is_secret(arg) for arg in get_args(annotation))
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool or (get_origin(annotation) is Annotated and get_args(annotation)[0] is bool)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One recognised environment variable: where it lands, its default, and what kind of value it is."""
+
+    name: str
+    section: str
+    field: str
+    default: Any
+    secret: bool  # asked of the type (SecretStr): never shown, in errors or by `env`
+    boolean: bool
+
+
+VARIABLES: dict[str, Variable] = {
+    info.alias: Variable(info.alias, section, field, info.default, _is_secret(info.annotation), _is_bool(info.annotation))
+    for section, model in SECTIONS.items()
+    for field, info in model.model_fields.items()
+    if info.alias
+}
+ENV_NAMES = tuple(VARIABLES)
+BOOL_NAMES = frozenset(name for name, v in VARIABLES.items() if v.boolean)
+SECRET_NAMES = frozenset(name for name, v in VARIABLES.items() if v.secret)
+
+
+def shown(name: str, value: str) -> str:
+    """How a variable's value may appear in output: secrets never do."""
+    return "<hidden>" if name in SECRET_NAMES else repr(value)
+
+
+def runtime_dir(env: Mapping[str, str]) -> str:
+    """SYNAPSE_RUNTIME_DIR alone (what `status` and `health` need to find a running stack)."""
+    return load_section(CoreSettings, env).runtime_dir
+
+
+def load_section(model: type[S], env: Mapping[str, str]) -> S:
+    """One section from the environment; UserError names every bad variable in it."""
+    sections, problems = _validate({"section": model}, env)
+    if problems:
+        raise UserError(*problems)
+    return sections["section"]  # type: ignore[return-value]
+
+
+def _validate(models: Mapping[str, type[Section]], env: Mapping[str, str]) -> tuple[dict[str, Section], list[str]]:
     given: dict[str, str] = {}
     for name in ENV_NAMES:
         if name not in env:
@@ -350,54 +469,59 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         if env[name].strip() == "" and name not in BOOL_NAMES:
             continue
         given[name] = env[name]
-    try:
-        settings = Settings.model_validate(given)
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            name = str(err["loc"][0]) if err["loc"] else "environment"
-            expected = str(err.get("ctx", {}).get("error", err["msg"])).removeprefix("Value error, ")
-            if err["type"] == "literal_error":
-                expected = err["msg"]
-            problems.append(f"{name}={_shown(name, env.get(name, ''))} is invalid: expected {expected}.")
-        raise UserError(*problems) from None
+    problems: list[str] = []
+    sections: dict[str, Section] = {}
+    for key, model in models.items():
+        try:
+            sections[key] = model.model_validate(given)
+        except ValidationError as exc:
+            for err in exc.errors():
+                name = str(err["loc"][0]) if err["loc"] else "environment"
+                expected = str(err.get("ctx", {}).get("error", err["msg"])).removeprefix("Value error, ")
+                if err["type"] == "literal_error":
+                    expected = err["msg"]
+                problems.append(f"{name}={shown(name, env.get(name, ''))} is invalid: expected {expected}.")
+    return sections, problems
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Validate every recognised variable; raise UserError listing all problems at once."""
+    sections, problems = _validate(SECTIONS, env)
+    if problems:
+        raise UserError(*problems)
+    settings = Settings(**sections)  # type: ignore[arg-type]
     _check_combinations(settings)
     return settings
 
 
-def _shown(name: str, value: str) -> str:
-    if any(word in name for word in ("PASSWORD", "SECRET", "KEY")) and "TLS" not in name:
-        return "<hidden>"
-    return repr(value)
-
-
 def _check_combinations(s: Settings) -> None:
     problems = []
-    if (s.tls_cert is None) != (s.tls_key is None):
+    listen, nginx = s.listen, s.nginx
+    if (listen.tls_cert is None) != (listen.tls_key is None):
         problems.append("SYNAPSE_TLS_CERT and SYNAPSE_TLS_KEY must be set together (TLS on the 8448 port).")
-    if s.coturn_min_port > s.coturn_max_port:
+    if s.turn.min_port > s.turn.max_port:
         problems.append(
-            f"COTURN_MIN_PORT={s.coturn_min_port} is above COTURN_MAX_PORT={s.coturn_max_port}: "
+            f"COTURN_MIN_PORT={s.turn.min_port} is above COTURN_MAX_PORT={s.turn.max_port}: "
             "expected a range with min <= max."
         )
-    if s.database == "postgres" and s.postgres_password is None:
+    if s.database.database == "postgres" and s.database.password is None:
         problems.append("SYNAPSE_DATABASE=postgres needs POSTGRES_PASSWORD (the external database's password).")
-    buffers_total = PROXY_BUFFER_COUNT * s.proxy_buffer_size
-    if s.proxy_busy_buffers_size < s.proxy_buffer_size:
+    buffers_total = PROXY_BUFFER_COUNT * nginx.proxy_buffer_size
+    if nginx.proxy_busy_buffers_size < nginx.proxy_buffer_size:
         problems.append(
-            f"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES={s.proxy_busy_buffers_size} is below the proxy buffer size "
-            f"{s.proxy_buffer_size}: expected at least NGINX_PROXY_BUFFER_SIZE_BYTES."
+            f"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES={nginx.proxy_busy_buffers_size} is below the proxy buffer size "
+            f"{nginx.proxy_buffer_size}: expected at least NGINX_PROXY_BUFFER_SIZE_BYTES."
         )
-    if s.proxy_temp_file_write_size < s.proxy_buffer_size:
+    if nginx.proxy_temp_file_write_size < nginx.proxy_buffer_size:
         problems.append(
-            f"NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES={s.proxy_temp_file_write_size} is below the proxy buffer size "
-            f"{s.proxy_buffer_size}: expected at least NGINX_PROXY_BUFFER_SIZE_BYTES (nginx refuses less)."
+            f"NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES={nginx.proxy_temp_file_write_size} is below the proxy buffer "
+            f"size {nginx.proxy_buffer_size}: expected at least NGINX_PROXY_BUFFER_SIZE_BYTES (nginx refuses less)."
         )
-    if s.proxy_busy_buffers_size >= buffers_total - s.proxy_buffer_size:
+    if nginx.proxy_busy_buffers_size >= buffers_total - nginx.proxy_buffer_size:
         problems.append(
-            f"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES={s.proxy_busy_buffers_size} is too large: expected below "
-            f"{buffers_total - s.proxy_buffer_size} ({PROXY_BUFFER_COUNT - 1} proxy buffers of "
-            f"{s.proxy_buffer_size} bytes)."
+            f"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES={nginx.proxy_busy_buffers_size} is too large: expected below "
+            f"{buffers_total - nginx.proxy_buffer_size} ({PROXY_BUFFER_COUNT - 1} proxy buffers of "
+            f"{nginx.proxy_buffer_size} bytes)."
         )
     if problems:
         raise UserError(*problems)

@@ -13,8 +13,11 @@ import asyncio
 import json
 import os
 import pwd
+import re
 import shutil
 import signal
+import stat
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +29,7 @@ from nio import RoomMessagesResponse, RoomMessageText
 
 from tests.support.matrix import check_still_works, login, scenario
 from tests.support.pgcluster import PgCluster
-from tests.support.stack import Stack, make_root, stack_env, wait_for
+from tests.support.stack import SW, Stack, make_root, stack_env, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -125,6 +128,18 @@ def health(stack: Stack):
     return stack.cli("health", timeout=60)
 
 
+def from_another_shell(stack: Stack, *args: str) -> subprocess.CompletedProcess:
+    """`synapse-workers ARGS` as an admin types it in a second shell: only the runtime dir is known."""
+    env = {"PATH": os.environ["PATH"], "SYNAPSE_RUNTIME_DIR": stack.env["SYNAPSE_RUNTIME_DIR"]}
+    return subprocess.run([SW, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def status_rows(stack: Stack) -> dict[str, dict]:
+    result = from_another_shell(stack, "status", "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {row["name"]: row for row in json.loads(result.stdout)}
+
+
 def assert_stops_cleanly(deployment: Deployment, key: str = "stop") -> None:
     stack = deployment.stack
     code, took = stack.stop(timeout=30)
@@ -174,7 +189,7 @@ class TestMonolith:
         assert routes.returncode == 0, routes.stderr
         assert "synchrotron1" in routes.stdout, routes.stdout
 
-        sync_log = Path(env["SYNAPSE_RUNTIME_DIR"], "supervisor", "synchrotron1.log")
+        sync_log = Path(env["SYNAPSE_RUNTIME_DIR"], "state", "synchrotron1.log")
         before = sync_log.read_text(errors="replace").count("/_matrix/client/v3/sync")
         asyncio.run(check_still_works(stack.base_url, monolith.room_id, label="restarted"))
         asyncio.run(_history_survived(stack.base_url, monolith.room_id))
@@ -219,6 +234,35 @@ class TestSmallWorkerSet:
         data = Path(small.data_dir)
         assert (data.stat().st_uid, data.stat().st_gid) == (991, 991)
         assert (data / "postgres").stat().st_uid == pwd.getpwnam("postgres").pw_uid
+
+    def test_status_and_health_need_only_the_runtime_dir(self, small: Deployment):
+        stack = small.stack
+        rows = status_rows(stack)
+        # Every Synapse process with the PID /proc shows for it, plus the services the stack runs.
+        synapse = stack.processes()
+        assert set(rows) == set(synapse) | {"postgres", "redis", "nginx"}, rows
+        for name, pid in synapse.items():
+            assert rows[name]["pid"] == pid and rows[name]["state"] == "RUNNING", rows[name]
+        for row in rows.values():
+            assert row["uptime_s"] > 0 and row["restarts"] == 0, row
+            assert Path(f"/proc/{row['pid']}").exists(), row
+        text = from_another_shell(stack, "status")
+        assert text.returncode == 0 and "running (launcher pid" in text.stdout, text.stdout
+        result = from_another_shell(stack, "health")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert {line.split(":")[0] for line in result.stdout.splitlines()} == set(synapse) | {"nginx"}
+
+    def test_supervisor_is_root_only_and_quiet(self, small: Deployment):
+        stack = small.stack
+        state = Path(stack.env["SYNAPSE_RUNTIME_DIR"], "state")
+        sock = state / "supervisor.sock"
+        assert stat.S_ISSOCK(sock.stat().st_mode)
+        assert (sock.stat().st_uid, stat.S_IMODE(sock.stat().st_mode)) == (0, 0o700)
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700 and state.stat().st_uid == 0
+        # supervisord's own lines (CRIT/INFO/WARN with its timestamp format) stay in its log file.
+        output = stack.log_path.read_text(errors="replace")
+        assert not re.search(r"^\S+ \S+ (CRIT|INFO|WARN|ERRO) ", output, re.M), output[:3000]
+        assert "CRIT" not in output
 
     def test_killed_worker_comes_back(self, small: Deployment):
         stack = small.stack
@@ -270,6 +314,8 @@ class TestSmallWorkerSet:
         assert wait_for(lambda: "media_repository1 crashed 5 times" in stack.log_path.read_text(errors="replace"),
                         15), stack.tail()
         assert wait_for(lambda: "media_repository1" not in stack.processes(), 30), stack.tail()
+        row = status_rows(stack)["media_repository1"]
+        assert row["state"] == "STOPPED" and row["pid"] == 0 and row["restarts"] >= 4, row
         result = health(stack)
         assert result.returncode == 1 and "media_repository1: FAILED" in result.stdout, result.stdout
         assert "main: OK" in result.stdout, result.stdout

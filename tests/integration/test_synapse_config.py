@@ -314,7 +314,7 @@ def test_checker_accepts_the_untampered_files(generated_small):
 
 def test_checker_reports_missing_instance_map_main(generated_small):
     plan = generated_small
-    _tamper(plan.files["shared_config"], lambda doc: doc["instance_map"].pop("main"))
+    _tamper(plan.layout.shared_config, lambda doc: doc["instance_map"].pop("main"))
     worker = plan.process("synchrotron1")
     error = check_process(worker.app, list(worker.config_files))
     assert error is not None and "instance_map" in error and "main" in error, error
@@ -322,7 +322,7 @@ def test_checker_reports_missing_instance_map_main(generated_small):
 
 def test_checker_reports_two_typing_writers(generated_small):
     plan = generated_small
-    _tamper(plan.files["shared_config"],
+    _tamper(plan.layout.shared_config,
             lambda doc: doc["stream_writers"].update(typing=["event_persister1", "event_persister2"]))
     for proc in (plan.main, plan.process("synchrotron1")):
         error = check_process(proc.app, list(proc.config_files))
@@ -331,7 +331,7 @@ def test_checker_reports_two_typing_writers(generated_small):
 
 def test_checker_reports_main_named_as_a_stream_writer(generated_small):
     plan = generated_small
-    _tamper(plan.files["shared_config"], lambda doc: doc["stream_writers"].update(typing=["main"]))
+    _tamper(plan.layout.shared_config, lambda doc: doc["stream_writers"].update(typing=["main"]))
     worker = plan.process("synchrotron1")
     error = check_process(worker.app, list(worker.config_files))
     assert error is not None and "main" in error, error
@@ -342,7 +342,7 @@ def test_checker_reports_unix_socket_metrics_listener(generated_small):
     worker = plan.process("synchrotron1")
 
     def metrics_type(doc):
-        doc["worker_listeners"].append({"type": "metrics", "path": f"{plan.files['sockets_dir']}/m.sock"})
+        doc["worker_listeners"].append({"type": "metrics", "path": f"{plan.layout.sockets_dir}/m.sock"})
         doc["enable_metrics"] = True
 
     _tamper(worker.config_files[-1], metrics_type)
@@ -353,7 +353,7 @@ def test_checker_reports_unix_socket_metrics_listener(generated_small):
 def test_check_subprocess_protocol_fails_on_tampered_files(generated_small):
     """What `synapse-workers check` runs: a FAILED line for the broken process and exit status 1."""
     plan = generated_small
-    _tamper(plan.files["shared_config"], lambda doc: doc["instance_map"].pop("main"))
+    _tamper(plan.layout.shared_config, lambda doc: doc["instance_map"].pop("main"))
     procs = [{"name": p.name, "app": p.app, "config_files": list(p.config_files)} for p in plan.processes]
     result = subprocess.run([PYTHON, "-m", "synapse_workers.synapse_check"], input=json.dumps(procs),
                             capture_output=True, text=True, timeout=120)

@@ -5,8 +5,9 @@ from __future__ import annotations
 import configparser
 
 from synapse_workers.load import load_plan
-from synapse_workers.render.supervisor import GROUP_NAME, render_redis, render_supervisor
-from synapse_workers.run.programs import STAGE_NAMES, SeparateProcesses, programs
+from synapse_workers.render.redis import render_redis
+from synapse_workers.render.supervisor import GROUP_NAME, render_supervisor
+from synapse_workers.programs import STAGE_NAMES, SeparateProcesses, programs
 
 BINARIES = {
     "nginx": "/usr/sbin/nginx",
@@ -76,7 +77,7 @@ def test_supervisord_conf_parses_and_groups_every_program(base_env):
     env = {k: v for k, v in base_env.items() if k != "POSTGRES_PASSWORD"}
     plan = plan_for(env, "synchrotron, event_persister", SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK="1")
     progs = programs(plan, as_root=True, binaries=BINARIES, postgres_user=PG_USER)
-    text = render_supervisor(plan, progs, as_root=True)
+    (text,) = render_supervisor(plan.layout, progs, as_root=True).values()
     parser = configparser.RawConfigParser(inline_comment_prefixes=(";",))
     parser.read_string(text)
     names = [p.name for p in progs]
@@ -90,12 +91,13 @@ def test_supervisord_conf_parses_and_groups_every_program(base_env):
     assert parser.get("program:nginx", "stdout_logfile").endswith("/data/logs/nginx.log")
     assert "daemon off;" in parser.get("program:nginx", "command")
     assert parser.get("supervisord", "user") == "root"
-    assert "user=root" not in render_supervisor(plan, progs, as_root=False)
+    (as_user,) = render_supervisor(plan.layout, progs, as_root=False).values()
+    assert "user=root" not in as_user
 
 
 def test_redis_conf_is_socket_only_without_persistence(base_env):
     plan = plan_for(base_env, "synchrotron")
-    text = render_redis(plan)
+    text = render_redis(plan)[plan.layout.redis_conf]
     assert "port 0" in text.splitlines()
     assert f"unixsocket {plan.redis.path}" in text
     assert 'save ""' in text and "appendonly no" in text

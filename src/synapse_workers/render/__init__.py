@@ -1,13 +1,16 @@
-"""Renderers: Plan → file contents. Pure; `files` writes what they return."""
+"""Renderers: Plan → file contents, one module per output. Pure; `files` writes what they return."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..homeserver import generated_homeserver
 from ..plan import Plan
+from ..programs import Program
 from .nginx import render_nginx
-from .supervisor import render_redis
+from .redis import render_redis
+from .supervisor import render_supervisor
 from .synapse import dump, log_config, render_synapse
 
 
@@ -19,15 +22,17 @@ class FileSet:
     once: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
-def render_all(plan: Plan) -> FileSet:
+def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = False) -> FileSet:
+    """Every file of the plan; with `programs` (what `run` supervises) also supervisord.conf."""
     managed: dict[str, str] = {}
     managed.update(render_synapse(plan))
     managed.update(render_nginx(plan))
-    if plan.redis and not plan.redis.external:
-        managed[plan.files["redis_conf"]] = render_redis(plan)
+    managed.update(render_redis(plan))
+    if programs:
+        managed.update(render_supervisor(plan.layout, programs, as_root))
     once: dict[str, tuple[str, int]] = {}
     if not plan.homeserver.exists:
-        doc = generated_homeserver(plan.settings, plan.secrets, plan.files["postgres_socket_dir"])
+        doc = generated_homeserver(plan.settings, plan.secrets, plan.layout.postgres_socket_dir, plan.public.port)
         text = (
             "# Generated once by synapse-workers from the environment; yours to edit from now on.\n"
             "# synapse-workers never modifies this file: workers and listeners are layered on top of it.\n"

@@ -13,6 +13,7 @@ import jinja2
 
 from .. import catalog
 from ..plan import MAIN, PUBLIC, Plan, Route, Upstream
+from ..settings import NginxSettings
 
 TEMPLATES = Path(__file__).parent / "templates"
 HASH_KEYS = {catalog.BY_USER: "$sw_user", catalog.BY_ROOM: "$sw_room", catalog.BY_ORIGIN: "$sw_origin"}
@@ -38,7 +39,8 @@ def nginx_quote(text: str) -> str:
 
 
 def render_nginx(plan: Plan) -> dict[str, str]:
-    s = plan.settings
+    """Topology (listeners, upstreams, routes) from the plan; tuning from the nginx settings section."""
+    tuning = plan.settings.nginx
     servers = {p.name: p.listener(PUBLIC) for p in plan.processes}
     upstreams = []
     for upstream in plan.upstreams:
@@ -47,7 +49,7 @@ def render_nginx(plan: Plan) -> dict[str, str]:
                 "name": upstream.name,
                 "hash": HASH_KEYS.get(upstream.balance) if upstream.balance else None,
                 "servers": [servers[name].address for name in upstream.servers],
-                "keepalive": _keepalive(plan, upstream),
+                "keepalive": _keepalive(tuning, upstream),
             }
         )
     routes = []
@@ -65,24 +67,25 @@ def render_nginx(plan: Plan) -> dict[str, str]:
                 ],
             }
         )
+    bind = plan.public.bind_address
     text = _env.get_template("nginx.conf.j2").render(
         version=catalog.SYNAPSE_VERSION,
-        s=s,
-        plan=plan,
-        nginx_dir=plan.files["nginx_dir"],
+        n=tuning,
+        public=plan.public,
+        health_port=plan.health_port,
+        nginx_dir=plan.layout.nginx_dir,
         upstreams=upstreams,
         routes=routes,
         private_prefixes=catalog.PRIVATE_PREFIXES,
         main=MAIN,
-        listen_host=f"[{s.http_bind_address}]" if ":" in s.http_bind_address else s.http_bind_address,
-        access_log=f"{plan.files['logs_on_disk']}/nginx-access.log" if s.write_logs_to_disk else None,
+        listen_host=f"[{bind}]" if ":" in bind else bind,
+        access_log=f"{plan.layout.logs_on_disk}/nginx-access.log" if plan.settings.logging.to_disk else None,
     )
-    return {plan.files["nginx"]: text}
+    return {plan.layout.nginx_conf: text}
 
 
-def _keepalive(plan: Plan, upstream: Upstream) -> int:
-    s = plan.settings
-    if not s.nginx_upstream_keepalive_enable:
+def _keepalive(tuning: NginxSettings, upstream: Upstream) -> int:
+    if not tuning.upstream_keepalive_enable:
         return 0
     # Seed formula: idle connections kept per upstream = servers × 2 × multiplier.
-    return len(upstream.servers) * 2 * s.nginx_upstream_keepalive_multiplier
+    return len(upstream.servers) * 2 * tuning.upstream_keepalive_multiplier

@@ -26,8 +26,8 @@ def dump(doc: dict[str, Any]) -> str:
 
 def render_synapse(plan: Plan) -> dict[str, str]:
     files = {
-        plan.files["shared_config"]: dump(shared_config(plan)),
-        plan.files["main_config"]: dump(main_config(plan)),
+        plan.layout.shared_config: dump(shared_config(plan)),
+        plan.layout.main_config: dump(main_config(plan)),
     }
     for proc in plan.workers:
         files[proc.config_files[-1]] = dump(worker_config(plan, proc))
@@ -46,9 +46,11 @@ def shared_config(plan: Plan) -> dict[str, Any]:
         if plan.stream_writers:
             doc["stream_writers"] = {k: list(v) for k, v in plan.stream_writers.items()}
         doc.update({k: (list(v) if isinstance(v, list) else v) for k, v in plan.duties.items()})
-        if any("media_repository" in w.roles for w in plan.workers):
-            doc["enable_media_repo"] = False  # main stops serving media; media workers turn it back on
-    if plan.settings.metrics:
+        deployed = {r for w in plan.workers for r in w.roles}
+        for role in catalog.ROLES.values():
+            if role.name in deployed:
+                doc.update(role.shared_config)
+    if plan.settings.metrics.enabled:
         doc["enable_metrics"] = True
     if plan.app_service_config_files:
         doc["app_service_config_files"] = list(plan.app_service_config_files)
@@ -69,8 +71,8 @@ def worker_config(plan: Plan, proc: Process) -> dict[str, Any]:
         "worker_listeners": [_listener(lst) for lst in proc.listeners],
         "worker_log_config": proc.log_config,
     }
-    if "media_repository" in proc.roles:
-        doc["enable_media_repo"] = True
+    for role in proc.roles:
+        doc.update(catalog.ROLES[role].own_config)
     return doc
 
 
@@ -99,16 +101,16 @@ def _listener(lst: Listener) -> dict[str, Any]:
 
 
 def log_config(plan: Plan, proc: Process) -> dict[str, Any]:
-    s = plan.settings
+    s = plan.settings.logging
     handlers: dict[str, Any] = {
         "console": {"class": "logging.StreamHandler", "formatter": "precise", "stream": "ext://sys.stdout"},
     }
     root_handlers = ["console"]
-    if s.write_logs_to_disk:
+    if s.to_disk:
         handlers["file"] = {
             "class": "logging.handlers.TimedRotatingFileHandler",
             "formatter": "precise",
-            "filename": f"{plan.files['logs_on_disk']}/{proc.name}.log",
+            "filename": f"{plan.layout.logs_on_disk}/{proc.name}.log",
             "when": "midnight",
             "backupCount": 6,
             "encoding": "utf8",
@@ -122,7 +124,7 @@ def log_config(plan: Plan, proc: Process) -> dict[str, Any]:
         }
         root_handlers.append("buffer")
     # The SQL logger prints access tokens at DEBUG: keep it at INFO unless SYNAPSE_LOG_SENSITIVE asks.
-    sql_level = s.log_level if (s.log_sensitive or s.log_level != "DEBUG") else "INFO"
+    sql_level = s.level if (s.sensitive or s.level != "DEBUG") else "INFO"
     return {
         "version": 1,
         "formatters": {
@@ -130,6 +132,6 @@ def log_config(plan: Plan, proc: Process) -> dict[str, Any]:
         },
         "handlers": handlers,
         "loggers": {"synapse.storage.SQL": {"level": sql_level}},
-        "root": {"level": s.log_level, "handlers": root_handlers},
+        "root": {"level": s.level, "handlers": root_handlers},
         "disable_existing_loggers": False,
     }

@@ -13,8 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
-from ..plan import HEALTH, Plan
-from .programs import Health
+from ..plan import Plan
+from ..programs import Health, synapse_health
 
 TIMEOUT = 3.0
 
@@ -55,12 +55,7 @@ def check(health: Health, timeout: float = TIMEOUT) -> str | None:
 
 
 def synapse_checks(plan: Plan) -> dict[str, Health]:
-    checks = {}
-    for proc in plan.processes:
-        lst = proc.listener(HEALTH)
-        assert lst is not None
-        checks[proc.name] = Health("http", f"http://{lst.host}:{lst.port}/health")
-    return checks
+    return {proc.name: synapse_health(proc) for proc in plan.processes}
 
 
 def public_health(plan: Plan) -> Health:

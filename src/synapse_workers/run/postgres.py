@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..plan import Plan
-from .programs import setpriv_prefix
+from ..programs import setpriv_prefix
 
 HBA = """\
 # Written by synapse-workers on every start.

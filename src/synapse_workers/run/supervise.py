@@ -2,34 +2,37 @@
 
 supervisord (PyPI `supervisor`) does the process work: spawning, capturing output, restarting with
 backoff. We drive it through its XML-RPC API: start stage by stage with health gates (PostgreSQL →
-Redis → main → workers → nginx), watch for crashes and crash loops, and stop in reverse order.
+Redis → main → workers → nginx), watch for crashes and crash loops (the decision is `watch.observe`,
+pure), keep `state/status.json` current for `status`/`health`, and stop in reverse order.
+Files (supervisord.conf included) are written before this starts; directories are prepared by `prepare`.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import stat
 import subprocess
 import sys
 import threading
 import time
 import xmlrpc.client
-from collections import defaultdict, deque
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from supervisor.xmlrpc import SupervisorTransport
 
 from ..errors import UserError
 from ..plan import Plan
-from ..render.supervisor import GROUP_NAME, render_supervisor, supervisor_paths
+from ..programs import STAGE_NAMES, Program
+from ..render.supervisor import GROUP_NAME
 from . import postgres
-from .health import Aggregator, check
-from .programs import STAGE_NAMES, Program, programs
+from .health import Aggregator, check, public_health
+from .prepare import prepare
+from .status import ProcessStatus, StackStatus, write_status
+from .watch import CRASH_LIMIT, CRASH_LOOP, CRASH_WINDOW, CRASHED, FATAL, RESTARTED, Report, WatchState, observe
 
 STAGE_TIMEOUT = {"postgres": 60, "redis": 15, "main": 300, "workers": 180, "nginx": 30}  # first start migrates
-CRASH_LIMIT, CRASH_WINDOW = 5, 600  # more restarts than this within the window: stop and report
 GROUP = GROUP_NAME + ":"  # every program sits in one supervisor group (see render/supervisor.py)
 DONE_STATES = {"STOPPED", "EXITED", "FATAL", "UNKNOWN"}
 
@@ -38,52 +41,38 @@ def log(message: str) -> None:
     print(f"{'synapse-workers':18}| {message}", flush=True)
 
 
-def find_binaries(plan: Plan) -> dict[str, str]:
-    wanted = {"nginx": ("nginx", "/usr/sbin/nginx", "nginx-light"), "setpriv": ("setpriv", "/usr/bin/setpriv", "util-linux")}
-    if plan.redis and not plan.redis.external:
-        wanted["redis-server"] = ("redis-server", "/usr/bin/redis-server", "redis-server")
-    found = {}
-    for key, (name, fallback, package) in wanted.items():
-        path = shutil.which(name) or (fallback if os.path.exists(fallback) else None)
-        if not path:
-            raise UserError(f"`{name}` is not installed: it comes with the Debian package {package}.")
-        found[key] = path
-    if plan.postgres:
-        found["postgres"] = f"{postgres.postgres_bin()}/postgres"
-        found["pg_isready"] = f"{postgres.postgres_bin()}/pg_isready"
-    return found
-
-
 class Stack:
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, programs: Sequence[Program], binaries: dict[str, str], as_root: bool):
         self.plan = plan
-        self.as_root = os.geteuid() == 0
-        self.binaries = find_binaries(plan)
-        self.pg_owner = postgres.cluster_owner(self.as_root) if plan.postgres else None
-        pg_user = (self.pg_owner.pw_name, self.pg_owner.pw_uid, self.pg_owner.pw_gid) if self.pg_owner else None
-        self.programs = programs(plan, self.as_root, self.binaries, postgres_user=pg_user)
+        self.as_root = as_root
+        self.binaries = binaries
+        self.programs = list(programs)
         self.by_name = {p.name: p for p in self.programs}
-        self.paths = supervisor_paths(plan)
-        self.supervisord: subprocess.Popen | None = None
+        self.layout = plan.layout
+        self.supervisord: subprocess.Popen[bytes] | None = None
         self.stop_requested = threading.Event()
         self.signals = 0
         self.exit_code = 0
+        self.watch = WatchState()
+        self.last_error: dict[str, str] = {}
+        self._written_status: object = None
 
     @property
-    def rpc(self):
+    def rpc(self) -> Any:
         """A fresh XML-RPC proxy per use: supervisor's transport is unusable after one failed request."""
-        transport = SupervisorTransport(None, None, serverurl=f"unix://{self.paths['socket']}")
+        transport = SupervisorTransport(None, None, serverurl=f"unix://{self.layout.supervisor_socket}")
         return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def run(self) -> int:
-        self._prepare()
+        prepare(self.plan, self.as_root, self.binaries["setpriv"])
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         aggregator = Aggregator(self.plan)
         aggregator.start()
         try:
             self._start_supervisord()
+            self._publish_status()
             if self._start_stages():
                 self._announce()
                 self._monitor()
@@ -92,7 +81,7 @@ class Stack:
             aggregator.stop()
         return self.exit_code
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int, frame: object) -> None:
         self.signals += 1
         if self.signals == 1:
             log(f"{signal.Signals(signum).name}: stopping (send it again to force)")
@@ -102,28 +91,9 @@ class Stack:
             self._force_kill()
             os._exit(1)
 
-    def _prepare(self) -> None:
-        s, uid, gid = self.plan.settings, self.plan.settings.uid, self.plan.settings.gid
-        Path(self.paths["dir"]).mkdir(parents=True, exist_ok=True)
-        os.chmod(self.paths["dir"], 0o700)
-        redis_dir = Path(self.plan.files["runtime_dir"], "redis")
-        redis_dir.mkdir(exist_ok=True)
-        media = Path(s.data_dir)
-        media.mkdir(parents=True, exist_ok=True)
-        if self.as_root:
-            os.chown(redis_dir, uid, gid)
-            _own_tree(media, uid, gid, skip={self.plan.postgres.data_dir} if self.plan.postgres else set())
-            _check_readable(self.plan.homeserver.path, uid, gid)
-        if self.plan.postgres:
-            postgres.prepare_cluster(self.plan, self.as_root, self.binaries["setpriv"])
-        Path(self.paths["conf"]).write_text(render_supervisor(self.plan, self.programs, self.as_root))
-
     def _start_supervisord(self) -> None:
-        socket_path = self.paths["socket"]
-        if os.path.exists(socket_path):
-            os.unlink(socket_path)
         self.supervisord = subprocess.Popen(
-            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", self.paths["conf"]],
+            [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", self.layout.supervisor_conf],
             start_new_session=True,  # our signal handler decides; ^C must not hit every program at once
             preexec_fn=_die_with_parent,
         )
@@ -137,7 +107,7 @@ class Stack:
             if self.supervisord.poll() is not None:
                 break
             time.sleep(0.1)
-        raise RuntimeError(f"supervisord did not start (see {self.paths['dir']}/supervisord.log)")
+        raise RuntimeError(f"supervisord did not start (see {self.layout.state_dir}/supervisord.log)")
 
     def _start_stages(self) -> bool:
         for stage, name in enumerate(STAGE_NAMES):
@@ -147,13 +117,17 @@ class Stack:
             started = time.monotonic()
             for program in members:
                 self.rpc.supervisor.startProcess(GROUP + program.name, False)
-            if not self._wait_healthy(members, STAGE_TIMEOUT[name]):
+            ok = self._wait_healthy(members, STAGE_TIMEOUT[name])
+            self._publish_status()
+            if not ok:
                 if not self.stop_requested.is_set():  # asked to stop while starting: still a clean stop
                     self.exit_code = 1
                 return False
             log(f"{name}: {', '.join(p.name for p in members)} healthy in {time.monotonic() - started:.1f}s")
             if name == "postgres":
-                postgres.ensure_database(self.plan, self.pg_owner, self.as_root, self.binaries["setpriv"])
+                assert self.plan.postgres is not None
+                owner = postgres.cluster_owner(self.as_root)
+                postgres.ensure_database(self.plan, owner, self.as_root, self.binaries["setpriv"])
         return True
 
     def _wait_healthy(self, members: list[Program], timeout: float) -> bool:
@@ -165,14 +139,13 @@ class Stack:
             for name in list(pending):
                 state = self.rpc.supervisor.getProcessInfo(GROUP + name)["statename"]
                 if state == "FATAL":
-                    log(f"{name} could not start (FATAL). Last output:\n{self._tail(name)}")
+                    self._report(name, f"{name} could not start (FATAL).")
                     return False
                 if state in ("STARTING", "RUNNING") and check(pending[name].health, timeout=2) is None:
                     del pending[name]
             if time.monotonic() > deadline:
                 for name in pending:
-                    log(f"{name} not healthy after {timeout}s ({check(pending[name].health)}). "
-                        f"Last output:\n{self._tail(name)}")
+                    self._report(name, f"{name} not healthy after {timeout}s ({check(pending[name].health)}).")
                 return False
             time.sleep(0.2)
         return True
@@ -184,42 +157,37 @@ class Stack:
         log(f"first user: register_new_matrix_user -c {self.plan.homeserver.path} {url}")
 
     # ---- watching -------------------------------------------------------------------------------------
+    def _reports(self) -> list[tuple[Report, dict[str, Any]]]:
+        result = []
+        for info in self.rpc.supervisor.getAllProcessInfo():
+            if info["name"] in self.by_name:
+                report = Report(info["name"], info["statename"], info["pid"], info["exitstatus"])
+                result.append((report, info))
+        return result
+
     def _monitor(self) -> None:
-        last: dict[str, tuple[str, int]] = {}
-        crashes: dict[str, deque] = defaultdict(deque)
-        reported_fatal: set[str] = set()
+        self.watch, _ = observe(self.watch, [r for r, _ in self._reports()], time.monotonic())
         while not self.stop_requested.wait(1.0):
-            for info in self.rpc.supervisor.getAllProcessInfo():
-                name, state, pid = info["name"], info["statename"], info["pid"]
-                if name not in self.by_name:
-                    continue
-                before = last.get(name)
-                last[name] = (state, pid)
-                if before is None:
-                    continue
-                alive = ("STARTING", "RUNNING")
-                restarted = bool(pid) and pid != before[1] and state in alive
-                died = before[0] in alive and state in ("EXITED", "BACKOFF", "FATAL", "UNKNOWN")
-                # A death and the restart can fall between two polls: then only the new pid shows it.
-                if died or (restarted and before[0] in alive):
-                    now = time.monotonic()
-                    window = crashes[name]
-                    window.append(now)
-                    while window and now - window[0] > CRASH_WINDOW:
-                        window.popleft()
-                    status = f" (exit status {info['exitstatus']})" if info["exitstatus"] else ""
+            reports = self._reports()
+            self.watch, events = observe(self.watch, [r for r, _ in reports], time.monotonic(),
+                                         CRASH_LIMIT, CRASH_WINDOW)
+            for event in events:
+                name = event.name
+                if event.kind == CRASHED:
+                    status = f" (exit status {event.exit_status})" if event.exit_status else ""
                     log(f"{name} exited unexpectedly{status}; supervisor restarts it")
-                    if len(window) >= CRASH_LIMIT:
-                        log(f"{name} crashed {len(window)} times in {CRASH_WINDOW // 60} minutes: stopping it. "
-                            f"Last output:\n{self._tail(name)}")
-                        self._safe(self.rpc.supervisor.stopProcess, GROUP + name, False)
-                        self._give_up_if_critical(name)
-                if restarted:
-                    self._watch_recovery(name)
-                if state == "FATAL" and name not in reported_fatal:
-                    reported_fatal.add(name)
-                    log(f"{name} cannot stay up (FATAL after retries). Last output:\n{self._tail(name)}")
+                    self.last_error[name] = _last_line(self._tail_text(name)) or f"exited{status}"
+                elif event.kind == CRASH_LOOP:
+                    self._report(name, f"{name} crashed {event.crashes} times in {int(CRASH_WINDOW) // 60} "
+                                       "minutes: stopping it.")
+                    self._safe(self.rpc.supervisor.stopProcess, GROUP + name, False)
                     self._give_up_if_critical(name)
+                elif event.kind == RESTARTED:
+                    self._watch_recovery(name)
+                elif event.kind == FATAL:
+                    self._report(name, f"{name} cannot stay up (FATAL after retries).")
+                    self._give_up_if_critical(name)
+            self._publish_status(reports)
 
     def _give_up_if_critical(self, name: str) -> None:
         if self.by_name[name].critical:
@@ -243,14 +211,46 @@ class Stack:
 
         threading.Thread(target=watch, name=f"recover-{name}", daemon=True).start()
 
-    def _tail(self, name: str, size: int = 3000) -> str:
+    def _report(self, name: str, message: str) -> None:
+        """Log a failure with the program's last output, and remember its last line for `status`."""
+        text = self._tail_text(name)
+        self.last_error[name] = _last_line(text) or message
+        if text is None:
+            shown = "  (no output captured)"
+        elif not text.strip():
+            shown = "  (it printed nothing)"
+        else:
+            shown = "\n".join(f"  {line}" for line in text.strip().splitlines()[-25:])
+        log(f"{message} Last output:\n{shown}")
+
+    def _tail_text(self, name: str, size: int = 3000) -> str | None:
         try:
-            text = self.rpc.supervisor.tailProcessStdoutLog(GROUP + name, 0, size)[0]
+            return str(self.rpc.supervisor.tailProcessStdoutLog(GROUP + name, 0, size)[0])
         except (OSError, xmlrpc.client.Fault):
-            return "  (no output captured)"
-        if not text.strip():
-            return "  (it printed nothing)"
-        return "\n".join(f"  {line}" for line in text.strip().splitlines()[-25:])
+            return None
+
+    def _publish_status(self, reports: list[tuple[Report, dict[str, Any]]] | None = None) -> None:
+        """Write state/status.json when anything `status` shows has changed."""
+        try:
+            infos = {info["name"]: info for _, info in (reports if reports is not None else self._reports())}
+        except (OSError, xmlrpc.client.Fault):
+            return
+        processes = tuple(
+            ProcessStatus(
+                name=p.name,
+                pid=infos.get(p.name, {}).get("pid", 0),
+                state=infos.get(p.name, {}).get("statename", "UNKNOWN"),
+                started=float(infos.get(p.name, {}).get("start", 0)),
+                restarts=self.watch.restarts.get(p.name, 0),
+                last_error=self.last_error.get(p.name, ""),
+                health=p.health,
+            )
+            for p in self.programs
+        )
+        status = StackStatus(os.getpid(), self.plan.homeserver.server_name, public_health(self.plan), processes)
+        if status != self._written_status:
+            write_status(self.layout, status)
+            self._written_status = status
 
     # ---- stopping -------------------------------------------------------------------------------------
     def _stop_all(self) -> None:
@@ -262,6 +262,7 @@ class Stack:
                 for program in members:
                     self._safe(self.rpc.supervisor.stopProcess, GROUP + program.name, False)
                 self._wait_stopped(members)
+            self._publish_status()
             self._safe(self.rpc.supervisor.shutdown)
         try:
             self.supervisord.wait(timeout=10)
@@ -289,19 +290,24 @@ class Stack:
             _kill_group(self.supervisord.pid)
 
     @staticmethod
-    def _safe(call, *args):
+    def _safe(call: Callable[..., Any], *args: Any) -> Any:
         try:
             return call(*args)
         except (OSError, xmlrpc.client.Fault):
             return None
 
 
-def lock_runtime_dir(runtime_dir: str):
+def _last_line(text: str | None) -> str:
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def lock_runtime_dir(lock_file: str, runtime_dir: str) -> Any:
     """Hold an exclusive lock for the launcher's lifetime: one stack per runtime dir."""
     import fcntl
 
     Path(runtime_dir).mkdir(parents=True, exist_ok=True)
-    handle = open(Path(runtime_dir) / ".launcher.lock", "w")
+    handle = open(lock_file, "w")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -328,30 +334,3 @@ def _die_with_parent() -> None:
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def _own_tree(root: Path, uid: int, gid: int, skip: set[str]) -> None:
-    """Give the data dir to UID:GID. A full walk only when the top is not theirs yet (first start)."""
-    st = root.stat()
-    if (st.st_uid, st.st_gid) == (uid, gid):
-        return
-    for path, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if os.path.join(path, d) not in skip]
-        os.chown(path, uid, gid)
-        for name in names:
-            os.chown(os.path.join(path, name), uid, gid, follow_symlinks=False)
-
-
-def _check_readable(path: str, uid: int, gid: int) -> None:
-    st = os.stat(path)
-    mode = st.st_mode
-    readable = (
-        (st.st_uid == uid and mode & stat.S_IRUSR)
-        or (st.st_gid == gid and mode & stat.S_IRGRP)
-        or mode & stat.S_IROTH
-    )
-    if not readable:
-        raise UserError(
-            f"{path} is not readable by UID={uid}/GID={gid}, which Synapse runs as: "
-            f"chown {uid}:{gid} it, or set UID/GID to its owner."
-        )

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..plan import HEALTH, Plan, Process
+from .plan import HEALTH, Plan, Process
 
 STAGE_POSTGRES, STAGE_REDIS, STAGE_MAIN, STAGE_WORKERS, STAGE_NGINX = range(5)
 STAGE_NAMES = ("postgres", "redis", "main", "workers", "nginx")
@@ -39,6 +39,13 @@ class Program:
     log_file: str | None = None  # rotated copy of its output (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK)
 
 
+def synapse_health(proc: Process) -> Health:
+    """Every Synapse process answers /health on its own loopback health listener."""
+    listener = proc.listener(HEALTH)
+    assert listener is not None, proc.name
+    return Health("http", f"http://{listener.host}:{listener.port}/health")
+
+
 class SynapseLauncher(Protocol):
     def command(self, plan: Plan, proc: Process) -> tuple[str, ...]: ...
 
@@ -63,9 +70,9 @@ def programs(
 ) -> list[Program]:
     """binaries: paths of postgres, redis-server, nginx, setpriv (found by the caller)."""
     launcher = launcher or SeparateProcesses()
-    s = plan.settings
-    synapse_user = (s.uid, s.gid) if as_root else None
-    disk_logs = plan.files["logs_on_disk"] if s.write_logs_to_disk else None
+    core = plan.settings.core
+    synapse_user = (core.uid, core.gid) if as_root else None
+    disk_logs = plan.layout.logs_on_disk if plan.settings.logging.to_disk else None
     result: list[Program] = []
 
     if plan.postgres:
@@ -87,22 +94,20 @@ def programs(
     if plan.redis and not plan.redis.external:
         result.append(Program(
             name="redis",
-            command=(binaries["redis-server"], plan.files["redis_conf"]),
+            command=(binaries["redis-server"], plan.layout.redis_conf),
             stage=STAGE_REDIS,
             health=Health("redis", plan.redis.path or ""),
             user=synapse_user,
             stop_wait=10,
             log_file=disk_logs and f"{disk_logs}/redis.log",
         ))
-    env = {"PYTHONUNBUFFERED": "1", "HOME": s.data_dir}
+    env = {"PYTHONUNBUFFERED": "1", "HOME": core.data_dir}
     for proc in plan.processes:
-        health = proc.listener(HEALTH)
-        assert health is not None
         result.append(Program(
             name=proc.name,
             command=launcher.command(plan, proc),
             stage=STAGE_MAIN if proc.is_main else STAGE_WORKERS,
-            health=Health("http", f"http://{health.host}:{health.port}/health"),
+            health=synapse_health(proc),
             user=synapse_user,
             env=env,
             stop_wait=15,
@@ -111,7 +116,7 @@ def programs(
         ))
     result.append(Program(
         name="nginx",
-        command=(binaries["nginx"], "-c", plan.files["nginx"], "-g", "daemon off;"),
+        command=(binaries["nginx"], "-c", plan.layout.nginx_conf, "-g", "daemon off;"),
         stage=STAGE_NGINX,
         health=Health("http", f"{plan.public.local_url}/_matrix/client/versions"),
         stop_signal="QUIT",  # graceful: finish requests in flight

@@ -1,0 +1,103 @@
+"""Where every file, socket and directory of a stack lives: two frozen types, each built in one function.
+
+`Layout` is what we generate and run under SYNAPSE_RUNTIME_DIR (rewritten on every start) plus the few
+places under the data dir that processes write to. `SecretPaths` is where persisted secrets live (data
+dir, 0600). Pure: nothing here touches the disk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Layout:
+    runtime_dir: str
+    synapse_dir: str  # generated Synapse YAML
+    shared_config: str
+    main_config: str
+    workers_dir: str
+    log_dir: str  # per-process log configs
+    sockets_dir: str
+    nginx_dir: str
+    nginx_conf: str
+    redis_dir: str  # redis.conf and its working dir
+    redis_conf: str
+    redis_socket: str
+    supervisor_dir: str  # supervisord.conf (generated)
+    supervisor_conf: str
+    state_dir: str  # written while running: supervisor socket, pid, captured output, status (root only)
+    supervisor_socket: str
+    supervisor_pid: str
+    supervisor_credentials: str
+    status_file: str
+    lock_file: str
+    postgres_socket_dir: str
+    postgres_data_dir: str
+    logs_on_disk: str  # SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK
+
+    def worker_config(self, name: str) -> str:
+        return f"{self.workers_dir}/{name}.yaml"
+
+    def log_config(self, name: str) -> str:
+        return f"{self.log_dir}/{name}.log.config"
+
+    def socket(self, name: str, kind: str) -> str:
+        return f"{self.sockets_dir}/{name}.{kind}.sock"
+
+    def as_json(self) -> dict[str, str]:
+        return asdict(self)
+
+
+def make_layout(runtime_dir: str, data_dir: str) -> Layout:
+    r = runtime_dir
+    return Layout(
+        runtime_dir=r,
+        synapse_dir=f"{r}/synapse",
+        shared_config=f"{r}/synapse/shared.yaml",
+        main_config=f"{r}/synapse/main.yaml",
+        workers_dir=f"{r}/synapse/workers",
+        log_dir=f"{r}/synapse/log",
+        sockets_dir=f"{r}/sockets",
+        nginx_dir=f"{r}/nginx",
+        nginx_conf=f"{r}/nginx/nginx.conf",
+        redis_dir=f"{r}/redis",
+        redis_conf=f"{r}/redis/redis.conf",
+        redis_socket=f"{r}/sockets/redis.sock",
+        supervisor_dir=f"{r}/supervisor",
+        supervisor_conf=f"{r}/supervisor/supervisord.conf",
+        state_dir=f"{r}/state",
+        supervisor_socket=f"{r}/state/supervisor.sock",
+        supervisor_pid=f"{r}/state/supervisord.pid",
+        supervisor_credentials=f"{r}/state/supervisor.auth",
+        status_file=f"{r}/state/status.json",
+        lock_file=f"{r}/.launcher.lock",
+        postgres_socket_dir=f"{r}/postgresql",
+        postgres_data_dir=f"{data_dir}/postgres",
+        logs_on_disk=f"{data_dir}/logs",
+    )
+
+
+@dataclass(frozen=True)
+class SecretPaths:
+    """Where the persisted secrets live (data dir, mode 0600); created by files.ensure_secrets."""
+
+    signing_key: str
+    registration: str
+    macaroon: str
+    form: str
+    replication: str
+    turn: str
+    postgres: str  # embedded PostgreSQL: libpq passfile holding the synapse role's password
+
+
+def secret_paths(data_dir: str, server_name: str) -> SecretPaths:
+    return SecretPaths(
+        signing_key=f"{data_dir}/{server_name}.signing.key",
+        registration=f"{data_dir}/{server_name}.registration.key",
+        macaroon=f"{data_dir}/{server_name}.macaroon.key",
+        form=f"{data_dir}/{server_name}.form.key",
+        replication=f"{data_dir}/worker_replication.key",
+        turn=f"{data_dir}/{server_name}.turn.key",
+        postgres=f"{data_dir}/embedded_postgres.pgpass",
+    )

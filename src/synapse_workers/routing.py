@@ -1,0 +1,75 @@
+"""Route emulation: the decision nginx makes for a request, for `routes` and the tests.
+
+nginx matches `location ~` regexes on the decoded, normalised URI in file order; the first match wins. The
+plan's routes are in that same order, so the first route whose pattern matches is where nginx sends it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import unquote
+
+from . import catalog
+from .plan import MAIN, Plan, Route
+
+
+def normalise(path: str) -> str:
+    """nginx matches locations on the decoded URI: no query, merged slashes, dot segments resolved."""
+    path = re.sub(r"/{2,}", "/", unquote(path.split("?", 1)[0]))
+    segments: list[str] = []
+    parts = path.split("/")[1:]
+    for segment in parts:
+        if segment == "..":
+            if segments:
+                segments.pop()
+        elif segment != ".":
+            segments.append(segment)
+    trailing = bool(parts) and parts[-1] in ("", ".", "..") and segments
+    return "/" + "/".join(segments) + ("/" if trailing and segments[-1] != "" else "")
+
+
+def private_path(path: str) -> bool:
+    return any(normalise(path).startswith(prefix) for prefix in catalog.PRIVATE_PREFIXES)
+
+
+def match_route(plan: Plan, path: str) -> Route | None:
+    uri = normalise(path)
+    for route in plan.routes:
+        if re.search(route.rule.pattern, uri):
+            return route
+    return None
+
+
+def explain(plan: Plan, method: str, path: str) -> dict[str, Any]:
+    """Where nginx sends METHOD PATH, and why."""
+    method = method.upper()
+    if normalise(path) == "/health":
+        return {"method": method, "path": path, "status": 200, "upstream": None, "servers": [],
+                "why": "the whole stack's health, answered by the launcher (same as `synapse-workers health`)"}
+    if private_path(path):
+        return {"method": method, "path": path, "status": 404, "upstream": None, "servers": [],
+                "why": "internal-only path: nginx refuses it on the public port"}
+    route = match_route(plan, path)
+    if route is None:
+        return {"method": method, "path": path, "rule": None, "upstream": MAIN, "servers": [MAIN],
+                "why": "no worker route matches: main serves everything not routed elsewhere"}
+    upstream = plan.upstream(route.upstream_for(method))
+    rule = route.rule
+    why = rule.why or f"docs/workers.md group '{rule.group}'"
+    if upstream.name == MAIN:
+        roles = [r for b in rule.branches if b.methods is None or method in b.methods for r in b.roles]
+        wanted = " or ".join(dict.fromkeys(roles))
+        why = (f"{why}; no {wanted} worker is deployed, so main serves {method}" if wanted
+               else f"{why}; {method} is served by main only")
+    return {
+        "method": method,
+        "path": path,
+        "rule": rule.id,
+        "pattern": rule.pattern,
+        "upstream": upstream.name,
+        "servers": list(upstream.servers),
+        "balance": upstream.balance,
+        "hard": rule.hard,
+        "why": why,
+    }

@@ -1,0 +1,81 @@
+"""The command as an admin uses it from a shell: one run names every problem, pipes, `status`/`health`
+from the runtime dir alone. Runs the real console script; nothing is started."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from synapse_workers.layout import make_layout
+from synapse_workers.programs import Health
+from synapse_workers.run.status import ProcessStatus, StackStatus, write_status
+
+SCRIPT = "/opt/synapse-workers/venv/bin/synapse-workers"
+
+
+def run(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
+    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **env}
+    return subprocess.run([SCRIPT, *argv], env=clean, capture_output=True, text=True, timeout=60)
+
+
+def test_one_run_lists_every_problem(base_env):
+    """A bad port, a bad worker type and a bad switch: all three in one run, each naming its variable."""
+    env = {**base_env, "SYNAPSE_HTTP_PORT": "0", "SYNAPSE_WORKER_TYPES": "synchrotron, typng",
+           "SYNAPSE_METRICS": "maybe"}
+    result = run(env, "plan")
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("synapse-workers: error:")]
+    assert len(errors) == 3, result.stderr
+    text = "\n".join(errors)
+    assert "SYNAPSE_HTTP_PORT='0'" in text and "SYNAPSE_METRICS='maybe'" in text
+    assert "SYNAPSE_WORKER_TYPES" in text and "'typng'" in text and "Did you mean 'typing'" in text
+    assert "Traceback" not in result.stderr
+
+
+def test_one_run_lists_files_and_ports_together(base_env, tmp_root):
+    env = {**base_env, "SYNAPSE_TLS_CERT": str(tmp_root / "missing.pem"), "SYNAPSE_TLS_KEY": str(tmp_root / "k"),
+           "SYNAPSE_INTERNAL_PORT_BASE": "64535", "SYNAPSE_WORKER_TYPES": ", ".join(f"w{i}x=synchrotron:50" for i in range(12))}
+    result = run(env, "plan")
+    assert result.returncode == 2
+    assert "SYNAPSE_TLS_CERT=" in result.stderr and "SYNAPSE_TLS_KEY=" in result.stderr
+    assert "SYNAPSE_INTERNAL_PORT_BASE=64535 leaves no room" in result.stderr
+
+
+def test_a_closed_pipe_is_a_quiet_exit(base_env):
+    result = subprocess.run(f"{SCRIPT} env | head -n 1", shell=True, capture_output=True, text=True, timeout=60,
+                            env={"PATH": os.environ["PATH"], **base_env})
+    assert result.stdout.count("\n") == 1
+    assert result.stderr == "", result.stderr
+
+
+def test_status_without_a_stack_names_the_runtime_dir(tmp_root):
+    result = run({"SYNAPSE_RUNTIME_DIR": str(tmp_root / "run")}, "status")
+    assert result.returncode == 2
+    assert "SYNAPSE_RUNTIME_DIR=" in result.stderr and "synapse-workers run" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_root / "run").exists()  # looking changes nothing
+    bad = run({"SYNAPSE_RUNTIME_DIR": "relative/dir"}, "health")
+    assert bad.returncode == 2 and "SYNAPSE_RUNTIME_DIR='relative/dir' is invalid" in bad.stderr
+
+
+def test_status_of_a_stopped_stack_says_so(tmp_root):
+    """What a stopped stack left behind is shown as stopped: no launcher holds the runtime dir's lock."""
+    layout = make_layout(str(tmp_root), "/data")
+    Path(layout.state_dir).mkdir()
+    started = time.time() - 90
+    write_status(layout, StackStatus(
+        launcher_pid=1, server_name="example.test", public_health=Health("http", "http://127.0.0.1:1/health"),
+        processes=(ProcessStatus("main", 4242, "RUNNING", started, 2, "boom", Health("http", "http://x/health")),),
+    ))
+    result = run({"SYNAPSE_RUNTIME_DIR": str(tmp_root)}, "status", "--json")
+    assert result.returncode == 3, result.stderr
+    assert json.loads(result.stdout) == [
+        {"name": "main", "pid": 0, "state": "STOPPED", "uptime_s": 0.0, "restarts": 2, "last_error": "boom"}
+    ]
+    text = run({"SYNAPSE_RUNTIME_DIR": str(tmp_root)}, "status")
+    assert text.returncode == 3 and "not running" in text.stdout
+    health = run({"SYNAPSE_RUNTIME_DIR": str(tmp_root)}, "health")
+    assert health.returncode == 1 and "not running" in health.stdout
