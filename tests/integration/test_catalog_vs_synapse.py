@@ -32,7 +32,8 @@ import yaml
 
 from synapse_workers import catalog
 from synapse_workers.load import load_plan
-from synapse_workers.plan import MAIN, explain, normalise
+from synapse_workers.plan import MAIN
+from synapse_workers.routing import explain, normalise
 from tests.support.synapse_map import (
     MapEntry,
     Registration,
@@ -179,6 +180,13 @@ def all_roles_plan(module_root):
     return plan
 
 
+@pytest.fixture(scope="module")
+def one_role_plans(module_root) -> dict[str, object]:
+    """One plan per role, each with a single worker carrying only that role."""
+    return {role: load_plan(_env(module_root / "one", POSTGRES_PASSWORD="not-used", SYNAPSE_WORKER_TYPES=role))
+            for role in catalog.ROLES}
+
+
 # ---------------------------------------------------------------------------------------------------
 # The parser itself (cheap, guards the comparisons below)
 # ---------------------------------------------------------------------------------------------------
@@ -221,10 +229,25 @@ def test_sample_path(regex, sample):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _worker_serving_roles(rule: catalog.Rule, method: str) -> list[str]:
-    """Roles that may serve METHOD on this rule (the first deployed one of a branch does)."""
-    roles = [r for b in rule.branches if b.methods is None or method in b.methods for r in b.roles]
-    return list(dict.fromkeys(roles))
+def _serving_roles(one_role_plans, method: str, path: str) -> list[str]:
+    """Roles some deployment sends METHOD PATH to: asked of the planner, one single-role deployment per role."""
+    return [role for role, plan in one_role_plans.items() if explain(plan, method, path)["upstream"] != MAIN]
+
+
+def test_serving_roles_follow_the_docs(one_role_plans):
+    """Guards the helper above: docs/workers.md §3.1, §3.2 and §5, written out."""
+    def roles(method, path):
+        return set(_serving_roles(one_role_plans, method, path))
+
+    assert roles("GET", "/_matrix/client/v3/pushrules/") == {"push_rules", "client_reader_non_room"}
+    assert roles("PUT", "/_matrix/client/v3/pushrules/global/room/!r:x") == {"push_rules"}
+    assert roles("POST", "/_matrix/client/v3/keys/upload") == {"device_lists", "frontend_proxy",
+                                                                "client_reader_non_room"}
+    assert roles("POST", "/_matrix/client/v3/createRoom") == {"event_creator", "client_reader_non_room"}
+    assert roles("GET", "/_synapse/admin/v2/users/@u:x") == {"client_reader_non_room"}
+    assert roles("PUT", "/_synapse/admin/v2/users/@u:x") == set()
+    assert roles("GET", "/_matrix/client/v3/sync") == {"synchrotron"}
+    assert roles("POST", "/_matrix/client/v3/logout") == set()
 
 
 def _writer_only(role: str, method: str, path: str, registrations: list[Registration]) -> str | None:
@@ -241,7 +264,7 @@ def _writer_only(role: str, method: str, path: str, registrations: list[Registra
     return cls
 
 
-def test_catalogue_examples_are_registered_on_generic_workers(workers_map, registrations):
+def test_catalogue_examples_are_registered_on_generic_workers(workers_map, registrations, one_role_plans):
     failures, rows = [], []
     for rule in catalog.RULES:
         assert rule.examples, f"rule {rule.id} has no examples to check"
@@ -250,7 +273,7 @@ def test_catalogue_examples_are_registered_on_generic_workers(workers_map, regis
             if not re.search(rule.pattern, normalise(path)):
                 failures.append(f"example {example!r} of rule {rule.id} does not match its pattern {rule.pattern}")
                 continue
-            for role in _worker_serving_roles(rule, method):
+            for role in _serving_roles(one_role_plans, method, path):
                 need = required_resource(normalise(path))
                 resources = catalog.ROLES[role].resources
                 if need not in resources:

@@ -27,7 +27,7 @@ import pytest
 
 from synapse_workers import cli
 from synapse_workers.load import load_plan
-from synapse_workers.plan import explain
+from synapse_workers.routing import explain
 from tests.conftest import free_port, isolated_env
 from tests.integration.request_table import GROUPS, PRIVATE, REQUESTS, Req
 from tests.support.nginx import NGINX, Nginx
@@ -97,7 +97,7 @@ class Deployment:
             self.fleet = self._stack.enter_context(stubs_for_plan(self.plan))
             for stub in self.fleet.stubs.values():
                 wait_connectable(stub.address)
-            self.nginx = self._stack.enter_context(Nginx(self.plan.files["nginx"], str(self.root / "nginx.log")))
+            self.nginx = self._stack.enter_context(Nginx(self.plan.layout.nginx_conf, str(self.root / "nginx.log")))
             self.base = f"http://127.0.0.1:{self.plan.public.port}"
             wait_connectable(f"127.0.0.1:{self.plan.public.port}")
             self.client = self._stack.enter_context(httpx.Client(timeout=10))

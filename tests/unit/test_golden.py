@@ -4,17 +4,20 @@ A diff here means the generated configuration changed. If the change is intended
 
     SW_UPDATE_GOLDEN=1 /opt/synapse-workers/venv/bin/python -m pytest -q tests/unit/test_golden.py
 
-and review `git diff tests/unit/golden/` before committing.
+and review `git diff tests/unit/golden/` before committing. An updating run compares nothing, so it
+reports every golden case as skipped (never passed), and under CI (`CI` set) it refuses to write and fails.
 """
 
 from __future__ import annotations
 
 import difflib
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from synapse_workers.load import load_plan
 from synapse_workers.render import render_all
@@ -22,6 +25,7 @@ from synapse_workers.render import render_all
 GOLDEN = Path(__file__).parent / "golden"
 ROOT = Path("/tmp/sw-golden")  # fixed, never written to by these tests: rendering is pure
 UPDATE = os.environ.get("SW_UPDATE_GOLDEN") == "1"
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 TOPOLOGIES = {
     "monolith": "",
@@ -55,9 +59,9 @@ def _render(base_env, name: str) -> dict[str, str]:
     assert not plan.homeserver.exists
     managed = render_all(plan).managed
     files = {
-        "shared.yaml": managed[plan.files["shared_config"]],
-        "main.yaml": managed[plan.files["main_config"]],
-        "nginx.conf": managed[plan.files["nginx"]],
+        "shared.yaml": managed[plan.layout.shared_config],
+        "main.yaml": managed[plan.layout.main_config],
+        "nginx.conf": managed[plan.layout.nginx_conf],
     }
     if plan.workers:
         files["stream_writers1.yaml"] = managed[plan.process("stream_writers1").config_files[-1]]
@@ -80,9 +84,13 @@ def test_golden(base_env, topology, filename):
     actual = _render(base_env, topology)[filename]
     golden = GOLDEN / topology / filename
     if UPDATE:
+        if IN_CI:
+            pytest.fail("SW_UPDATE_GOLDEN=1 under CI: golden files are updated by hand and reviewed, never in CI")
+        changed = not golden.exists() or golden.read_text(encoding="utf-8") != actual
         golden.parent.mkdir(parents=True, exist_ok=True)
         golden.write_text(actual, encoding="utf-8")
-        return
+        state = "updated" if changed else "rewritten unchanged"
+        pytest.skip(f"golden/{topology}/{filename} {state}, not compared: review `git diff tests/unit/golden/`")
     assert golden.exists(), f"{golden} is missing: run with SW_UPDATE_GOLDEN=1 to create it"
     expected = golden.read_text(encoding="utf-8")
     if actual != expected:
@@ -90,6 +98,80 @@ def test_golden(base_env, topology, filename):
             expected.splitlines(keepends=True), actual.splitlines(keepends=True),
             fromfile=f"golden/{topology}/{filename}", tofile="rendered", n=2))
         pytest.fail(f"rendered {filename} differs from the golden file (SW_UPDATE_GOLDEN=1 to accept):\n{diff[:6000]}")
+
+
+# Facts the golden files must show, written from the README and docs/workers.md (not from the golden files):
+# internal ports from SYNAPSE_INTERNAL_PORT_BASE=30000 (main base+0..4, workers from base+10 in declaration
+# order), loopback only, replication and metrics refused on the public port.
+
+
+def _upstream_servers(conf: str, name: str) -> list[str]:
+    block = re.search(rf"upstream {name} \{{(.*?)\}}", conf, re.S).group(1)
+    return re.findall(r"^\s*server (\S+) ", block, re.M)
+
+
+def _listeners(doc: dict) -> list[tuple[int, list[str]]]:
+    listeners = doc.get("listeners") or doc["worker_listeners"]
+    for lst in listeners:
+        assert lst["bind_addresses"] == ["127.0.0.1"], lst
+    return [(lst["port"], [n for r in lst["resources"] for n in r["names"]]) for lst in listeners]
+
+
+def _refuses_internal_paths(conf: str) -> bool:
+    return all(re.search(rf"location \^~ {p} \{{\s*return 404;", conf) for p in ("/_synapse/replication",
+                                                                                 "/_synapse/metrics"))
+
+
+def test_monolith_facts(base_env):
+    files = _render(base_env, "monolith")
+    assert yaml.safe_load(files["shared.yaml"]) == {}  # nothing to share without workers
+    main = yaml.safe_load(files["main.yaml"])
+    assert _listeners(main) == [(30000, ["client", "federation"]), (30002, [])]  # public, health; no replication
+    assert main["log_config"] == "/tmp/sw-golden/monolith/run/synapse/log/main.log.config"
+    conf = files["nginx.conf"]
+    assert "listen 0.0.0.0:8008 so_keepalive=on;" in conf
+    assert "client_max_body_size 52428800;" in conf  # SYNAPSE_MAX_UPLOAD_SIZE default 50M
+    assert re.findall(r"^\s*upstream (\S+) \{", conf, re.M) == ["main"]
+    assert _upstream_servers(conf, "main") == ["127.0.0.1:30000"]
+    assert _refuses_internal_paths(conf)
+
+
+def test_workers_facts(base_env):
+    files = _render(base_env, "workers")
+    shared = yaml.safe_load(files["shared.yaml"])
+    assert shared["instance_map"] == {
+        "main": {"host": "127.0.0.1", "port": 30001},
+        "event_persister1": {"host": "127.0.0.1", "port": 30014},
+        "event_persister2": {"host": "127.0.0.1", "port": 30016},
+        "media_repository1": {"host": "127.0.0.1", "port": 30019},
+        "stream_writers1": {"host": "127.0.0.1", "port": 30022},
+    }
+    assert shared["stream_writers"] == {
+        "events": ["event_persister1", "event_persister2"], "quarantined_media_changes": ["media_repository1"],
+        "receipts": ["stream_writers1"], "to_device": ["stream_writers1"], "typing": ["stream_writers1"],
+    }
+    assert shared["redis"] == {"enabled": True, "path": "/tmp/sw-golden/workers/run/sockets/redis.sock"}
+    assert shared["enable_media_repo"] is False
+    assert shared["media_instance_running_background_jobs"] == "media_repository1"
+    assert "pusher_instances" not in shared and "run_background_tasks_on" not in shared
+    main = yaml.safe_load(files["main.yaml"])
+    assert _listeners(main) == [(30000, ["client", "federation"]), (30001, ["replication"]), (30002, [])]
+    worker = yaml.safe_load(files["stream_writers1.yaml"])
+    assert (worker["worker_app"], worker["worker_name"]) == ("synapse.app.generic_worker", "stream_writers1")
+    assert _listeners(worker) == [(30021, ["client"]), (30022, ["replication"]), (30023, [])]
+    assert worker["worker_log_config"] == "/tmp/sw-golden/workers/run/synapse/log/stream_writers1.log.config"
+    conf = files["nginx.conf"]
+    assert "listen 0.0.0.0:8008 so_keepalive=on;" in conf
+    assert _upstream_servers(conf, "main") == ["127.0.0.1:30000"]
+    for name in ("typing", "to_device", "receipts"):
+        assert _upstream_servers(conf, name) == ["127.0.0.1:30021"], name
+    assert _upstream_servers(conf, "media_repository") == ["127.0.0.1:30018"]
+    assert _upstream_servers(conf, "synchrotron_by_user") == ["127.0.0.1:30010", "127.0.0.1:30012"]
+    assert "hash $sw_user consistent;" in conf
+    assert _refuses_internal_paths(conf)
+    # HARD stream-writer routes come before the broad account-data pattern (docs: first regex wins).
+    typing = conf.index('rooms/.*/typing" {\n            proxy_pass http://typing;')
+    assert typing < conf.index("/sendToDevice/") < conf.index("/pushrules/") < conf.index("/.*/(tags|account_data)")
 
 
 def test_golden_env_ignores_base_env_randomness(base_env):

@@ -6,12 +6,11 @@ import re
 
 import pytest
 
+from synapse_workers.cli import main as cli_main
 from synapse_workers.errors import UserError
 from synapse_workers.load import load_plan
 from synapse_workers.render import render_all
-from synapse_workers.settings import BOOL_NAMES, Settings, load_settings
-
-FIELD_BY_VAR = {f.alias: name for name, f in Settings.model_fields.items()}
+from synapse_workers.settings import BOOL_NAMES, load_settings
 
 # Every on/off switch the environment has. Written out (not taken from the code) so a switch that silently
 # stops being a boolean fails here.
@@ -55,7 +54,7 @@ def _one_problem(env: dict[str, str]) -> str:
 
 def _nginx(env: dict[str, str]) -> str:
     plan = load_plan(env)
-    return render_all(plan).managed[plan.files["nginx"]]
+    return render_all(plan).managed[plan.layout.nginx_conf]
 
 
 def _directive(conf: str, name: str) -> list[str]:
@@ -74,20 +73,21 @@ def env(base_env):
 
 def test_boolean_list_matches_the_settings_model():
     assert set(BOOLEAN_VARS) <= BOOL_NAMES
+    defaults = load_settings({})
     for var in BOOLEAN_VARS:
-        assert Settings.model_fields[FIELD_BY_VAR[var]].annotation is bool, var
+        assert isinstance(defaults.value(var), bool), var
 
 
 @pytest.mark.parametrize("var", BOOLEAN_VARS)
 @pytest.mark.parametrize("value", TRUTHY)
 def test_truthy_values_turn_every_switch_on(var, value):
-    assert getattr(load_settings({var: value}), FIELD_BY_VAR[var]) is True
+    assert load_settings({var: value}).value(var) is True
 
 
 @pytest.mark.parametrize("var", BOOLEAN_VARS)
 @pytest.mark.parametrize("value", FALSY)
 def test_falsy_values_turn_every_switch_off(var, value):
-    assert getattr(load_settings({var: value}), FIELD_BY_VAR[var]) is False
+    assert load_settings({var: value}).value(var) is False
 
 
 @pytest.mark.parametrize("var", BOOLEAN_VARS)
@@ -104,17 +104,16 @@ def test_anything_else_is_an_error_not_a_silent_no(var, value):
      ("SYNAPSE_METRICS", False), ("SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK", False), ("SYNAPSE_LOG_SENSITIVE", False)],
 )
 def test_unset_switches_take_their_default(var, default):
-    assert getattr(load_settings({}), FIELD_BY_VAR[var]) is default
+    assert load_settings({}).value(var) is default
 
 
 @pytest.mark.parametrize("var", ["NGINX_PROXY_BUFFERING", "NGINX_PROXY_REQUEST_BUFFERING"])
 def test_on_off_nginx_switches(var):
-    field = FIELD_BY_VAR[var]
-    assert getattr(load_settings({}), field) == "on"
+    assert load_settings({}).value(var) == "on"
     for value in ("off", "OFF", "false", "0", "no"):
-        assert getattr(load_settings({var: value}), field) == "off"
+        assert load_settings({var: value}).value(var) == "off"
     for value in ("on", "ON", "true", "1", "yes"):
-        assert getattr(load_settings({var: value}), field) == "on"
+        assert load_settings({var: value}).value(var) == "on"
     assert f"{var}='sometimes' is invalid" in _one_problem({var: "sometimes"})
 
 
@@ -122,12 +121,12 @@ def test_load_settings_does_not_read_os_environ(monkeypatch):
     monkeypatch.setenv("SYNAPSE_LOG_LEVEL", "LOUD")
     monkeypatch.setenv("SYNAPSE_METRICS", "yes")
     settings = load_settings({})
-    assert settings.log_level == "INFO" and settings.metrics is False
+    assert settings.logging.level == "INFO" and settings.metrics.enabled is False
 
 
 def test_empty_non_switch_means_unset():
     settings = load_settings({"NGINX_GZIP_COMP_LEVEL": "", "SYNAPSE_LOG_LEVEL": " ", "POSTGRES_PORT": ""})
-    assert (settings.nginx_gzip_comp_level, settings.log_level, settings.postgres_port) == (1, "INFO", 5432)
+    assert (settings.nginx.gzip_comp_level, settings.logging.level, settings.database.port) == (1, "INFO", 5432)
 
 
 # ---- seed bug P6: "0" is off ----------------------------------------------------------------------------
@@ -135,8 +134,8 @@ def test_empty_non_switch_means_unset():
 
 @pytest.mark.parametrize("var", ["SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK", "SYNAPSE_LOG_SENSITIVE"])
 def test_zero_is_off_for_the_non_empty_means_on_variables(var):
-    assert getattr(load_settings({var: "0"}), FIELD_BY_VAR[var]) is False
-    assert getattr(load_settings({var: "1"}), FIELD_BY_VAR[var]) is True
+    assert load_settings({var: "0"}).value(var) is False
+    assert load_settings({var: "1"}).value(var) is True
 
 
 def _log_configs(env):
@@ -151,12 +150,12 @@ def test_write_logs_to_disk_zero_writes_no_log_files(env):
     plan, managed = _log_configs({**env, "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK": "0"})
     log = yaml.safe_load(managed[plan.main.log_config])
     assert "file" not in log["handlers"] and log["root"]["handlers"] == ["console"]
-    assert _directive(managed[plan.files["nginx"]], "access_log") == ["off"]
+    assert _directive(managed[plan.layout.nginx_conf], "access_log") == ["off"]
 
     plan, managed = _log_configs({**env, "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK": "1"})
     log = yaml.safe_load(managed[plan.main.log_config])
     assert log["handlers"]["file"]["filename"].startswith(env["SYNAPSE_DATA_DIR"] + "/logs/")
-    assert _directive(managed[plan.files["nginx"]], "access_log") != ["off"]
+    assert _directive(managed[plan.layout.nginx_conf], "access_log") != ["off"]
 
 
 def test_log_sensitive_zero_keeps_sql_logger_clamped(env):
@@ -196,7 +195,7 @@ def test_client_keepalive_enabled_uses_the_timeout(env):
 
 @pytest.mark.parametrize("value, expected", [("yes", True), ("no", False), ("YES", True), ("No", False)])
 def test_report_stats_yes_no(value, expected):
-    assert load_settings({"SYNAPSE_REPORT_STATS": value}).report_stats is expected
+    assert load_settings({"SYNAPSE_REPORT_STATS": value}).core.report_stats is expected
 
 
 @pytest.mark.parametrize("value", ["true", "false", "1", "0", "y", "n", "on", "off", "t"])
@@ -303,23 +302,47 @@ SECRETS = {
 }
 
 
-def test_secrets_are_never_echoed_in_errors():
-    env = {**SECRETS, "NGINX_GZIP_COMP_LEVEL": "10", "SYNAPSE_TLS_CERT": "/c.pem", "COTURN_MIN_PORT": "50000",
-           "COTURN_MAX_PORT": "40000", "SYNAPSE_DATABASE": "postgres"}
+# A line break makes every secret invalid (they are stored in one-line key files).
+BAD_SECRETS = {var: f"{value}\nsecond-line" for var, value in SECRETS.items()}
+
+
+@pytest.mark.parametrize("var", sorted(SECRETS))
+def test_an_invalid_secret_is_named_but_never_echoed(var):
+    problem = _one_problem({var: BAD_SECRETS[var]})
+    assert problem.startswith(f"{var}=<hidden> is invalid: expected "), problem
+    assert "SECRET-value" not in problem and "second-line" not in problem
+
+
+def test_secrets_are_never_echoed_in_errors(env, capsys):
+    """All five at once, next to an ordinary bad value: through load_settings and through the CLI's stderr."""
     with pytest.raises(UserError) as info:
-        load_settings(env)
-    text = str(info.value)
-    assert "NGINX_GZIP_COMP_LEVEL" in text
-    for value in SECRETS.values():
-        assert value not in text
+        load_settings({**BAD_SECRETS, "NGINX_GZIP_COMP_LEVEL": "10"})
+    assert cli_main(["plan"], env={**env, **BAD_SECRETS, "NGINX_GZIP_COMP_LEVEL": "10"}) == 2
+    captured = capsys.readouterr()
+    for text in (str(info.value), captured.out + captured.err):
+        assert "NGINX_GZIP_COMP_LEVEL='10'" in text  # ordinary values are shown
+        assert text.count("<hidden>") == len(SECRETS), text
+        for var in SECRETS:
+            assert f"{var}=<hidden>" in text, var
+        assert "SECRET-value" not in text and "second-line" not in text
+
+
+def test_env_command_masks_secrets(capsys):
+    assert cli_main(["env"], env={**SECRETS, "SYNAPSE_SERVER_NAME": "example.test"}) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("=", 1)[0]: line for line in out.splitlines()}
+    for var, value in SECRETS.items():
+        assert lines[var].startswith(f"{var}=<hidden>"), lines[var]
+        assert value not in out
+    assert lines["SYNAPSE_SERVER_NAME"].startswith("SYNAPSE_SERVER_NAME=example.test")  # others are shown
 
 
 def test_secrets_are_not_in_the_settings_repr():
     settings = load_settings(SECRETS)
-    text = repr(settings) + str(settings) + str(settings.model_dump())
+    text = repr(settings) + str(settings) + "".join(str(vars(settings)[k].model_dump()) for k in vars(settings))
     for value in SECRETS.values():
         assert value not in text
-    assert settings.postgres_password.get_secret_value() == SECRETS["POSTGRES_PASSWORD"]
+    assert settings.database.password.get_secret_value() == SECRETS["POSTGRES_PASSWORD"]
 
 
 def test_postgres_database_needs_a_password_without_showing_one():
@@ -347,8 +370,8 @@ def test_coturn_port_range_must_be_ordered():
 
 @pytest.mark.parametrize("page", [4096, 8192, 512])
 def test_sizes_derive_from_the_page_size(page):
-    s = load_settings({"NGINX_GENERAL_PAGE_SIZE_BYTES": str(page)})
-    assert s.nginx_page_size == page
+    s = load_settings({"NGINX_GENERAL_PAGE_SIZE_BYTES": str(page)}).nginx
+    assert s.page_size == page
     assert s.proxy_buffer_size == page
     assert s.proxy_busy_buffers_size == 2 * page
     assert s.proxy_temp_file_write_size == 2 * page
@@ -356,23 +379,23 @@ def test_sizes_derive_from_the_page_size(page):
 
 
 def test_default_sizes():
-    s = load_settings({})
+    s = load_settings({}).nginx
     assert (s.proxy_buffer_size, s.proxy_busy_buffers_size, s.proxy_temp_file_write_size,
             s.client_body_buffer_size) == (4096, 8192, 8192, 4096 * 1024)
 
 
 def test_buffering_off_multiplies_the_proxy_buffer():
-    off = load_settings({"NGINX_PROXY_BUFFERING": "off", "NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER": "2"})
+    off = load_settings({"NGINX_PROXY_BUFFERING": "off", "NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER": "2"}).nginx
     assert off.proxy_buffer_size == 8192
-    on = load_settings({"NGINX_PROXY_BUFFERING": "on", "NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER": "2"})
+    on = load_settings({"NGINX_PROXY_BUFFERING": "on", "NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER": "2"}).nginx
     assert on.proxy_buffer_size == 4096
-    off_default = load_settings({"NGINX_PROXY_BUFFERING": "off"})
+    off_default = load_settings({"NGINX_PROXY_BUFFERING": "off"}).nginx
     assert off_default.proxy_buffer_size == 4096
 
 
 def test_large_multiplier_keeps_busy_buffers_valid():
     # Seed P3: with buffering off and multiplier > 2, 2×page busy buffers fall below one proxy buffer.
-    s = load_settings({"NGINX_PROXY_BUFFERING": "off", "NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER": "16"})
+    s = load_settings({"NGINX_PROXY_BUFFERING": "off", "NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER": "16"}).nginx
     assert s.proxy_buffer_size == 16 * 4096
     assert s.proxy_busy_buffers_size >= s.proxy_buffer_size
     assert s.proxy_temp_file_write_size >= s.proxy_buffer_size
@@ -386,7 +409,7 @@ def test_explicit_sizes_win():
         "NGINX_CLIENT_BODY_BUFFER_SIZE_BYTES": "1048576",
         "NGINX_PROXY_BUFFERING": "off",
         "NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER": "8",
-    })
+    }).nginx
     assert (s.proxy_buffer_size, s.proxy_busy_buffers_size, s.proxy_temp_file_write_size,
             s.client_body_buffer_size) == (16384, 32768, 65536, 1048576)
 
@@ -431,9 +454,9 @@ def test_buffer_combinations_nginx_would_refuse_are_errors(extra, var):
 
 
 def test_busy_buffers_just_inside_the_limits_are_accepted():
-    assert load_settings({"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES": "4096"}).proxy_busy_buffers_size == 4096
-    assert load_settings({"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES": "28671"}).proxy_busy_buffers_size == 28671
-    assert load_settings({"NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES": "4096"}).proxy_temp_file_write_size == 4096
+    assert load_settings({"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES": "4096"}).nginx.proxy_busy_buffers_size == 4096
+    assert load_settings({"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES": "28671"}).nginx.proxy_busy_buffers_size == 28671
+    assert load_settings({"NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES": "4096"}).nginx.proxy_temp_file_write_size == 4096
 
 
 # ---- values that are parsed -----------------------------------------------------------------------------
@@ -444,21 +467,21 @@ def test_busy_buffers_just_inside_the_limits_are_accepted():
                    ("1000", 1000), ("10m", 10 * 1024**2), ("1GB", 1024**3)],
 )
 def test_upload_size_units(text, size):
-    assert load_settings({"SYNAPSE_MAX_UPLOAD_SIZE": text}).max_upload_size == size
+    assert load_settings({"SYNAPSE_MAX_UPLOAD_SIZE": text}).core.max_upload_size == size
 
 
 def test_paths_lose_trailing_slashes():
     s = load_settings({"SYNAPSE_DATA_DIR": "/data/", "SYNAPSE_RUNTIME_DIR": "/run/sw//"})
-    assert (s.data_dir, s.runtime_dir) == ("/data", "/run/sw")
-    assert load_settings({"SYNAPSE_CONFIG_DIR": "/cfg"}).homeserver_config_path == "/cfg/homeserver.yaml"
-    assert load_settings({"SYNAPSE_CONFIG_PATH": "/x/hs.yaml"}).homeserver_config_path == "/x/hs.yaml"
+    assert (s.core.data_dir, s.core.runtime_dir) == ("/data", "/run/sw")
+    assert load_settings({"SYNAPSE_CONFIG_DIR": "/cfg"}).core.homeserver_config_path == "/cfg/homeserver.yaml"
+    assert load_settings({"SYNAPSE_CONFIG_PATH": "/x/hs.yaml"}).core.homeserver_config_path == "/x/hs.yaml"
 
 
 def test_log_level_is_case_insensitive():
-    assert load_settings({"SYNAPSE_LOG_LEVEL": "debug"}).log_level == "DEBUG"
+    assert load_settings({"SYNAPSE_LOG_LEVEL": "debug"}).logging.level == "DEBUG"
 
 
 def test_database_kind():
-    assert load_settings({}).database_kind == "embedded"
-    assert load_settings({"POSTGRES_PASSWORD": "x"}).database_kind == "postgres"
-    assert load_settings({"SYNAPSE_DATABASE": "sqlite", "POSTGRES_PASSWORD": "x"}).database_kind == "sqlite"
+    assert load_settings({}).database.kind == "embedded"
+    assert load_settings({"POSTGRES_PASSWORD": "x"}).database.kind == "postgres"
+    assert load_settings({"SYNAPSE_DATABASE": "sqlite", "POSTGRES_PASSWORD": "x"}).database.kind == "sqlite"
