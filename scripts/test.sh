@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # Install everything (apt + venv, see install.sh) and run the whole test suite with real nginx, Synapse,
-# PostgreSQL and Redis binaries. Extra arguments go to pytest.
+# PostgreSQL and Redis binaries, after ruff and mypy on src/. Extra arguments go to pytest.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 SW_EXTRAS=test "$here/scripts/install.sh"
 venv=${SW_VENV:-/opt/synapse-workers/venv}
 cd "$here"
+# Lint, format and type checks on the package first: cheap, and they fail fast.
+echo "test: ruff check, ruff format --check, mypy (src/)"
+"$venv/bin/ruff" check --no-cache src
+"$venv/bin/ruff" format --check --no-cache src
+"$venv/bin/mypy" --no-incremental --cache-dir=/dev/null
 exec "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

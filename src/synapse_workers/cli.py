@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from . import __version__, catalog
 from .errors import UserError
@@ -18,6 +19,9 @@ from .plan import Plan
 from .render import render_all
 from .routing import explain
 from .settings import VARIABLES, runtime_dir, shown
+
+if TYPE_CHECKING:
+    from .run.status import StackStatus
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -46,24 +50,29 @@ def _parser() -> argparse.ArgumentParser:
         prog="synapse-workers",
         description=f"Synapse {catalog.SYNAPSE_VERSION} with workers and an internal nginx, from the environment.",
     )
-    parser.add_argument("--version", action="version", version=f"synapse-workers {__version__} "
-                        f"(Synapse {catalog.SYNAPSE_VERSION})")
+    parser.add_argument(
+        "--version", action="version", version=f"synapse-workers {__version__} (Synapse {catalog.SYNAPSE_VERSION})"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("generate", help="validate the environment and write every config file").set_defaults(
-        func=cmd_generate)
+        func=cmd_generate
+    )
     plan = sub.add_parser("plan", help="print the deployment plan; writes nothing")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
     plan.set_defaults(func=cmd_plan)
     sub.add_parser("check", help="generate, then nginx -t and Synapse's config loader on every process").set_defaults(
-        func=cmd_check)
+        func=cmd_check
+    )
     routes = sub.add_parser("routes", help="explain where a request goes: routes [METHOD] PATH")
     routes.add_argument("words", nargs="+", metavar="[METHOD] PATH")
     routes.add_argument("--json", action="store_true")
     routes.set_defaults(func=cmd_routes)
-    sub.add_parser("run", help="generate, then start and supervise the whole stack (container entrypoint)").set_defaults(
-        func=cmd_run)
+    sub.add_parser(
+        "run", help="generate, then start and supervise the whole stack (container entrypoint)"
+    ).set_defaults(func=cmd_run)
     sub.add_parser("health", help="exit 0 only when nginx, main and every worker answer /health").set_defaults(
-        func=cmd_health)
+        func=cmd_health
+    )
     status = sub.add_parser("status", help="every process of the running stack: PID, state, uptime, restarts")
     status.add_argument("--json", action="store_true", help="a list of objects (name, pid, state, uptime_s, ...)")
     status.set_defaults(func=cmd_status)
@@ -71,20 +80,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_generate(args, env) -> int:
+def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     plan = load_plan(env)
     written = write_files(plan, render_all(plan))
-    print(f"synapse-workers: wrote {len(written)} files for main + {len(plan.workers)} workers "
-          f"(nginx: {plan.layout.nginx_conf})")
+    print(
+        f"synapse-workers: wrote {len(written)} files for main + {len(plan.workers)} workers "
+        f"(nginx: {plan.layout.nginx_conf})"
+    )
     return 0
 
 
-def cmd_plan(args, env) -> int:
+def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     plan = load_plan(env)
     if args.json:
         print(json.dumps(plan.as_json(), indent=2))
         return 0
-    print(f"server_name {plan.homeserver.server_name}; public port {plan.public.port}; Synapse {catalog.SYNAPSE_VERSION}")
+    print(
+        f"server_name {plan.homeserver.server_name}; public port {plan.public.port}; Synapse {catalog.SYNAPSE_VERSION}"
+    )
     for proc in plan.processes:
         listeners = ", ".join(f"{lst.kind}={lst.address}" for lst in proc.listeners)
         types = "+".join(proc.types) or "main"
@@ -92,7 +105,7 @@ def cmd_plan(args, env) -> int:
     return 0
 
 
-def cmd_check(args, env) -> int:
+def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     plan = load_plan(env)
     write_files(plan, render_all(plan))
     ok = _nginx_test(plan)
@@ -116,7 +129,9 @@ def _synapse_test(plan: Plan) -> bool:
     procs = [{"name": p.name, "app": p.app, "config_files": list(p.config_files)} for p in plan.processes]
     result = subprocess.run(
         [sys.executable, "-m", "synapse_workers.synapse_check"],
-        input=json.dumps(procs), capture_output=True, text=True,
+        input=json.dumps(procs),
+        capture_output=True,
+        text=True,
     )
     seen = 0
     for line in result.stdout.splitlines():
@@ -129,7 +144,7 @@ def _synapse_test(plan: Plan) -> bool:
     return result.returncode == 0
 
 
-def cmd_run(args, env) -> int:
+def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .programs import programs
     from .run import postgres
     from .run.binaries import find_binaries
@@ -150,14 +165,14 @@ def cmd_run(args, env) -> int:
         lock.close()
 
 
-def _running_status(env):
+def _running_status(env: Mapping[str, str]) -> StackStatus:
     from .run.status import read_status
 
     layout = make_layout(runtime_dir(env), data_dir="/")  # only runtime paths are used
     return read_status(layout)
 
 
-def cmd_health(args, env) -> int:
+def cmd_health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """Reads what `run` left in the runtime dir: needs only SYNAPSE_RUNTIME_DIR (or its default)."""
     from .run.health import check_all
 
@@ -173,7 +188,7 @@ def cmd_health(args, env) -> int:
     return 0 if not any(results.values()) else 1
 
 
-def cmd_status(args, env) -> int:
+def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     import time
 
     status = _running_status(env)
@@ -188,8 +203,10 @@ def cmd_status(args, env) -> int:
         print(f"stack for {status.server_name}: {verdict}")
         print(f"  {'NAME':28} {'PID':>7} {'STATE':9} {'UPTIME':>9} {'RESTARTS':>8}  LAST ERROR")
         for row in rows:
-            print(f"  {row['name']:28} {row['pid']:>7} {row['state']:9} {_duration(row['uptime_s']):>9} "
-                  f"{row['restarts']:>8}  {row['last_error']}")
+            print(
+                f"  {row['name']:28} {row['pid']:>7} {row['state']:9} {_duration(row['uptime_s']):>9} "
+                f"{row['restarts']:>8}  {row['last_error']}"
+            )
     return 0 if status.running else 3
 
 
@@ -202,7 +219,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def cmd_routes(args, env) -> int:
+def cmd_routes(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     words = args.words
     if len(words) > 2 or not words[-1].startswith("/"):
         raise UserError("routes: expected [METHOD] PATH, for example: routes PUT /_matrix/client/v3/sendToDevice/m.x/1")
@@ -226,7 +243,7 @@ def cmd_routes(args, env) -> int:
     return 0
 
 
-def cmd_env(args, env) -> int:
+def cmd_env(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for name, variable in VARIABLES.items():
         value = env.get(name)
         text = "" if value is None else (shown(name, value) if variable.secret else value)

@@ -37,8 +37,9 @@ def load_plan(env: Mapping[str, str]) -> Plan:
     if settings is None:
         raise UserError(*problems)
     attempt(lambda: _check_files(settings))
-    info = attempt(lambda: describe(settings, read_homeserver(settings.core.homeserver_config_path),
-                                    has_workers=bool(workers)))
+    info = attempt(
+        lambda: describe(settings, read_homeserver(settings.core.homeserver_config_path), has_workers=bool(workers))
+    )
     if info is None or workers is None:
         raise UserError(*problems)
     plan = attempt(lambda: make_plan(settings, info, workers, _appservices(settings)))
@@ -75,4 +76,3 @@ def _check_files(settings: Settings) -> None:
             problems.append(f"SYNAPSE_APPSERVICES names {path!r}, which is not an existing file.")
     if problems:
         raise UserError(*problems)
-

@@ -294,8 +294,13 @@ class _PortAllocator:
         return port
 
 
-def _listeners(settings: Settings, layout: Layout, name: str, wanted: list[tuple[str, tuple[str, ...]]],
-               port_for: Callable[[str], int]) -> tuple[Listener, ...]:
+def _listeners(
+    settings: Settings,
+    layout: Layout,
+    name: str,
+    wanted: list[tuple[str, tuple[str, ...]]],
+    port_for: Callable[[str], int],
+) -> tuple[Listener, ...]:
     """Internal listeners for one process: loopback TCP, or unix sockets where the switches ask for them."""
     sockets = {
         PUBLIC: settings.listen.public_unix_sockets,
@@ -342,7 +347,7 @@ def _worker_process(settings: Settings, layout: Layout, worker: Worker, ports: _
     if settings.metrics.enabled:
         wanted.append((METRICS, ("metrics",)))
     listeners = _listeners(settings, layout, worker.name, wanted, lambda _kind: ports.take())
-    duties = tuple(sorted({catalog.ROLES[r].duty for r in worker.roles if catalog.ROLES[r].duty}))
+    duties = tuple(sorted({d for r in worker.roles if (d := catalog.ROLES[r].duty)}))
     return Process(
         name=worker.name,
         app=WORKER_APP,
@@ -446,13 +451,13 @@ def _routing(main: Process, workers: tuple[Process, ...]) -> tuple[tuple[Upstrea
     for rule in catalog.RULES:
         targets: list[tuple[frozenset[str] | None, str]] = []
         for branch in rule.branches:
-            role = next((r for r in branch.roles if r in by_role), None)
-            if role is None:
+            found = next((r for r in branch.roles if r in by_role), None)
+            if found is None:
                 continue
-            servers = by_role[role]
+            servers = by_role[found]
             balance = rule.balance if len(servers) > 1 else None
-            name = role if balance is None else f"{role}_by_{balance}"
-            upstreams.setdefault(name, Upstream(name, role, balance, servers))
+            name = found if balance is None else f"{found}_by_{balance}"
+            upstreams.setdefault(name, Upstream(name, found, balance, servers))
             targets.append((branch.methods, name))
         targets = _simplify(targets)
         routes.append(Route(rule, tuple(targets)))

@@ -77,58 +77,73 @@ def programs(
 
     if plan.postgres:
         pg = plan.postgres
-        result.append(Program(
-            name="postgres",
-            command=(
-                binaries["postgres"], "-D", pg.data_dir,
-                "-c", "listen_addresses=", "-c", f"unix_socket_directories={pg.socket_dir}",
-                "-c", f"max_connections={pg.max_connections}",
-            ),
-            stage=STAGE_POSTGRES,
-            health=Health("command", _pg_isready(binaries, pg.socket_dir, postgres_user, as_root)),
-            user=(postgres_user[1], postgres_user[2]) if as_root and postgres_user else None,
-            stop_signal="INT",  # PostgreSQL's "fast" shutdown
-            stop_wait=20,
-            log_file=disk_logs and f"{disk_logs}/postgres.log",
-        ))
+        assert postgres_user is not None, "the embedded cluster's owner is looked up by the caller"
+        result.append(
+            Program(
+                name="postgres",
+                command=(
+                    binaries["postgres"],
+                    "-D",
+                    pg.data_dir,
+                    "-c",
+                    "listen_addresses=",
+                    "-c",
+                    f"unix_socket_directories={pg.socket_dir}",
+                    "-c",
+                    f"max_connections={pg.max_connections}",
+                ),
+                stage=STAGE_POSTGRES,
+                health=Health("command", _pg_isready(binaries, pg.socket_dir, postgres_user, as_root)),
+                user=(postgres_user[1], postgres_user[2]) if as_root else None,
+                stop_signal="INT",  # PostgreSQL's "fast" shutdown
+                stop_wait=20,
+                log_file=disk_logs and f"{disk_logs}/postgres.log",
+            )
+        )
     if plan.redis and not plan.redis.external:
-        result.append(Program(
-            name="redis",
-            command=(binaries["redis-server"], plan.layout.redis_conf),
-            stage=STAGE_REDIS,
-            health=Health("redis", plan.redis.path or ""),
-            user=synapse_user,
-            stop_wait=10,
-            log_file=disk_logs and f"{disk_logs}/redis.log",
-        ))
+        result.append(
+            Program(
+                name="redis",
+                command=(binaries["redis-server"], plan.layout.redis_conf),
+                stage=STAGE_REDIS,
+                health=Health("redis", plan.redis.path or ""),
+                user=synapse_user,
+                stop_wait=10,
+                log_file=disk_logs and f"{disk_logs}/redis.log",
+            )
+        )
     env = {"PYTHONUNBUFFERED": "1", "HOME": core.data_dir}
     for proc in plan.processes:
-        result.append(Program(
-            name=proc.name,
-            command=launcher.command(plan, proc),
-            stage=STAGE_MAIN if proc.is_main else STAGE_WORKERS,
-            health=synapse_health(proc),
-            user=synapse_user,
-            env=env,
-            stop_wait=15,
-            start_secs=5,
-            critical=proc.is_main,
-        ))
-    result.append(Program(
-        name="nginx",
-        command=(binaries["nginx"], "-c", plan.layout.nginx_conf, "-g", "daemon off;"),
-        stage=STAGE_NGINX,
-        health=Health("http", f"{plan.public.local_url}/_matrix/client/versions"),
-        stop_signal="QUIT",  # graceful: finish requests in flight
-        stop_wait=10,
-        log_file=disk_logs and f"{disk_logs}/nginx.log",
-    ))
+        result.append(
+            Program(
+                name=proc.name,
+                command=launcher.command(plan, proc),
+                stage=STAGE_MAIN if proc.is_main else STAGE_WORKERS,
+                health=synapse_health(proc),
+                user=synapse_user,
+                env=env,
+                stop_wait=15,
+                start_secs=5,
+                critical=proc.is_main,
+            )
+        )
+    result.append(
+        Program(
+            name="nginx",
+            command=(binaries["nginx"], "-c", plan.layout.nginx_conf, "-g", "daemon off;"),
+            stage=STAGE_NGINX,
+            health=Health("http", f"{plan.public.local_url}/_matrix/client/versions"),
+            stop_signal="QUIT",  # graceful: finish requests in flight
+            stop_wait=10,
+            log_file=disk_logs and f"{disk_logs}/nginx.log",
+        )
+    )
     if as_root:
         result = [_drop_privileges(p, binaries["setpriv"]) for p in result]
     return result
 
 
-def _pg_isready(binaries: dict[str, str], socket_dir: str, owner, as_root: bool) -> str:
+def _pg_isready(binaries: dict[str, str], socket_dir: str, owner: tuple[str, int, int], as_root: bool) -> str:
     """As the cluster owner over peer auth: a wrong user would make PostgreSQL log a failed login."""
     name, uid, gid = owner
     command = [binaries["pg_isready"], "-q", "-h", socket_dir, "-U", name, "-d", "postgres", "-t", "2"]

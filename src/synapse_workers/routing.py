@@ -45,23 +45,44 @@ def explain(plan: Plan, method: str, path: str) -> dict[str, Any]:
     """Where nginx sends METHOD PATH, and why."""
     method = method.upper()
     if normalise(path) == "/health":
-        return {"method": method, "path": path, "status": 200, "upstream": None, "servers": [],
-                "why": "the whole stack's health, answered by the launcher (same as `synapse-workers health`)"}
+        return {
+            "method": method,
+            "path": path,
+            "status": 200,
+            "upstream": None,
+            "servers": [],
+            "why": "the whole stack's health, answered by the launcher (same as `synapse-workers health`)",
+        }
     if private_path(path):
-        return {"method": method, "path": path, "status": 404, "upstream": None, "servers": [],
-                "why": "internal-only path: nginx refuses it on the public port"}
+        return {
+            "method": method,
+            "path": path,
+            "status": 404,
+            "upstream": None,
+            "servers": [],
+            "why": "internal-only path: nginx refuses it on the public port",
+        }
     route = match_route(plan, path)
     if route is None:
-        return {"method": method, "path": path, "rule": None, "upstream": MAIN, "servers": [MAIN],
-                "why": "no worker route matches: main serves everything not routed elsewhere"}
+        return {
+            "method": method,
+            "path": path,
+            "rule": None,
+            "upstream": MAIN,
+            "servers": [MAIN],
+            "why": "no worker route matches: main serves everything not routed elsewhere",
+        }
     upstream = plan.upstream(route.upstream_for(method))
     rule = route.rule
     why = rule.why or f"docs/workers.md group '{rule.group}'"
     if upstream.name == MAIN:
         roles = [r for b in rule.branches if b.methods is None or method in b.methods for r in b.roles]
         wanted = " or ".join(dict.fromkeys(roles))
-        why = (f"{why}; no {wanted} worker is deployed, so main serves {method}" if wanted
-               else f"{why}; {method} is served by main only")
+        why = (
+            f"{why}; no {wanted} worker is deployed, so main serves {method}"
+            if wanted
+            else f"{why}; {method} is served by main only"
+        )
     return {
         "method": method,
         "path": path,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
@@ -22,7 +22,7 @@ FALSY = ("no", "n", "false", "f", "0", "off", "")
 BOOL_HELP = "one of yes, y, true, t, 1, on (on) or no, n, false, f, 0, off, empty (off)"
 
 
-def _passthrough(parse):
+def _passthrough(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Defaults are validated too (validate_default): let None and already-parsed tuples through."""
 
     def wrapper(value: Any) -> Any:
@@ -60,7 +60,7 @@ def _on_off(value: Any) -> str:
     raise ValueError("'on' or 'off'")
 
 
-def _int(low: int, high: int | None = None):
+def _int(low: int, high: int | None = None) -> BeforeValidator:
     def parse(value: Any) -> int:
         text = str(value).strip()
         if not re.fullmatch(r"[0-9]+", text):
@@ -85,7 +85,7 @@ def _abs_path(value: Any) -> str:
     return text.rstrip("/") or "/"
 
 
-def _choice(*choices: str, upper: bool = False):
+def _choice(*choices: str, upper: bool = False) -> BeforeValidator:
     def parse(value: Any) -> str:
         text = str(value).strip()
         text = text.upper() if upper else text.lower()
@@ -249,9 +249,9 @@ class HomeserverSettings(Section):
 
 
 class DatabaseSettings(Section):
-    database: Annotated[
-        Literal["embedded", "postgres", "sqlite"] | None, _choice("embedded", "postgres", "sqlite")
-    ] = var("SYNAPSE_DATABASE")
+    database: Annotated[Literal["embedded", "postgres", "sqlite"] | None, _choice("embedded", "postgres", "sqlite")] = (
+        var("SYNAPSE_DATABASE")
+    )
     host: str = var("POSTGRES_HOST", "db")
     port: Port = var("POSTGRES_PORT", 5432)
     name: str = var("POSTGRES_DB", "synapse")
@@ -327,9 +327,7 @@ class NginxSettings(Section):
     gzip_http_version: Annotated[str, _choice("1.0", "1.1")] = var("NGINX_GZIP_HTTP_VERSION", "1.1")
     gzip_min_length: Annotated[int, _int(0, 1 << 30)] = var("NGINX_GZIP_MIN_LENGTH", 200)
     client_keepalive_enable: Bool = var("NGINX_CLIENT_KEEPALIVE_ENABLE", True)
-    client_keepalive_timeout_seconds: Annotated[int, _int(0, 86400)] = var(
-        "NGINX_CLIENT_KEEPALIVE_TIMEOUT_SECONDS", 60
-    )
+    client_keepalive_timeout_seconds: Annotated[int, _int(0, 86400)] = var("NGINX_CLIENT_KEEPALIVE_TIMEOUT_SECONDS", 60)
     upstream_keepalive_enable: Bool = var("NGINX_UPSTREAM_KEEPALIVE_ENABLE", True)
     upstream_keepalive_timeout: Annotated[int, _int(1, 86400)] = var("NGINX_UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS", 60)
     upstream_keepalive_multiplier: Annotated[int, _int(1, 1000)] = var(
@@ -432,7 +430,9 @@ class Variable:
 
 
 VARIABLES: dict[str, Variable] = {
-    info.alias: Variable(info.alias, section, field, info.default, _is_secret(info.annotation), _is_bool(info.annotation))
+    info.alias: Variable(
+        info.alias, section, field, info.default, _is_secret(info.annotation), _is_bool(info.annotation)
+    )
     for section, model in SECTIONS.items()
     for field, info in model.model_fields.items()
     if info.alias

@@ -16,10 +16,17 @@ import sys
 
 MAIN_APP = "synapse.app.homeserver"
 WORKER_APPS = (
-    "synapse.app.appservice", "synapse.app.client_reader", "synapse.app.event_creator",
-    "synapse.app.federation_reader", "synapse.app.federation_sender", "synapse.app.frontend_proxy",
-    "synapse.app.generic_worker", "synapse.app.media_repository", "synapse.app.pusher",
-    "synapse.app.synchrotron", "synapse.app.user_dir",
+    "synapse.app.appservice",
+    "synapse.app.client_reader",
+    "synapse.app.event_creator",
+    "synapse.app.federation_reader",
+    "synapse.app.federation_sender",
+    "synapse.app.frontend_proxy",
+    "synapse.app.generic_worker",
+    "synapse.app.media_repository",
+    "synapse.app.pusher",
+    "synapse.app.synchrotron",
+    "synapse.app.user_dir",
 )
 
 

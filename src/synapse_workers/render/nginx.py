@@ -41,14 +41,14 @@ def nginx_quote(text: str) -> str:
 def render_nginx(plan: Plan) -> dict[str, str]:
     """Topology (listeners, upstreams, routes) from the plan; tuning from the nginx settings section."""
     tuning = plan.settings.nginx
-    servers = {p.name: p.listener(PUBLIC) for p in plan.processes}
+    servers = {p.name: lst.address for p in plan.processes if (lst := p.listener(PUBLIC))}
     upstreams = []
     for upstream in plan.upstreams:
         upstreams.append(
             {
                 "name": upstream.name,
                 "hash": HASH_KEYS.get(upstream.balance) if upstream.balance else None,
-                "servers": [servers[name].address for name in upstream.servers],
+                "servers": [servers[name] for name in upstream.servers],
                 "keepalive": _keepalive(tuning, upstream),
             }
         )
@@ -62,9 +62,7 @@ def render_nginx(plan: Plan) -> dict[str, str]:
                 "pattern": nginx_quote(route.rule.pattern),
                 "target": route_variable(route) if split else route.targets[0][1],
                 "split": split,
-                "methods": [
-                    (sorted(methods) if methods else None, upstream) for methods, upstream in route.targets
-                ],
+                "methods": [(sorted(methods) if methods else None, upstream) for methods, upstream in route.targets],
             }
         )
     bind = plan.public.bind_address

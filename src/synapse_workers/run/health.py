@@ -64,8 +64,7 @@ def public_health(plan: Plan) -> Health:
 
 def check_all(checks: dict[str, Health]) -> dict[str, str | None]:
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(checks)))) as pool:
-        results = dict(zip(checks, pool.map(check, checks.values())))
-    return results
+        return dict(zip(checks, pool.map(check, checks.values()), strict=True))
 
 
 class Aggregator:

@@ -65,9 +65,21 @@ def prepare_cluster(plan: Plan, as_root: bool, setpriv: str) -> pwd.struct_passw
     os.chmod(socket_dir, 0o755)  # Synapse (another user) must reach the socket; auth is by password
     if not (data / "PG_VERSION").exists():
         subprocess.run(
-            [*_as_owner(owner, as_root, setpriv), f"{bindir}/initdb", "-D", str(data), "--encoding=UTF8",
-             "--locale=C", f"--username={owner.pw_name}", "--auth-local=peer", "--auth-host=reject"],
-            check=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd="/",
+            [
+                *_as_owner(owner, as_root, setpriv),
+                f"{bindir}/initdb",
+                "-D",
+                str(data),
+                "--encoding=UTF8",
+                "--locale=C",
+                f"--username={owner.pw_name}",
+                "--auth-local=peer",
+                "--auth-host=reject",
+            ],
+            check=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            cwd="/",
         )
     hba = data / "pg_hba.conf"
     hba.write_text(HBA.format(admin=owner.pw_name))
@@ -89,9 +101,24 @@ SELECT 'CREATE DATABASE synapse OWNER synapse ENCODING ''UTF8'' LC_COLLATE ''C''
 """
     # SQL on stdin: the password never shows in a process list.
     result = subprocess.run(
-        [*_as_owner(owner, as_root, setpriv), f"{postgres_bin()}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
-         "-h", plan.postgres.socket_dir, "-U", owner.pw_name, "-d", "postgres"],
-        input=sql, text=True, capture_output=True, cwd="/",
+        [
+            *_as_owner(owner, as_root, setpriv),
+            f"{postgres_bin()}/psql",
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            plan.postgres.socket_dir,
+            "-U",
+            owner.pw_name,
+            "-d",
+            "postgres",
+        ],
+        input=sql,
+        text=True,
+        capture_output=True,
+        cwd="/",
     )
     if result.returncode != 0:
         raise RuntimeError(f"setting up the embedded database failed: {result.stderr.strip()}")

@@ -46,9 +46,7 @@ def _check_readable(path: str, uid: int, gid: int) -> None:
     st = os.stat(path)
     mode = st.st_mode
     readable = (
-        (st.st_uid == uid and mode & stat.S_IRUSR)
-        or (st.st_gid == gid and mode & stat.S_IRGRP)
-        or mode & stat.S_IROTH
+        (st.st_uid == uid and mode & stat.S_IRUSR) or (st.st_gid == gid and mode & stat.S_IRGRP) or mode & stat.S_IROTH
     )
     if not readable:
         raise UserError(

@@ -88,9 +88,7 @@ def read_status(layout: Layout) -> StackStatus:
         ) from None
     except (OSError, ValueError) as exc:
         raise UserError(f"{layout.status_file} cannot be read: {exc}") from None
-    processes = tuple(
-        ProcessStatus(**{**p, "health": Health(**p["health"])}) for p in doc.get("processes", [])
-    )
+    processes = tuple(ProcessStatus(**{**p, "health": Health(**p["health"])}) for p in doc.get("processes", []))
     return StackStatus(
         launcher_pid=doc.get("launcher_pid", 0),
         server_name=doc.get("server_name", ""),
@@ -103,7 +101,7 @@ def read_status(layout: Layout) -> StackStatus:
 def launcher_running(layout: Layout) -> bool:
     """True while a `run` holds the runtime dir's lock."""
     try:
-        handle = open(layout.lock_file)
+        handle = open(layout.lock_file)  # noqa: SIM115 (closed by the with below; open may fail first)
     except OSError:
         return False
     with handle:

@@ -152,8 +152,10 @@ class Stack:
 
     def _announce(self) -> None:
         url = self.plan.public.local_url
-        log(f"ready: Synapse for {self.plan.homeserver.server_name} with {len(self.plan.workers)} workers "
-            f"at {url}/ (health: {url}/health). Point a Matrix client at {url}.")
+        log(
+            f"ready: Synapse for {self.plan.homeserver.server_name} with {len(self.plan.workers)} workers "
+            f"at {url}/ (health: {url}/health). Point a Matrix client at {url}."
+        )
         log(f"first user: register_new_matrix_user -c {self.plan.homeserver.path} {url}")
 
     # ---- watching -------------------------------------------------------------------------------------
@@ -169,8 +171,9 @@ class Stack:
         self.watch, _ = observe(self.watch, [r for r, _ in self._reports()], time.monotonic())
         while not self.stop_requested.wait(1.0):
             reports = self._reports()
-            self.watch, events = observe(self.watch, [r for r, _ in reports], time.monotonic(),
-                                         CRASH_LIMIT, CRASH_WINDOW)
+            self.watch, events = observe(
+                self.watch, [r for r, _ in reports], time.monotonic(), CRASH_LIMIT, CRASH_WINDOW
+            )
             for event in events:
                 name = event.name
                 if event.kind == CRASHED:
@@ -178,8 +181,9 @@ class Stack:
                     log(f"{name} exited unexpectedly{status}; supervisor restarts it")
                     self.last_error[name] = _last_line(self._tail_text(name)) or f"exited{status}"
                 elif event.kind == CRASH_LOOP:
-                    self._report(name, f"{name} crashed {event.crashes} times in {int(CRASH_WINDOW) // 60} "
-                                       "minutes: stopping it.")
+                    self._report(
+                        name, f"{name} crashed {event.crashes} times in {int(CRASH_WINDOW) // 60} minutes: stopping it."
+                    )
                     self._safe(self.rpc.supervisor.stopProcess, GROUP + name, False)
                     self._give_up_if_critical(name)
                 elif event.kind == RESTARTED:
@@ -307,7 +311,7 @@ def lock_runtime_dir(lock_file: str, runtime_dir: str) -> Any:
     import fcntl
 
     Path(runtime_dir).mkdir(parents=True, exist_ok=True)
-    handle = open(lock_file, "w")
+    handle = open(lock_file, "w")  # noqa: SIM115 (held open for the launcher's lifetime: that is the lock)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
