@@ -9,6 +9,7 @@ environment, which win.
 from __future__ import annotations
 
 import os
+import re
 import secrets as pysecrets
 import shutil
 import tempfile
@@ -103,6 +104,14 @@ def ensure_secrets(plan: Plan) -> list[str]:
         # libpq passfile: host:port:db:user:password; the password itself is random.
         _write_new(paths.postgres, f"*:*:*:synapse:{pysecrets.token_hex(24)}\n", SECRET_MODE)
         written.append(paths.postgres)
+    external = plan.settings.database.password if plan.settings.database.kind == "postgres" else None
+    if external is not None and (not plan.homeserver.exists or os.path.exists(paths.external_postgres)):
+        # libpq passfile (host:port:db:user:password, ':' and '\\' escaped); only our generated file names it.
+        line = "*:*:*:*:" + re.sub(r"([:\\])", r"\\\1", external.get_secret_value()) + "\n"
+        current = Path(paths.external_postgres).read_text() if os.path.exists(paths.external_postgres) else None
+        if current != line:
+            _write_new(paths.external_postgres, line, SECRET_MODE)
+            written.append(paths.external_postgres)
     for path, given in wanted:
         current = Path(path).read_text().strip() if os.path.exists(path) else None
         if current is not None and (given is None or given == current):

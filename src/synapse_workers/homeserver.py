@@ -137,12 +137,14 @@ def database_block(settings: Settings, secrets: SecretPaths, embedded_socket_dir
             "passfile": secrets.postgres,
         }
     else:
+        # Like every other secret, the password is not in this file: libpq reads the passfile, which
+        # `generate`/`run` write from POSTGRES_PASSWORD (0600), so changing the variable changes the password.
         args = {
             "user": db.user,
-            "password": db.password.get_secret_value() if db.password else None,
             "dbname": db.name,
             "host": db.host,
             "port": db.port,
+            "passfile": secrets.external_postgres,
         }
     # Small pools: every worker opens its own, and PostgreSQL allows 100 connections by default.
     args.update({"cp_min": 1, "cp_max": 5})

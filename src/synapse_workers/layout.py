@@ -89,6 +89,7 @@ class SecretPaths:
     replication: str
     turn: str
     postgres: str  # embedded PostgreSQL: libpq passfile holding the synapse role's password
+    external_postgres: str  # external PostgreSQL: libpq passfile with POSTGRES_PASSWORD (rewritten from the env)
 
 
 def secret_paths(data_dir: str, server_name: str) -> SecretPaths:
@@ -100,4 +101,5 @@ def secret_paths(data_dir: str, server_name: str) -> SecretPaths:
         replication=f"{data_dir}/worker_replication.key",
         turn=f"{data_dir}/{server_name}.turn.key",
         postgres=f"{data_dir}/embedded_postgres.pgpass",
+        external_postgres=f"{data_dir}/external_postgres.pgpass",
     )

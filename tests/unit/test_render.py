@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import yaml
 
 from synapse_workers.cli import main as cli_main
+from synapse_workers.files import write_files
 from synapse_workers.load import load_plan
 from synapse_workers.render import render_all
 
@@ -152,8 +154,24 @@ def test_homeserver_yaml_is_a_once_file_with_private_mode(env):
     assert mode == 0o600
     doc = yaml.safe_load(text)
     assert doc["server_name"] == "example.test"
-    assert doc["database"]["args"]["password"] == env["POSTGRES_PASSWORD"]
     assert doc["report_stats"] is False
+    # The external database's password is a secret like the others: not in the file, in a libpq passfile.
+    assert env["POSTGRES_PASSWORD"] not in text and "password" not in doc["database"]["args"]
+    assert doc["database"]["args"]["passfile"] == env["SYNAPSE_DATA_DIR"] + "/external_postgres.pgpass"
+
+
+def test_external_database_password_file(env, tmp_root):
+    """libpq's passfile format: host:port:database:user:password with ':' and '\\' escaped by a backslash."""
+    env = {**env, "POSTGRES_PASSWORD": r"pa:ss\word"}
+    plan = load_plan({**env, "SYNAPSE_WORKER_TYPES": ""})
+    write_files(plan, render_all(plan))
+    passfile = Path(env["SYNAPSE_DATA_DIR"], "external_postgres.pgpass")
+    assert passfile.read_text() == "*:*:*:*:pa\\:ss\\\\word\n"
+    assert stat.S_IMODE(passfile.stat().st_mode) == 0o600
+    # A new POSTGRES_PASSWORD replaces it on the next run: the variable stays the one place to change it.
+    plan = load_plan({**env, "SYNAPSE_WORKER_TYPES": "", "POSTGRES_PASSWORD": "new"})
+    write_files(plan, render_all(plan))
+    assert passfile.read_text() == "*:*:*:*:new\n"
 
 
 def test_no_once_files_when_homeserver_yaml_exists(env):
