@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from .layout import RUNTIME_MARKER
 from .plan import Plan
 from .render import FileSet
 
@@ -24,7 +25,11 @@ SECRET_MODE = 0o600
 
 
 def write_files(plan: Plan, fileset: FileSet) -> list[str]:
-    """Write everything; returns the paths written (managed files and newly created ones)."""
+    """Write everything; returns the paths written (managed files and newly created ones).
+
+    Ownership changes (as root) touch only what this creates: our runtime dir, directories it makes, files it
+    writes. A directory or file that was there before keeps its owner."""
+    new_dirs = _make_own_dirs(plan)
     written = _swap_in_managed(plan.layout.runtime_dir, fileset.managed)
     for path, (text, mode) in sorted(fileset.once.items()):
         if not os.path.exists(path):
@@ -33,13 +38,31 @@ def write_files(plan: Plan, fileset: FileSet) -> list[str]:
     created = [p for p in written if p in fileset.once]
     created += ensure_secrets(plan)
     _make_runtime_dirs(plan)
-    _chown_for_synapse(plan, created)
+    _chown_for_synapse(plan, created + new_dirs)
     return written + [p for p in created if p not in written]
+
+
+def _make_own_dirs(plan: Plan) -> list[str]:
+    """Config, data, media and log dirs: created when missing; returns those this call created."""
+    core = plan.settings.core
+    wanted = [core.config_dir, core.data_dir]
+    if not plan.homeserver.exists:
+        wanted.append(plan.settings.homeserver.media_store_path or f"{core.data_dir}/media_store")
+    if plan.settings.logging.to_disk:
+        wanted.append(plan.layout.logs_on_disk)
+    created = []
+    for path in dict.fromkeys(wanted):
+        if not os.path.lexists(path):
+            Path(path).mkdir(parents=True)
+            created.append(path)
+    return created
 
 
 def _swap_in_managed(runtime_dir: str, files: dict[str, str]) -> list[str]:
     root = Path(runtime_dir)
     root.mkdir(parents=True, exist_ok=True)
+    # load_plan refused a runtime dir holding anything we did not create; from now on it is provably ours.
+    (root / RUNTIME_MARKER).write_text("Created by synapse-workers: everything here is regenerated on every start.\n")
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
         tops: set[str] = set()
@@ -152,10 +175,7 @@ def _chown_for_synapse(plan: Plan, created: list[str]) -> None:
     if os.geteuid() != 0:
         return
     uid, gid = plan.settings.core.uid, plan.settings.core.gid
-    trees = [plan.layout.sockets_dir, plan.layout.synapse_dir]
-    if plan.settings.logging.to_disk:
-        trees.append(plan.layout.logs_on_disk)
-    for tree in trees:
+    for tree in (plan.layout.sockets_dir, plan.layout.synapse_dir):  # inside our runtime dir
         os.chown(tree, uid, gid)
         for root, dirs, names in os.walk(tree):
             for name in dirs + names:

@@ -7,7 +7,10 @@ dir, 0600). Pure: nothing here touches the disk.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+
+# Proof that a runtime dir is ours: written before anything in it is created or replaced.
+RUNTIME_MARKER = ".synapse-workers-runtime"
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,17 @@ class Layout:
 
     def as_json(self) -> dict[str, str]:
         return asdict(self)
+
+    def runtime_names(self) -> frozenset[str]:
+        """The top-level names we create in the runtime dir (staging and old copies start with .staging-/.old-)."""
+        prefix = self.runtime_dir + "/"
+        values = (getattr(self, f.name) for f in fields(self))
+        return frozenset(v[len(prefix) :].split("/")[0] for v in values if v.startswith(prefix)) | {RUNTIME_MARKER}
+
+    def foreign_entries(self, entries: list[str]) -> list[str]:
+        """Of a listing of the runtime dir, the names we never create."""
+        ours = self.runtime_names()
+        return sorted(e for e in entries if e not in ours and not e.startswith((".staging-", ".old-")))
 
 
 def make_layout(runtime_dir: str, data_dir: str) -> Layout:

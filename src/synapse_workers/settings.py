@@ -8,6 +8,7 @@ Pure: takes a mapping, never reads os.environ itself.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -83,6 +84,52 @@ def _abs_path(value: Any) -> str:
     if not text.startswith("/") or re.search(r"[\s;{}'\"$\\%#]", text):
         raise ValueError("an absolute path (starting with /) without spaces or any of ; { } ' \" $ \\ % #")
     return text.rstrip("/") or "/"
+
+
+# Directories that belong to the system: never a data, config or runtime dir (we create, replace and
+# re-own things inside those). Exact paths, and whole trees that are the system's alone.
+SYSTEM_DIRS = frozenset(
+    {
+        "/",
+        "/etc",
+        "/home",
+        "/media",
+        "/mnt",
+        "/opt",
+        "/root",
+        "/run",
+        "/srv",
+        "/tmp",
+        "/var",
+        "/var/lib",
+        "/var/log",
+        "/var/run",
+        "/var/tmp",
+        "/var/cache",
+        "/var/spool",
+        "/var/mail",
+        "/var/opt",
+        "/var/local",
+        "/var/backups",
+        "/usr/local",
+    }
+)
+SYSTEM_TREES = ("/proc", "/sys", "/dev", "/boot", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr")
+
+
+def _own_dir(value: Any) -> str:
+    path = _abs_path(value)
+    normal = os.path.normpath(path)
+    if (
+        normal in SYSTEM_DIRS
+        or any(normal == t or normal.startswith(t + "/") for t in SYSTEM_TREES)
+        and not (normal.startswith("/usr/local/"))
+    ):
+        raise ValueError(
+            "a directory of its own, not a system directory such as /, /etc, /var or /usr (files are created, "
+            "replaced and given to Synapse's user in it)"
+        )
+    return path
 
 
 def _choice(*choices: str, upper: bool = False) -> BeforeValidator:
@@ -163,6 +210,32 @@ def _ip(value: Any) -> str:
         raise ValueError("an IPv4 or IPv6 address") from None
 
 
+TRUSTED_PROXIES_HELP = (
+    "comma-separated IP addresses or CIDR networks (IPv4 or IPv6, no host bits set, such as 10.0.0.0/8, "
+    "192.0.2.1, fd00::/8) or unix: (the nginx unix-socket listener)"
+)
+
+
+def _trusted_proxies(value: Any) -> tuple[str, ...]:
+    """SYNAPSE_TRUSTED_PROXIES → normalised networks (a bare address is a /32 or /128), in order, once each."""
+    found: list[str] = []
+    for entry in (e.strip() for e in str(value).split(",")):
+        if not entry:
+            continue
+        if entry == "unix:":
+            network = entry
+        else:
+            try:
+                if "%" in entry:  # an IPv6 zone: nginx cannot match on it
+                    raise ValueError(entry)
+                network = str(ipaddress.ip_network(entry))
+            except ValueError:
+                raise ValueError(f"{TRUSTED_PROXIES_HELP}; {entry!r} is not one") from None
+        if network not in found:
+            found.append(network)
+    return tuple(found)
+
+
 def _workers_processes(value: Any) -> str:
     text = str(value).strip().lower()
     if text == "auto" or re.fullmatch(r"[1-9][0-9]{0,3}", text):
@@ -181,6 +254,7 @@ def _secret_text(value: Any) -> Any:
 Bool = Annotated[bool, BeforeValidator(_passthrough(_bool))]
 OnOff = Annotated[str, BeforeValidator(_passthrough(_on_off))]
 AbsPath = Annotated[str, BeforeValidator(_passthrough(_abs_path))]
+OwnDir = Annotated[str, BeforeValidator(_passthrough(_own_dir))]
 Port = Annotated[int, _int(1, 65535)]
 Bytes = Annotated[int, _int(512, 1 << 30)]
 Secret = Annotated[SecretStr, BeforeValidator(_passthrough(_secret_text))]
@@ -215,10 +289,10 @@ class CoreSettings(Section):
 
     server_name: ServerName | None = var("SYNAPSE_SERVER_NAME")
     report_stats: Annotated[bool | None, BeforeValidator(_passthrough(_yes_no))] = var("SYNAPSE_REPORT_STATS")
-    config_dir: AbsPath = var("SYNAPSE_CONFIG_DIR", "/data")
-    data_dir: AbsPath = var("SYNAPSE_DATA_DIR", "/data")
+    config_dir: OwnDir = var("SYNAPSE_CONFIG_DIR", "/data")
+    data_dir: OwnDir = var("SYNAPSE_DATA_DIR", "/data")
     config_path: AbsPath | None = var("SYNAPSE_CONFIG_PATH")
-    runtime_dir: AbsPath = var("SYNAPSE_RUNTIME_DIR", "/run/synapse-workers")
+    runtime_dir: OwnDir = var("SYNAPSE_RUNTIME_DIR", "/run/synapse-workers")
     worker_types: str = var("SYNAPSE_WORKER_TYPES", "")
     as_registration_dir: AbsPath | None = var("SYNAPSE_AS_REGISTRATION_DIR")
     appservices: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_path_list))] = var("SYNAPSE_APPSERVICES", ())
@@ -278,6 +352,10 @@ class ListenSettings(Section):
     tls_cert: AbsPath | None = var("SYNAPSE_TLS_CERT")
     tls_key: AbsPath | None = var("SYNAPSE_TLS_KEY")
     tls_port: Port = var("SYNAPSE_TLS_PORT", 8448)
+    # Whose X-Forwarded-For / X-Forwarded-Proto nginx believes (everyone else's are replaced); empty: no one.
+    trusted_proxies: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_trusted_proxies))] = var(
+        "SYNAPSE_TRUSTED_PROXIES", ()
+    )
 
 
 class LoggingSettings(Section):

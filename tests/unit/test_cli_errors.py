@@ -255,7 +255,7 @@ def test_generate_twice_leaves_files_identical(env, tmp_root):
     assert second.returncode == 0, second.stderr
     assert snapshot(tmp_root) == before
     assert (tmp_root / "run" / "nginx" / "nginx.conf").exists()
-    assert not [p for p in (tmp_root / "run").iterdir() if p.name.startswith(".")]  # no staging leftovers
+    assert not [p for p in (tmp_root / "run").iterdir() if p.name.startswith((".staging-", ".old-", ".tmp"))]
 
 
 EXISTING = """\
