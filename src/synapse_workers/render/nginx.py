@@ -66,6 +66,7 @@ def render_nginx(plan: Plan) -> dict[str, str]:
             }
         )
     bind = plan.public.bind_address
+    trusted = plan.settings.listen.trusted_proxies
     text = _env.get_template("nginx.conf.j2").render(
         version=catalog.SYNAPSE_VERSION,
         n=tuning,
@@ -78,6 +79,9 @@ def render_nginx(plan: Plan) -> dict[str, str]:
         main=MAIN,
         listen_host=f"[{bind}]" if ":" in bind else bind,
         access_log=f"{plan.layout.logs_on_disk}/nginx-access.log" if plan.settings.logging.to_disk else None,
+        trusted_proxies=trusted,
+        trusted_networks=[proxy for proxy in trusted if proxy != "unix:"],
+        trust_unix="unix:" in trusted,
     )
     return {plan.layout.nginx_conf: text}
 
