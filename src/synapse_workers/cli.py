@@ -18,7 +18,7 @@ from .load import load_plan
 from .plan import Plan
 from .render import render_all
 from .routing import explain
-from .settings import VARIABLES, runtime_dir, shown
+from .settings import VARIABLES, runtime_dir, shown, unknown_variables
 
 if TYPE_CHECKING:
     from .run.status import StackStatus
@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     parser = _parser()
     args = parser.parse_args(argv)
     env = os.environ if env is None else env
+    if args.command not in ("status", "health"):  # those two read only the runtime dir
+        for warning in unknown_variables(env):
+            print(f"synapse-workers: warning: {warning}", file=sys.stderr)
     try:
         code = args.func(args, env)
         sys.stdout.flush()

@@ -175,7 +175,7 @@ def _chown_for_synapse(plan: Plan, created: list[str]) -> None:
     if os.geteuid() != 0:
         return
     uid, gid = plan.settings.core.uid, plan.settings.core.gid
-    for tree in (plan.layout.sockets_dir, plan.layout.synapse_dir):  # inside our runtime dir
+    for tree in (plan.layout.synapse_dir,):  # inside our runtime dir (the sockets dir: run/prepare.py)
         os.chown(tree, uid, gid)
         for root, dirs, names in os.walk(tree):
             for name in dirs + names:

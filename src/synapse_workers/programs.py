@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -37,6 +38,24 @@ class Program:
     start_secs: int = 3
     critical: bool = True  # the stack cannot serve without it
     log_file: str | None = None  # rotated copy of its output (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK)
+
+
+# What a child process may inherit from the launcher's environment: nothing else (the environment holds
+# POSTGRES_PASSWORD and the Synapse secrets; children read theirs from 0600 files). Synapse's own tuning
+# variables pass (SYNAPSE_CACHE_FACTOR, SYNAPSE_CACHE_FACTOR_<NAME>, SYNAPSE_ASYNC_IO_REACTOR).
+INHERITED = ("PATH", "LANG", "LC_ALL", "TZ", "SYNAPSE_ASYNC_IO_REACTOR", "SYNAPSE_CACHE_FACTOR")
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+# nginx's worker processes: Debian's nginx is built with these defaults (our nginx.conf sets no `user`).
+NGINX_WORKER_USER, NGINX_WORKER_GROUP = "nobody", "nogroup"
+
+
+def child_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment every child (supervisord, its programs, psql, health checks) starts from."""
+    kept = {k: v for k, v in env.items() if k in INHERITED or k.startswith("SYNAPSE_CACHE_FACTOR_")}
+    kept.setdefault("PATH", DEFAULT_PATH)
+    return dict(sorted(kept.items()))
 
 
 def synapse_health(proc: Process) -> Health:

@@ -7,6 +7,7 @@ Pure: takes a mapping, never reads os.environ itself.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
 import re
@@ -518,6 +519,26 @@ VARIABLES: dict[str, Variable] = {
 ENV_NAMES = tuple(VARIABLES)
 BOOL_NAMES = frozenset(name for name, v in VARIABLES.items() if v.boolean)
 SECRET_NAMES = frozenset(name for name, v in VARIABLES.items() if v.secret)
+
+
+# Prefixes of the variables we read: any other variable with one of them is probably a typo.
+OUR_PREFIXES = ("SYNAPSE_", "NGINX_", "POSTGRES_", "COTURN_", "PROMETHEUS_")
+# ... except variables that Synapse itself reads from its environment (children inherit them).
+SYNAPSE_OWN = ("SYNAPSE_CACHE_FACTOR", "SYNAPSE_ASYNC_IO_REACTOR")
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A warning for every variable that looks like ours but is not one, with the closest real name."""
+    warnings = []
+    for name in sorted(env):
+        if not name.startswith(OUR_PREFIXES) or name in VARIABLES:
+            continue
+        if name in SYNAPSE_OWN or name.startswith("SYNAPSE_CACHE_FACTOR_"):
+            continue
+        close = difflib.get_close_matches(name, ENV_NAMES, n=1, cutoff=0.75)
+        hint = f" Did you mean {close[0]}?" if close else " `synapse-workers env` lists every variable."
+        warnings.append(f"{name} is not a variable synapse-workers reads: it is ignored.{hint}")
+    return warnings
 
 
 def shown(name: str, value: str) -> str:

@@ -10,6 +10,7 @@ Every class ends by stopping its stack with SIGTERM and proving nothing it start
 from __future__ import annotations
 
 import asyncio
+import grp
 import json
 import os
 import pwd
@@ -18,6 +19,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -339,7 +341,16 @@ def external_pg():
 
 @pytest.fixture(scope="class")
 def complement(external_pg: PgCluster):
-    yield from _deploy("complement", COMPLEMENT_SET, **external_pg.env())
+    yield from _deploy("complement", COMPLEMENT_SET, **external_pg.env(), **CHILD_SECRETS,
+                       SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK="1")
+
+
+# Secrets given in the environment: they must reach only the 0600 files, never a child's environment.
+CHILD_SECRETS = {
+    "SYNAPSE_MACAROON_SECRET_KEY": "macaroon-e2e-SECRET-1",
+    "SYNAPSE_FORM_SECRET": "form-e2e-SECRET-2",
+    "SYNAPSE_TURN_SECRET": "turn-e2e-SECRET-3",
+}
 
 
 class TestComplementSetExternalPostgres:
@@ -359,6 +370,33 @@ class TestComplementSetExternalPostgres:
         assert writers, "no events for the room"
         assert set(writers) <= {"event_persister1", "event_persister2"}, writers
         assert sum(writers.values()) >= 15  # create, members, power levels, ..., 10 messages
+
+    def test_no_secret_in_any_child_environment(self, complement: Deployment, external_pg: PgCluster):
+        stack = complement.stack
+        secrets = [*CHILD_SECRETS.values(), external_pg.env()["POSTGRES_PASSWORD"]]
+        children = [pid for pid in stack.leftovers() if pid != stack.proc.pid]  # the launcher was given them
+        assert len(children) >= 20, children  # supervisord, its listener, 17 Synapse processes, nginx...
+        for pid in children:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes()
+            except OSError:
+                continue  # gone meanwhile
+            names = {item.split(b"=", 1)[0].decode() for item in environ.split(b"\0") if item}
+            assert not names & {"POSTGRES_PASSWORD", *CHILD_SECRETS}, (pid, _cmdline(pid), names)
+            for secret in secrets:
+                assert secret.encode() not in environ, (pid, _cmdline(pid))
+
+    def test_logs_are_private_and_hold_no_access_token(self, complement: Deployment):
+        logs = sorted(Path(complement.data_dir, "logs").glob("*.log"))
+        names = {p.name for p in logs}
+        assert {"nginx-access.log", "main.log", "synchrotron1.log"} <= names, names
+        for path in logs:
+            assert stat.S_IMODE(path.stat().st_mode) & 0o037 == 0, (path, oct(path.stat().st_mode))
+        # The client sent its token as ?access_token= (matrix-nio does); no log keeps one.
+        for path in [*logs, complement.stack.log_path]:
+            text = path.read_text(errors="replace")
+            leaked = re.findall(r"access_token=(?!<redacted>)[^&\s\"]+", text)
+            assert not leaked, (path, leaked[:3])
 
     def test_sigterm_stops_everything(self, complement: Deployment, external_pg: PgCluster):
         assert_stops_cleanly(complement)
@@ -381,4 +419,59 @@ def test_sigterm_during_start_up_is_a_clean_stop():
         assert wait_for(lambda: not stack.leftovers(), 10), stack.leftovers()
     finally:
         stack.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---- unix sockets: only nginx and Synapse may connect ------------------------------------------------------
+
+_CONNECT = "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print('connected')"
+
+
+def _connect_as(user: str, group: str, path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={user}", f"--regid={group}", "--clear-groups", sys.executable,
+                           "-c", _CONNECT, str(path)], capture_output=True, text=True, timeout=30)
+
+
+def test_unix_sockets_reach_only_nginx_and_synapse():
+    root = make_root("sw-e2e-unix-")
+    env = stack_env(root, "synchrotron, event_persister", SYNAPSE_PUBLIC_UNIX_SOCKETS="1",
+                    SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS="1", SYNAPSE_METRICS="1", SYNAPSE_METRICS_UNIX_SOCKETS="1")
+    stack = Stack(env)
+    try:
+        stack.start(START_TIMEOUT)
+        asyncio.run(scenario(stack.base_url, env["SYNAPSE_DATA_DIR"]))  # everything through nginx → sockets
+        sockets = Path(env["SYNAPSE_RUNTIME_DIR"], "sockets")
+        nogroup = grp.getgrnam("nogroup").gr_gid
+        st = sockets.stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (991, nogroup, 0o2750), oct(st.st_mode)
+        public, metrics = sockets / "synchrotron1.public.sock", sockets / "main.metrics.sock"
+        replication = sockets / "event_persister1.replication.sock"
+        for path in (public, metrics):
+            assert (stat.S_IMODE(path.stat().st_mode), path.stat().st_gid) == (0o660, nogroup), path
+        assert (stat.S_IMODE(replication.stat().st_mode), replication.stat().st_uid) == (0o600, 991)
+        # nginx's worker identity connects; any other local user cannot skip nginx.
+        assert _connect_as("nobody", "nogroup", public).returncode == 0
+        refused = _connect_as("4242", "4242", public)
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused
+        assert _connect_as("nobody", "nogroup", replication).returncode != 0  # replication: Synapse's user only
+        assert _connect_as("991", "991", replication).returncode == 0
+        assert stack.stop()[0] == 0
+    finally:
+        stack.kill()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_unix_sockets_under_a_closed_directory_fail_clearly():
+    """Before: the stack started and every proxied request failed with 502. Now: a message and exit 2."""
+    root = make_root("sw-e2e-closed-")
+    closed = root / "private"
+    closed.mkdir(mode=0o700)
+    env = stack_env(root, "synchrotron", SYNAPSE_PUBLIC_UNIX_SOCKETS="1",
+                    SYNAPSE_RUNTIME_DIR=str(closed / "run"))
+    try:
+        result = subprocess.run([SW, "run"], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert f"is under '{closed}', which nginx's worker user (nobody) cannot enter" in result.stderr
+        assert "Traceback" not in result.stderr
+    finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -79,3 +79,17 @@ def test_status_of_a_stopped_stack_says_so(tmp_root):
     assert text.returncode == 3 and "not running" in text.stdout
     health = run({"SYNAPSE_RUNTIME_DIR": str(tmp_root)}, "health")
     assert health.returncode == 1 and "not running" in health.stdout
+
+
+def test_unknown_variables_are_warned_about_with_the_closest_name(base_env):
+    env = {**base_env, "SYNAPSE_WORKER_TYPE": "synchrotron", "NGINX_KEEPALIVE_CONNECTION_MULTIPLIER": "2",
+           "POSTGRES_PASWORD": "x", "SYNAPSE_CACHE_FACTOR": "2.0", "SYNAPSE_CACHE_FACTOR_GETEVENT": "3"}
+    result = run(env, "plan")
+    assert result.returncode == 0, result.stderr  # a warning, not an error: the stack still starts
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("synapse-workers: warning:")]
+    assert len(warnings) == 3, result.stderr  # Synapse's own SYNAPSE_CACHE_FACTOR* are not ours to judge
+    text = "\n".join(warnings)
+    assert "SYNAPSE_WORKER_TYPE is not a variable" in text and "Did you mean SYNAPSE_WORKER_TYPES?" in text
+    # The original image's documentation spells this one without UPSTREAM_.
+    assert "Did you mean NGINX_UPSTREAM_KEEPALIVE_CONNECTION_MULTIPLIER?" in text
+    assert "Did you mean POSTGRES_PASSWORD?" in text and "'x'" not in text  # names only, never values

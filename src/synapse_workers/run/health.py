@@ -8,13 +8,14 @@ import shlex
 import socket
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 
 from ..plan import Plan
-from ..programs import Health, synapse_health
+from ..programs import Health, child_environment, synapse_health
 
 TIMEOUT = 3.0
 
@@ -47,7 +48,9 @@ def check(health: Health, timeout: float = TIMEOUT) -> str | None:
             return None if reply.startswith(b"+PONG") else f"unexpected reply {reply[:20]!r}"
         if health.kind == "command":
             argv = shlex.split(health.target)
-            result = subprocess.run(argv, check=False, timeout=timeout + 2, capture_output=True)
+            result = subprocess.run(
+                argv, check=False, timeout=timeout + 2, capture_output=True, env=child_environment(os.environ)
+            )
             return None if result.returncode == 0 else f"{os.path.basename(argv[0])} exit {result.returncode}"
     except (OSError, httpx.HTTPError, subprocess.TimeoutExpired) as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -68,31 +71,61 @@ def check_all(checks: dict[str, Health]) -> dict[str, str | None]:
 
 
 class Aggregator:
-    """Serves GET /health on 127.0.0.1:<health_port>: 200 only when main and every worker are healthy.
+    """Serves GET /health on 127.0.0.1:<port>: 200 only when main and every worker are healthy.
 
-    nginx answers the public /health from here, so it means the same as `synapse-workers health`."""
+    nginx answers the public /health from here, so it means the same as `synapse-workers health`. The
+    public port lets anyone ask, so a request never fans out by itself: the verdict is cached for `ttl`
+    seconds, at most one refresh runs at a time (others wait for it), and at most `max_clients` requests
+    are served at once (more get 503 at once)."""
 
-    def __init__(self, plan: Plan):
-        self.checks = synapse_checks(plan)
+    def __init__(self, checks: dict[str, Health], port: int, ttl: float = 1.0, max_clients: int = 8):
+        self.checks = checks
+        self.ttl = ttl
+        self._verdict: dict[str, str] | None = None
+        self._at = 0.0
+        self._refresh = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_clients)
         aggregator = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server naming)
-                results = check_all(aggregator.checks)
-                failing = {name: why for name, why in results.items() if why}
-                body = b"OK" if not failing else json.dumps({"unhealthy": failing}).encode()
-                self.send_response(200 if not failing else 503)
-                self.send_header("Content-Type", "text/plain" if not failing else "application/json")
+            def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+                if not aggregator._slots.acquire(blocking=False):
+                    self._answer(503, "text/plain", b"busy")
+                    return
+                try:
+                    failing = aggregator.verdict()
+                finally:
+                    aggregator._slots.release()
+                if failing:
+                    self._answer(503, "application/json", json.dumps({"unhealthy": failing}).encode())
+                else:
+                    self._answer(200, "text/plain", b"OK")
+
+            def _answer(self, status: int, content_type: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
+                self.send_header("Cache-Control", "no-store")
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, *args):
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (http.server naming)
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", plan.health_port), Handler)
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
+
+    def verdict(self) -> dict[str, str]:
+        """The failing processes (empty: healthy), at most `ttl` seconds old."""
+        if self._verdict is not None and time.monotonic() - self._at < self.ttl:
+            return self._verdict
+        with self._refresh:  # one refresh at a time; who waited here finds it fresh
+            if self._verdict is None or time.monotonic() - self._at >= self.ttl:
+                results = check_all(self.checks)
+                self._verdict = {name: why for name, why in results.items() if why}
+                self._at = time.monotonic()
+            return self._verdict
 
     def start(self) -> None:
         self.thread.start()

@@ -6,7 +6,15 @@ supervisord sends to its own stdout (the container log).
 
 from __future__ import annotations
 
+import re
 import sys
+
+# Access tokens never reach the output, whoever printed them (nginx's error log quotes request lines).
+TOKENS = re.compile(rb"(?i)(access_token=|access%5ftoken=|bearer )[^&;\s\"']+")
+
+
+def mask(line: bytes) -> bytes:
+    return TOKENS.sub(rb"\1<redacted>", line)
 
 
 def main() -> None:
@@ -30,7 +38,7 @@ def main() -> None:
             partial[name] = rest
         prefix = name.ljust(width) + b"| "
         if lines:
-            out.write(b"".join(prefix + line + b"\n" for line in lines))
+            out.write(b"".join(prefix + mask(line) + b"\n" for line in lines))
             out.flush()
         stdout.write(b"RESULT 2\nOK")
         stdout.flush()

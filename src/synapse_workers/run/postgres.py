@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..plan import Plan
-from ..programs import setpriv_prefix
+from ..programs import child_environment, setpriv_prefix
 
 HBA = """\
 # Written by synapse-workers on every start.
@@ -80,6 +80,7 @@ def prepare_cluster(plan: Plan, as_root: bool, setpriv: str) -> pwd.struct_passw
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd="/",
+            env=child_environment(os.environ),
         )
     hba = data / "pg_hba.conf"
     hba.write_text(HBA.format(admin=owner.pw_name))
@@ -119,6 +120,7 @@ SELECT 'CREATE DATABASE synapse OWNER synapse ENCODING ''UTF8'' LC_COLLATE ''C''
         text=True,
         capture_output=True,
         cwd="/",
+        env=child_environment(os.environ),
     )
     if result.returncode != 0:
         raise RuntimeError(f"setting up the embedded database failed: {result.stderr.strip()}")

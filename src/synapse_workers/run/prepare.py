@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import pwd
 import stat
 from pathlib import Path
 
 from ..errors import UserError
 from ..plan import Plan
+from ..programs import NGINX_WORKER_GROUP, NGINX_WORKER_USER
 from . import postgres
 
 
@@ -19,6 +22,7 @@ def prepare(plan: Plan, as_root: bool, setpriv: str) -> None:
     Path(layout.redis_dir).mkdir(exist_ok=True)
     if as_root:
         os.chown(layout.redis_dir, core.uid, core.gid)  # in our runtime dir
+        _prepare_sockets_dir(plan)
         _check_access(plan.homeserver.path, core.uid, core.gid, "r", "SYNAPSE_CONFIG_PATH")
         _check_access(core.data_dir, core.uid, core.gid, "x", "SYNAPSE_DATA_DIR")
         if not plan.homeserver.exists:  # our generated config names the media store; a user's file its own
@@ -31,6 +35,41 @@ def prepare(plan: Plan, as_root: bool, setpriv: str) -> None:
     socket = Path(layout.supervisor_socket)
     if socket.exists():
         socket.unlink()  # left by a launcher that was killed: we hold the lock, so it is ours to replace
+
+
+def _prepare_sockets_dir(plan: Plan) -> None:
+    """Synapse creates its sockets here; nginx's workers must reach the public and metrics ones; nobody else.
+
+    Owner: Synapse's user; group: nginx's worker group, inherited by every socket (setgid); mode 2750."""
+    core, sockets = plan.settings.core, plan.layout.sockets_dir
+    worker_uid = pwd.getpwnam(NGINX_WORKER_USER).pw_uid
+    try:
+        worker_gid = grp.getgrnam(NGINX_WORKER_GROUP).gr_gid
+    except KeyError:
+        worker_gid = pwd.getpwnam(NGINX_WORKER_USER).pw_gid
+    os.chown(sockets, core.uid, worker_gid)
+    os.chmod(sockets, 0o2750)
+    for entry in os.scandir(sockets):  # sockets left by the previous run: Synapse replaces them
+        if not entry.is_dir(follow_symlinks=False):
+            os.unlink(entry.path)
+    if not any(lst.path for p in plan.processes for lst in p.listeners if lst.kind in ("public", "metrics")):
+        return
+    # nginx connects by path: every directory above the sockets dir must let its workers through.
+    parent = os.path.dirname(sockets)
+    while True:
+        st = os.stat(parent)
+        klass = 0 if st.st_uid == worker_uid else 1 if st.st_gid == worker_gid else 2
+        if not st.st_mode & BITS["x"][klass]:
+            raise UserError(
+                f"SYNAPSE_RUNTIME_DIR={plan.layout.runtime_dir!r} is under {parent!r}, which nginx's worker user "
+                f"({NGINX_WORKER_USER}) cannot enter, so it cannot reach Synapse's unix sockets "
+                f"(SYNAPSE_PUBLIC_UNIX_SOCKETS/SYNAPSE_METRICS_UNIX_SOCKETS): every request would fail with 502. "
+                f"Use a runtime dir under a traversable path (the default /run/synapse-workers is one), or "
+                f"`chmod o+x {parent}`."
+            )
+        if parent == "/":
+            return
+        parent = os.path.dirname(parent)
 
 
 BITS = {

@@ -24,10 +24,10 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from ..errors import UserError
 from ..plan import Plan
-from ..programs import STAGE_NAMES, Program
+from ..programs import STAGE_NAMES, Program, child_environment
 from ..render.supervisor import GROUP_NAME
 from . import postgres
-from .health import Aggregator, check, public_health
+from .health import Aggregator, check, public_health, synapse_checks
 from .prepare import prepare
 from .status import ProcessStatus, StackStatus, write_status
 from .watch import CRASH_LIMIT, CRASH_LOOP, CRASH_WINDOW, CRASHED, FATAL, RESTARTED, Report, WatchState, observe
@@ -68,7 +68,7 @@ class Stack:
         prepare(self.plan, self.as_root, self.binaries["setpriv"])
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        aggregator = Aggregator(self.plan)
+        aggregator = Aggregator(synapse_checks(self.plan), self.plan.health_port)
         aggregator.start()
         try:
             self._start_supervisord()
@@ -94,8 +94,9 @@ class Stack:
     def _start_supervisord(self) -> None:
         self.supervisord = subprocess.Popen(
             [sys.executable, "-m", "supervisor.supervisord", "-n", "-c", self.layout.supervisor_conf],
+            env=child_environment(os.environ),  # no secrets: supervisord's programs inherit its environment
             start_new_session=True,  # our signal handler decides; ^C must not hit every program at once
-            preexec_fn=_die_with_parent,
+            preexec_fn=_supervisord_setup,
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -332,9 +333,15 @@ def _kill_group(pid: int) -> None:
             continue
 
 
-def _die_with_parent() -> None:
-    """supervisord gets SIGTERM (and stops its programs) if we are killed outright."""
+def _supervisord_setup() -> None:
+    """In the child before exec: die with the launcher, and create no world-readable file.
+
+    supervisord gets SIGTERM (and stops its programs) if we are killed outright. The umask is inherited by
+    every program, so the log files it and they create (nginx's, Synapse's, captured output) are 0640 at
+    most; supervisord's own `umask` option applies only when it daemonizes."""
     import ctypes
+
+    os.umask(0o027)
 
     libc = ctypes.CDLL("libc.so.6", use_errno=True)
     libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
