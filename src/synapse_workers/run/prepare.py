@@ -11,11 +11,12 @@ from pathlib import Path
 from ..errors import UserError
 from ..plan import Plan
 from ..programs import NGINX_WORKER_GROUP, NGINX_WORKER_USER
-from . import postgres
+from . import postgres, preflight
 
 
 def prepare(plan: Plan, as_root: bool, setpriv: str) -> None:
     layout, core = plan.layout, plan.settings.core
+    preflight.raise_if(preflight.check_ports(plan))
     state = Path(layout.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)  # the supervisor socket, captured output and status: root (the launcher) only

@@ -26,7 +26,7 @@ from ..errors import UserError
 from ..plan import Plan
 from ..programs import STAGE_NAMES, Program, child_environment
 from ..render.supervisor import GROUP_NAME
-from . import postgres
+from . import postgres, preflight
 from .health import Aggregator, check, public_health, synapse_checks
 from .prepare import prepare
 from .status import ProcessStatus, StackStatus, write_status
@@ -65,9 +65,12 @@ class Stack:
 
     # ---- lifecycle ------------------------------------------------------------------------------------
     def run(self) -> int:
-        prepare(self.plan, self.as_root, self.binaries["setpriv"])
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        prepare(self.plan, self.as_root, self.binaries["setpriv"])
+        preflight.raise_if(preflight.check_external_database(self.plan, log, self.stop_requested.is_set))
+        if self.stop_requested.is_set():
+            return 0
         aggregator = Aggregator(synapse_checks(self.plan), self.plan.health_port)
         aggregator.start()
         try:

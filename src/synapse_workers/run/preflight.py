@@ -1,0 +1,113 @@
+"""Before anything starts: the causes that would otherwise surface as a crash loop, named up front.
+
+Ports someone else holds, and an external PostgreSQL that is unreachable or refuses our password. Each
+problem names the variable to change; `run` exits 2 without starting anything.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from ..errors import UserError
+from ..plan import Plan
+
+DB_WAIT = 60.0  # an external database may still be starting (compose): wait this long for it to answer
+
+
+def check_ports(plan: Plan) -> list[str]:
+    """Every TCP port the stack will listen on must be free now."""
+    listen, public = plan.settings.listen, plan.public
+    source = "SYNAPSE_HTTP_PORT=" if listen.http_port else "The client port of homeserver.yaml, "
+    wanted: list[tuple[str, int, str]] = [(public.bind_address, public.port, f"{source}{public.port}")]
+    if public.tls_port:
+        wanted.append((public.bind_address, public.tls_port, f"SYNAPSE_TLS_PORT={public.tls_port}"))
+    internal = f"SYNAPSE_INTERNAL_PORT_BASE={listen.internal_port_base}: port"
+    wanted.append(("127.0.0.1", plan.health_port, f"{internal} {plan.health_port} (the launcher's /health)"))
+    for proc in plan.processes:
+        for lst in proc.listeners:
+            if lst.port is not None and lst.host is not None:
+                wanted.append((lst.host, lst.port, f"{internal} {lst.port} ({proc.name}'s {lst.kind} listener)"))
+    problems = []
+    for host, port, what in wanted:
+        reason = _bind_error(host, port)
+        if reason:
+            problems.append(f"{what} cannot be used: {reason}. Stop the program that holds it, or choose another.")
+    return problems
+
+
+def _bind_error(host: str, port: int) -> str | None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"{host}:{port} is in use by another program"
+            if exc.errno == errno.EACCES:
+                return f"binding {host}:{port} needs root (ports below 1024)"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return f"{host} is not an address of this machine"
+            return f"{host}:{port}: {exc.strerror}"
+    return None
+
+
+def check_external_database(
+    plan: Plan, log: Callable[[str], None], cancelled: Callable[[], bool], wait: float = DB_WAIT
+) -> list[str]:
+    """Connect once with the database settings Synapse will use (an embedded cluster is ours: skipped)."""
+    if plan.postgres is not None or plan.homeserver.database != "postgres":
+        return []
+    args = _database_args(plan.homeserver.path)
+    if args is None:
+        return []
+    import psycopg2
+
+    where = f"{args.get('host', 'localhost')}:{args.get('port', 5432)}"
+    deadline, said = time.monotonic() + wait, False
+    while True:
+        try:
+            psycopg2.connect(**args, connect_timeout=5).close()
+            return []
+        except psycopg2.OperationalError as exc:
+            text = " ".join(str(exc).split())
+            if "password authentication failed" in text or "no password supplied" in text:
+                return [
+                    f"PostgreSQL at {where} refused the password for user {args.get('user')!r}: check "
+                    "POSTGRES_PASSWORD (or the database password in homeserver.yaml)."
+                ]
+            if "does not exist" in text:
+                return [f"PostgreSQL at {where}: {text}. Check POSTGRES_DB / POSTGRES_USER (or homeserver.yaml)."]
+            if cancelled():
+                return []  # asked to stop while waiting: a clean stop, not an error
+            if time.monotonic() > deadline:
+                return [
+                    f"PostgreSQL at {where} is unreachable after {wait:.0f}s ({text}): check POSTGRES_HOST and "
+                    "POSTGRES_PORT (or homeserver.yaml), and that the database server runs."
+                ]
+            if not said:
+                log(f"waiting for PostgreSQL at {where} ({text})")
+                said = True
+            time.sleep(1)
+
+
+def _database_args(path: str) -> dict[str, Any] | None:
+    with open(path, encoding="utf-8") as handle:
+        doc = yaml.safe_load(handle) or {}
+    db = doc.get("database") or {}
+    args = db.get("args") if isinstance(db, dict) else None
+    if not isinstance(args, dict):
+        return None
+    # Synapse's own pool options are not libpq's; `database` is psycopg2's old spelling of dbname.
+    return {k: v for k, v in args.items() if not k.startswith("cp_")}
+
+
+def raise_if(problems: list[str]) -> None:
+    if problems:
+        raise UserError(*problems)
