@@ -104,3 +104,16 @@ def test_a_full_disk_leaves_the_previous_files(root):
         assert not [p for p in runtime.iterdir() if p.name.startswith((".staging-", ".old-"))]
     finally:
         subprocess.run(["umount", str(runtime)], check=False)
+
+
+def test_a_data_dir_synapse_cannot_use_is_named(root):
+    """A data dir that exists, owned by root and closed to others: not re-owned, and the cause is named."""
+    data = root / "data"
+    data.mkdir(mode=0o700)
+    env = stack_env(root, "")
+    result, took = _run(env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"{data} (SYNAPSE_DATA_DIR) is not accessible to UID=991/GID=991" in result.stderr, result.stderr
+    assert "cannot enter it" in result.stderr and f"chown 991:991 {data}" in result.stderr
+    assert (data.stat().st_uid, data.stat().st_mode & 0o777) == (0, 0o700)  # left as the admin made it
+    assert not Stack(env).leftovers()
