@@ -1,13 +1,14 @@
 """The user's homeserver.yaml: what we learn from an existing one, and what we generate when there is none.
 
-Reading the file is the only I/O here (`read_homeserver`); `describe` and `generated_homeserver` are pure.
-An existing file is never written to: everything we need is layered on with extra --config-path files.
+Reading the file is the only I/O here (`read_homeserver`, and `describe` asking whether SYNAPSE_LOG_CONFIG
+names an existing file); `generated_homeserver` is pure. An existing file is never written to: everything we
+need is layered on with extra --config-path files.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import yaml
@@ -15,6 +16,8 @@ import yaml
 from .errors import UserError
 from .layout import SecretPaths
 from .settings import Settings
+
+SYNAPSE_DEFAULT_MAX_UPLOAD_SIZE = 50 * 1024**2  # Synapse's max_upload_size when no config file sets one
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,13 @@ class HomeserverInfo:
     app_service_config_files: tuple[str, ...] = ()
     signing_key_path: str | None = None
     database_host: str | None = None  # PostgreSQL host or socket dir (tells an embedded cluster apart)
+    # The upload limit every Synapse process enforces (nginx's client_max_body_size follows it): the
+    # variable when it is set (then shared.yaml sets it over the file's) or the file is generated now (it
+    # carries it), else the file's own max_upload_size, else Synapse's default.
+    max_upload_size: int = SYNAPSE_DEFAULT_MAX_UPLOAD_SIZE
+    max_upload_size_from_env: bool = False  # SYNAPSE_MAX_UPLOAD_SIZE is set: shared.yaml sets max_upload_size
+    # SYNAPSE_LOG_CONFIG when it names an existing file: the log config of every process instead of ours.
+    user_log_config: str | None = None
 
 
 def read_homeserver(path: str) -> dict[str, Any] | None:
@@ -60,9 +70,23 @@ def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) 
                 f"SYNAPSE_REPORT_STATS is required (yes or no): there is no {path} yet, and one is generated."
             )
         database = "sqlite" if settings.database.kind == "sqlite" else "postgres"
-        info = HomeserverInfo(path, False, core.server_name, None, database, False, settings.metrics.enabled)
+        info = HomeserverInfo(
+            path,
+            False,
+            core.server_name,
+            None,
+            database,
+            False,
+            settings.metrics.enabled,
+            max_upload_size=core.max_upload_size,  # written into the generated file
+        )
     else:
         info = _describe_existing(settings, path, doc)
+    info = replace(
+        info,
+        max_upload_size_from_env="max_upload_size" in core.model_fields_set,
+        user_log_config=_user_log_config(settings),
+    )
     if has_workers and info.database == "sqlite":
         where = f"{path} uses SQLite" if info.exists else "SYNAPSE_DATABASE=sqlite"
         raise UserError(
@@ -98,7 +122,54 @@ def _describe_existing(settings: Settings, path: str, doc: dict[str, Any]) -> Ho
         app_service_config_files=tuple(str(a) for a in appservices if isinstance(a, str)),
         signing_key_path=doc.get("signing_key_path"),
         database_host=_database_host(db),
+        max_upload_size=_max_upload_size(settings, path, doc),
     )
+
+
+def _max_upload_size(settings: Settings, path: str, doc: dict[str, Any]) -> int:
+    """The limit Synapse enforces with this file first in its --config-path list and our files after it."""
+    if "max_upload_size" in settings.core.model_fields_set:
+        return settings.core.max_upload_size  # shared.yaml sets it over the file's
+    value = doc.get("max_upload_size")
+    if value is None:
+        return SYNAPSE_DEFAULT_MAX_UPLOAD_SIZE
+    size = _synapse_size(value)
+    if size is None:
+        raise UserError(
+            f"{path} (SYNAPSE_CONFIG_PATH) has max_upload_size: {value!r}, which Synapse cannot read: expected a "
+            "size such as 50M or a number of bytes (or set SYNAPSE_MAX_UPLOAD_SIZE, which overrides it)."
+        )
+    return size
+
+
+def _synapse_size(value: Any) -> int | None:
+    """Synapse's Config.parse_size (an int is bytes; a string may end in K, M, G or T); None if unreadable
+    or not positive (nginx reads 0 as "no limit")."""
+    if type(value) is int:
+        size = value
+    elif isinstance(value, str) and value:
+        factor = {"K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}.get(value[-1], 1)
+        try:
+            size = int(value[:-1] if factor > 1 else value) * factor
+        except ValueError:
+            return None
+    else:
+        return None
+    return size if size > 0 else None
+
+
+GENERATED_LOG_CONFIG = "# Generated once by synapse-workers for homeserver.yaml"
+
+
+def _user_log_config(settings: Settings) -> str | None:
+    """SYNAPSE_LOG_CONFIG naming an existing file of the user's. Otherwise it is only the path a generated
+    homeserver.yaml names (the file we created there carries GENERATED_LOG_CONFIG and stays ours), and every
+    process keeps its own generated log config."""
+    path = settings.homeserver.log_config
+    if not path or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        return None if handle.read(len(GENERATED_LOG_CONFIG)) == GENERATED_LOG_CONFIG else path
 
 
 def _database_host(db: Any) -> str | None:
@@ -172,7 +243,7 @@ def generated_homeserver(
         "database": database_block(settings, secrets, embedded_socket_dir),
         "log_config": s.log_config or f"{core.config_dir}/{core.server_name}.log.config",
         "media_store_path": s.media_store_path or f"{core.data_dir}/media_store",
-        "max_upload_size": _size_text(core.max_upload_size),
+        "max_upload_size": size_text(core.max_upload_size),
         "event_cache_size": s.event_cache_size,
         "signing_key_path": secrets.signing_key,
         "registration_shared_secret_path": secrets.registration,
@@ -207,7 +278,8 @@ def _default_turn_uris(server_name: str) -> tuple[str, ...]:
     return (f"turn:{host}:3478?transport=udp", f"turn:{host}:3478?transport=tcp")
 
 
-def _size_text(size: int) -> str:
+def size_text(size: int) -> str:
+    """Bytes in Synapse's size syntax (50M), exact."""
     for unit, factor in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
         if size % factor == 0:
             return f"{size // factor}{unit}"

@@ -378,7 +378,7 @@ def _public(settings: Settings, homeserver: HomeserverInfo) -> Public:
         tls_port=listen.tls_port if tls else None,
         tls_cert=listen.tls_cert,
         tls_key=listen.tls_key,
-        max_body_size=settings.core.max_upload_size,
+        max_body_size=homeserver.max_upload_size,  # what Synapse enforces: the two limits always agree
     )
 
 

@@ -6,11 +6,16 @@ A) for each topology: `plan --json`, then `check` must exit 0 and report OK for 
    reports what Synapse refuses.
 B) an existing homeserver.yaml written by Synapse itself (`--generate-config`) is used as is and never
    modified.
+C) what a variable means reaches the running Synapse: every process's --config-path list is loaded by
+   Synapse's loader and the parsed config object is compared with the variable's documented meaning;
+   nginx's body limit and Synapse's upload limit agree after the variable changes; SYNAPSE_LOG_CONFIG.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import re
@@ -18,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -26,6 +32,7 @@ import yaml
 from synapse_workers import catalog
 from synapse_workers.load import load_plan
 from synapse_workers.synapse_check import check_process
+from tests.conftest import isolated_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -474,3 +481,207 @@ def test_existing_sqlite_homeserver_as_monolith(synapse_generated, base_env, tmp
     assert plan["workers"] == [] and plan["public"]["port"] == 8008
     assert_check_ok(env, plan)
     assert _fingerprint(path) == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# C) what a variable means, as the running Synapse sees it: each process's --config-path list loaded by
+#    Synapse's own loader, assertions on the parsed config object. Expected values come from the README.
+# ---------------------------------------------------------------------------------------------------
+
+VARS_TOPOLOGY = "synchrotron"  # main and a generic worker, both loading the media repository
+VARS_PROCESSES = ["main", "synchrotron1"]
+
+
+def synapse_config(proc):
+    """The config object the process would run with: HomeServerConfig.load_config over its --config-path
+    list, as synapse.app.homeserver / generic_worker do (after the same checks `synapse-workers check` makes)."""
+    from synapse.config.homeserver import HomeServerConfig
+
+    error = check_process(proc.app, list(proc.config_files))
+    assert error is None, f"Synapse refuses {proc.name}'s config: {error}"
+    argv = [arg for path in proc.config_files for arg in ("--config-path", path)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        return HomeServerConfig.load_config("Synapse Homeserver" if proc.is_main else "Synapse worker", argv)
+
+
+def attribute(config, dotted: str):
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def effective_log_config(config, proc) -> str | None:
+    """The file synapse.config.logger.setup_logging loads: worker_log_config on a worker, else log_config."""
+    return config.worker.worker_log_config if not proc.is_main else config.logging.log_config
+
+
+def generate(env: dict[str, str]):
+    result = run_cli(env, "generate")
+    assert result.returncode == 0, result.stdout + result.stderr
+    return load_plan(env)
+
+
+def nginx_body_limit(plan) -> int:
+    found = re.findall(r"^\s*client_max_body_size\s+([0-9]+);", Path(plan.layout.nginx_conf).read_text(), re.M)
+    assert len(found) == 1, found
+    return int(found[0])
+
+
+@dataclass(frozen=True)
+class VarCase:
+    variable: str
+    value: str  # "{root}" is the case's own directory
+    attribute: str  # on Synapse's parsed HomeServerConfig
+    expected: object  # with the variable set
+    default: object  # with the variable unset ("{data}" is SYNAPSE_DATA_DIR)
+    baseline: str | None = DROP  # the variable's value in the "unset" run (SYNAPSE_REPORT_STATS is required)
+
+
+MIB = 1024 * 1024
+VAR_CASES = [
+    VarCase("SYNAPSE_ENABLE_REGISTRATION", "yes", "registration.enable_registration", True, False),
+    # "open registration (also sets enable_registration_without_verification: really open)"
+    VarCase("SYNAPSE_ENABLE_REGISTRATION", "yes", "registration.enable_registration_without_verification",
+            True, False),
+    VarCase("SYNAPSE_ALLOW_GUEST", "yes", "registration.allow_guest_access", True, False),
+    # unset: Synapse's own default, https://<server name>/; set: the URL, with the trailing slash Synapse adds
+    VarCase("SYNAPSE_PUBLIC_BASEURL", "https://matrix.example.test", "server.public_baseurl",
+            "https://matrix.example.test/", "https://example.test/"),
+    VarCase("SYNAPSE_SERVE_SERVER_WELLKNOWN", "yes", "server.serve_server_wellknown", True, False),
+    VarCase("SYNAPSE_URL_PREVIEW_ENABLED", "yes", "media.url_preview_enabled", True, False),
+    # Synapse's sizes: K = 1024
+    VarCase("SYNAPSE_EVENT_CACHE_SIZE", "20K", "caches.event_cache_size", 20 * 1024, 10 * 1024),
+    VarCase("SYNAPSE_MEDIA_STORE_PATH", "{root}/elsewhere/media", "media.media_store_path",
+            "{root}/elsewhere/media", "{data}/media_store"),
+    VarCase("SYNAPSE_MAX_UPLOAD_SIZE", "100M", "media.max_upload_size", 100 * MIB, 50 * MIB),
+    VarCase("SYNAPSE_REPORT_STATS", "yes", "metrics.report_stats", True, False, baseline="no"),
+]
+
+
+@pytest.fixture(scope="module")
+def generated_with():
+    """generate(**variables) → (env, plan, directory): one generated stack per distinct environment, each
+    in its own directory (a new install every time), shared by the tests of this module."""
+    root = Path(tempfile.mkdtemp(prefix="sw-vars-", dir="/tmp"))
+    cache: dict[tuple, tuple] = {}
+
+    def make(**variables: str | None):
+        key = tuple(sorted(variables.items(), key=lambda kv: kv[0]))
+        if key not in cache:
+            folder = root / str(len(cache))
+            base = {**isolated_env(folder), "POSTGRES_PASSWORD": "not-a-real-password"}
+            values = {k: (v.format(root=folder) if v is not None else v) for k, v in variables.items()}
+            env = make_env(base, SYNAPSE_WORKER_TYPES=VARS_TOPOLOGY, **values)
+            cache[key] = (env, generate(env), folder)
+        return cache[key]
+
+    try:
+        yield make
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _var_params():
+    for case in VAR_CASES:
+        for state in ("set", "unset"):
+            for process in VARS_PROCESSES:
+                yield pytest.param(case, state, process,
+                                   id=f"{case.variable}-{case.attribute}-{state}-{process}")
+
+
+@pytest.mark.parametrize("case, state, process", list(_var_params()))
+def test_generation_variable_reaches_synapse(generated_with, case, state, process):
+    value = case.value if state == "set" else case.baseline
+    env, plan, folder = generated_with(**{case.variable: value})
+    config = synapse_config(plan.process(process))
+    expected = case.expected if state == "set" else case.default
+    if isinstance(expected, str):
+        expected = expected.format(root=folder, data=env["SYNAPSE_DATA_DIR"])
+    assert attribute(config, case.attribute) == expected, (case.variable, value, process)
+
+
+# SYNAPSE_MAX_UPLOAD_SIZE: nginx's client_max_body_size and Synapse's max_upload_size agree on every start.
+
+UPLOAD_TOPOLOGIES = {
+    "synchrotron": ["main", "synchrotron1"],  # no media worker: main and the worker both serve media
+    "media_repository": ["media_repository1"],  # main has enable_media_repo off
+}
+
+
+def assert_upload_limits(plan, expected: int) -> list[str]:
+    """nginx's limit and every media-serving process's max_upload_size are `expected`; returns those processes."""
+    assert nginx_body_limit(plan) == expected
+    serving = []
+    for proc in plan.processes:
+        config = synapse_config(proc)
+        if config.media.can_load_media_repo:
+            serving.append(proc.name)
+            assert config.media.max_upload_size == expected, (proc.name, config.media.max_upload_size, expected)
+    return serving
+
+
+@pytest.mark.parametrize("topology", list(UPLOAD_TOPOLOGIES))
+def test_max_upload_size_change_after_generation_reaches_synapse_and_nginx(base_env, topology):
+    steps = [
+        ("100M", 100 * MIB),  # the first start: homeserver.yaml is generated with it
+        ("20M", 20 * MIB),  # changed later: Synapse follows, not only nginx
+        ("1G", 1024 * MIB),
+        (DROP, 100 * MIB),  # unset: the generated homeserver.yaml's own value, for both
+    ]
+    for value, expected in steps:
+        env = make_env(base_env, SYNAPSE_WORKER_TYPES=topology, SYNAPSE_MAX_UPLOAD_SIZE=value)
+        plan = generate(env)
+        assert sorted(assert_upload_limits(plan, expected)) == sorted(UPLOAD_TOPOLOGIES[topology]), value
+    assert "max_upload_size: 100M" in Path(plan.homeserver.path).read_text(), "homeserver.yaml was modified"
+
+
+@pytest.mark.parametrize("line, variable, expected", [
+    ("max_upload_size: 10M", DROP, 10 * MIB),  # the user's own limit, for nginx too
+    ("max_upload_size: 12345", DROP, 12345),
+    ("", DROP, 50 * MIB),  # none in the file: Synapse's default (50M), for nginx too
+    ("max_upload_size: 10M", "20M", 20 * MIB),  # the variable, set: wins for both
+])
+def test_existing_homeserver_max_upload_size_reaches_synapse_and_nginx(synapse_generated, base_env, tmp_root,
+                                                                        line, variable, expected):
+    path, before = _place(tmp_root, synapse_generated["postgres"] + f"\n{line}\n")
+    env = _existing_env(base_env, path, SYNAPSE_WORKER_TYPES=VARS_TOPOLOGY, SYNAPSE_MAX_UPLOAD_SIZE=variable)
+    plan = generate(env)
+    assert sorted(assert_upload_limits(plan, expected)) == VARS_PROCESSES
+    assert path.read_bytes() == before
+
+
+# SYNAPSE_LOG_CONFIG: an existing file is every process's log config.
+
+USER_LOG_CONFIG = """\
+version: 1
+formatters:
+  plain: {format: "%(name)s %(levelname)s %(message)s"}
+handlers:
+  console: {class: logging.StreamHandler, formatter: plain, stream: "ext://sys.stderr"}
+root: {level: WARNING, handlers: [console]}
+disable_existing_loggers: false
+"""
+
+
+@pytest.mark.parametrize("process", VARS_PROCESSES)
+def test_existing_synapse_log_config_is_every_process_log_config(base_env, tmp_root, process):
+    user_log = tmp_root / "mine.log.config"
+    user_log.write_text(USER_LOG_CONFIG)
+    env = make_env(base_env, SYNAPSE_WORKER_TYPES=VARS_TOPOLOGY, SYNAPSE_LOG_CONFIG=str(user_log))
+    plan = generate(env)
+    proc = plan.process(process)
+    assert effective_log_config(synapse_config(proc), proc) == str(user_log)
+    assert load_yaml(plan.homeserver.path)["log_config"] == str(user_log)  # a generated file names it too
+    assert user_log.read_text() == USER_LOG_CONFIG
+
+
+@pytest.mark.parametrize("process", VARS_PROCESSES)
+def test_missing_synapse_log_config_is_only_named_in_the_generated_homeserver(base_env, tmp_root, process):
+    named = str(tmp_root / "data" / "named.log.config")
+    env = make_env(base_env, SYNAPSE_WORKER_TYPES=VARS_TOPOLOGY, SYNAPSE_LOG_CONFIG=named)
+    plan = generate(env)
+    proc = plan.process(process)
+    # Our per-process log config under the runtime dir (README: synapse/log/*.log.config), not the named one.
+    assert effective_log_config(synapse_config(proc), proc) == (
+        f"{env['SYNAPSE_RUNTIME_DIR']}/synapse/log/{process}.log.config")
+    assert load_yaml(plan.homeserver.path)["log_config"] == named

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from synapse_workers.cli import main as cli_main
+from synapse_workers.errors import UserError
 from synapse_workers.files import write_files
 from synapse_workers.load import load_plan
 from synapse_workers.render import render_all
@@ -128,6 +129,79 @@ def test_only_public_listeners_trust_x_forwarded(env, spec):
         for lst, planned in zip(listeners, proc.listeners, strict=True):
             assert lst["x_forwarded"] is (planned.kind == "public"), (proc.name, lst)
             assert lst["type"] == "http"
+
+
+MIB = 1024 * 1024
+
+
+def existing_homeserver(env, *lines: str) -> Path:
+    path = Path(env["SYNAPSE_CONFIG_DIR"]) / "homeserver.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = "server_name: example.test\ndatabase: {name: psycopg2, args: {}}\n"
+    path.write_text(doc + "".join(f"{line}\n" for line in lines))
+    return path
+
+
+def test_max_upload_size_in_shared_yaml_when_the_variable_is_set(env):
+    """README: SYNAPSE_MAX_UPLOAD_SIZE is Synapse's limit and nginx's client_max_body_size, on every start."""
+    plan, files = rendered(env, BIG)  # unset, new install: the generated homeserver.yaml carries the default
+    assert "max_upload_size" not in yaml.safe_load(files.managed[plan.layout.shared_config])
+    assert yaml.safe_load(files.once[plan.homeserver.path][0])["max_upload_size"] == "50M"
+    assert directive(files.managed[plan.layout.nginx_conf], "client_max_body_size") == [str(50 * MIB)]
+    for spec in ("", BIG):
+        plan, files = rendered(env, spec, SYNAPSE_MAX_UPLOAD_SIZE="1G")
+        assert yaml.safe_load(files.managed[plan.layout.shared_config])["max_upload_size"] == "1G"
+        assert directive(files.managed[plan.layout.nginx_conf], "client_max_body_size") == [str(1024 * MIB)]
+
+
+@pytest.mark.parametrize("line, variable, in_shared, limit", [
+    ("max_upload_size: 10M", None, None, 10 * MIB),  # the user's own value stands, and nginx follows it
+    ("max_upload_size: 4096", None, None, 4096),
+    ("max_upload_size: 2G", None, None, 2048 * MIB),
+    ("", None, None, 50 * MIB),  # none in the file: Synapse's default
+    ("max_upload_size: 10M", "20M", "20M", 20 * MIB),  # set: the variable wins for both
+    ("max_upload_size: lots", "20M", "20M", 20 * MIB),  # Synapse never reads the file's value then
+])
+def test_existing_homeserver_upload_limit_is_nginx_limit(env, line, variable, in_shared, limit):
+    existing_homeserver(env, line)
+    extra = {"SYNAPSE_MAX_UPLOAD_SIZE": variable} if variable else {}
+    plan, files = rendered(env, BIG, **extra)
+    assert yaml.safe_load(files.managed[plan.layout.shared_config]).get("max_upload_size") == in_shared
+    assert plan.public.max_body_size == limit
+    assert directive(files.managed[plan.layout.nginx_conf], "client_max_body_size") == [str(limit)]
+
+
+@pytest.mark.parametrize("value", ["lots", "0", "-5M", "1.5M", "[1]"])
+def test_existing_homeserver_unreadable_upload_limit_is_refused(env, value):
+    path = existing_homeserver(env, f"max_upload_size: {value}")
+    with pytest.raises(UserError) as exc:
+        rendered(env, BIG)
+    assert str(path) in str(exc.value) and "max_upload_size" in str(exc.value)
+
+
+def test_existing_synapse_log_config_is_every_process_log_config(env, tmp_root):
+    mine = tmp_root / "mine.log.config"
+    mine.write_text("version: 1\n")
+    plan, files = rendered(env, BIG, SYNAPSE_LOG_CONFIG=str(mine))
+    assert yaml.safe_load(files.managed[plan.layout.main_config])["log_config"] == str(mine)
+    for proc in plan.workers:
+        assert yaml.safe_load(files.managed[proc.config_files[-1]])["worker_log_config"] == str(mine), proc.name
+    assert yaml.safe_load(files.once[plan.homeserver.path][0])["log_config"] == str(mine)
+    write_files(plan, files)
+    assert mine.read_text() == "version: 1\n"  # the user's file is never written to
+
+
+def test_missing_synapse_log_config_keeps_per_process_log_configs(env, tmp_root):
+    named = str(tmp_root / "data" / "named.log.config")
+    plan, files = rendered(env, BIG, SYNAPSE_LOG_CONFIG=named)
+    runtime = env["SYNAPSE_RUNTIME_DIR"]
+    assert yaml.safe_load(files.managed[plan.layout.main_config])["log_config"] == (
+        f"{runtime}/synapse/log/main.log.config")
+    for proc in plan.workers:
+        doc = yaml.safe_load(files.managed[proc.config_files[-1]])
+        assert doc["worker_log_config"] == f"{runtime}/synapse/log/{proc.name}.log.config"
+    # Its documented meaning: the path a generated homeserver.yaml names.
+    assert yaml.safe_load(files.once[plan.homeserver.path][0])["log_config"] == named
 
 
 def test_metrics_listeners(env):
@@ -371,3 +445,18 @@ def test_rendering_does_not_import_synapse(env):
 def test_ipv6_bind_address_is_bracketed(env):
     plan, files = rendered(env, "", SYNAPSE_HTTP_BIND_ADDRESS="::1")
     assert "[::1]:8008 so_keepalive=on" in directive(files.managed[plan.layout.nginx_conf], "listen")
+
+
+def test_a_generated_log_config_named_by_synapse_log_config_stays_ours(env, tmp_root):
+    """SYNAPSE_LOG_CONFIG names a missing file: a new install creates it; the next start must not take that
+    generated file for the user's own (SYNAPSE_LOG_LEVEL would stop applying, workers would share it)."""
+    path = tmp_root / "data" / "mine.log.config"
+    env = {**env, "SYNAPSE_LOG_CONFIG": str(path), "SYNAPSE_WORKER_TYPES": "synchrotron"}
+    plan = load_plan(env)
+    write_files(plan, render_all(plan))
+    assert path.is_file()
+    again = load_plan(env)
+    assert again.homeserver.user_log_config is None
+    worker = yaml.safe_load(render_all(again).managed[again.process("synchrotron1").config_files[-1]])
+    assert worker["worker_log_config"] == str(tmp_root / "run" / "synapse" / "log" / "synchrotron1.log.config")
+    yaml.safe_load(path.read_text())  # still a log config Synapse can read

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..homeserver import generated_homeserver
+from ..homeserver import GENERATED_LOG_CONFIG, generated_homeserver
 from ..plan import Plan
 from ..programs import Program
 from .nginx import render_nginx
@@ -38,5 +38,7 @@ def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = Fal
             "# synapse-workers never modifies this file: workers and listeners are layered on top of it.\n"
         ) + dump(doc).split("\n", 2)[2]
         once[plan.homeserver.path] = (text, 0o600)
-        once[doc["log_config"]] = (dump(log_config(plan, plan.main)).split("\n", 2)[2], 0o644)
+        # Marked as ours: SYNAPSE_LOG_CONFIG naming it later must not make it every process's log config.
+        log_text = f"{GENERATED_LOG_CONFIG} (Synapse without synapse-workers reads it).\n"
+        once[doc["log_config"]] = (log_text + dump(log_config(plan, plan.main)).split("\n", 2)[2], 0o644)
     return FileSet(managed, once)

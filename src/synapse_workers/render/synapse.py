@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from .. import catalog
+from ..homeserver import size_text
 from ..plan import HEALTH, METRICS, PUBLIC, REPLICATION, Listener, Plan, Process
 
 HEADER = (
@@ -54,13 +55,17 @@ def shared_config(plan: Plan) -> dict[str, Any]:
         doc["enable_metrics"] = True
     if plan.app_service_config_files:
         doc["app_service_config_files"] = list(plan.app_service_config_files)
+    if plan.homeserver.max_upload_size_from_env:
+        # Rendered on every start, like nginx's client_max_body_size: a changed SYNAPSE_MAX_UPLOAD_SIZE reaches
+        # Synapse too. Unset, homeserver.yaml's own value (or Synapse's default) stands, and nginx follows it.
+        doc["max_upload_size"] = size_text(plan.homeserver.max_upload_size)
     return doc
 
 
 def main_config(plan: Plan) -> dict[str, Any]:
     return {
         "listeners": [_listener(lst) for lst in plan.main.listeners],
-        "log_config": plan.main.log_config,
+        "log_config": _log_config_path(plan, plan.main),
     }
 
 
@@ -69,11 +74,16 @@ def worker_config(plan: Plan, proc: Process) -> dict[str, Any]:
         "worker_app": proc.app,
         "worker_name": proc.name,
         "worker_listeners": [_listener(lst) for lst in proc.listeners],
-        "worker_log_config": proc.log_config,
+        "worker_log_config": _log_config_path(plan, proc),
     }
     for role in proc.roles:
         doc.update(catalog.ROLES[role].own_config)
     return doc
+
+
+def _log_config_path(plan: Plan, proc: Process) -> str:
+    """SYNAPSE_LOG_CONFIG when it names an existing file (the same for every process), else the process's own."""
+    return plan.homeserver.user_log_config or proc.log_config
 
 
 def _endpoint(lst: Listener) -> dict[str, Any]:
@@ -84,7 +94,9 @@ def _listener(lst: Listener) -> dict[str, Any]:
     doc: dict[str, Any] = {"type": "http"}
     if lst.path:
         doc["path"] = lst.path
-        doc["mode"] = 0o660 if lst.kind == REPLICATION else 0o666
+        # Replication: only Synapse's own user. Public and metrics: also nginx's worker group, which the
+        # setgid sockets dir (2750, see run/prepare.py) gives every socket created in it; others cannot enter.
+        doc["mode"] = 0o600 if lst.kind == REPLICATION else 0o660
     else:
         doc["port"] = lst.port
         doc["bind_addresses"] = [lst.host]
