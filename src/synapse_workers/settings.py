@@ -307,7 +307,7 @@ class CoreSettings(Section):
 
 
 class HomeserverSettings(Section):
-    """Read only when homeserver.yaml is generated (a new install)."""
+    """Read when homeserver.yaml is generated (a new install); SYNAPSE_LOG_CONFIG also on every start."""
 
     media_store_path: AbsPath | None = var("SYNAPSE_MEDIA_STORE_PATH")
     no_tls: Bool = var("SYNAPSE_NO_TLS", True)  # accepted for compatibility; TLS is nginx's job
