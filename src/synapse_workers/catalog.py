@@ -44,6 +44,9 @@ class Role:
     # this role is deployed, and keys set in the config of each process that has the role.
     shared_config: tuple[tuple[str, object], ...] = ()
     own_config: tuple[tuple[str, object], ...] = ()
+    # Main serves this role's endpoints too, so nginx may send them to main while every process of the role
+    # is down. False when deploying the role switches the feature off on main (see `shared_config`).
+    main_can_stand_in: bool = True
 
     @property
     def is_writer(self) -> bool:
@@ -82,6 +85,7 @@ ROLES: dict[str, Role] = {
             # main stops serving media; the media workers turn it back on for themselves
             shared_config=(("enable_media_repo", False),),
             own_config=(("enable_media_repo", True),),
+            main_can_stand_in=False,  # enable_media_repo is off on main: media requests there would 404
         ),
         Role("pusher", "sends push notifications", duty="pusher_instances"),
         Role("federation_sender", "sends outbound federation", duty="federation_sender_instances"),

@@ -90,11 +90,18 @@ class Upstream:
     servers: tuple[str, ...]  # process names
 
 
+# A route's `when_down` when only the missing process can answer: nginx fails fast (503, Retry-After).
+UNAVAILABLE = "unavailable"
+
+
 @dataclass(frozen=True)
 class Route:
     rule: catalog.Rule
     # (methods or None for "any other"), upstream name; evaluated in order, the None entry last.
     targets: tuple[tuple[frozenset[str] | None, str], ...]
+    # While a worker upstream of the route is down (nginx itself answers 502/504): MAIN stands in (the rule is
+    # not HARD and main still serves the roles' endpoints), UNAVAILABLE, or None (every target is main).
+    when_down: str | None = None
 
     def upstream_for(self, method: str) -> str:
         for methods, upstream in self.targets:
@@ -460,8 +467,17 @@ def _routing(main: Process, workers: tuple[Process, ...]) -> tuple[tuple[Upstrea
             upstreams.setdefault(name, Upstream(name, found, balance, servers))
             targets.append((branch.methods, name))
         targets = _simplify(targets)
-        routes.append(Route(rule, tuple(targets)))
+        roles = {served for _, name in targets if (served := upstreams[name].role)}
+        routes.append(Route(rule, tuple(targets), _when_down(rule, roles)))
     return tuple(upstreams.values()), tuple(routes)
+
+
+def _when_down(rule: catalog.Rule, roles: set[str]) -> str | None:
+    if not roles:
+        return None
+    if rule.hard or not all(catalog.ROLES[role].main_can_stand_in for role in roles):
+        return UNAVAILABLE
+    return MAIN
 
 
 def _simplify(targets: list[tuple[frozenset[str] | None, str]]) -> list[tuple[frozenset[str] | None, str]]:

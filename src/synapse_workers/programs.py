@@ -149,7 +149,17 @@ def programs(
     result.append(
         Program(
             name="nginx",
-            command=(binaries["nginx"], "-c", plan.layout.nginx_conf, "-g", "daemon off;"),
+            # run/nginx_start.py first kills what a SIGKILLed nginx master left holding the ports, then execs nginx.
+            command=(
+                sys.executable,
+                "-m",
+                "synapse_workers.run.nginx_start",
+                binaries["nginx"],
+                "-c",
+                plan.layout.nginx_conf,
+                "-g",
+                "daemon off;",
+            ),
             stage=STAGE_NGINX,
             health=Health("http", f"{plan.public.local_url}/_matrix/client/versions"),
             stop_signal="QUIT",  # graceful: finish requests in flight

@@ -3,6 +3,10 @@
 Routes come from plan.routes in catalogue order (nginx tries regex locations in file order, first match
 wins). Method-sensitive routes pick their upstream through a `map $request_method`; sticky upstreams hash
 on a key taken from the access token, the room ID or the federation origin.
+
+When nginx cannot reach any process of a route's pool (it answers 502/504 itself), the route's `when_down`
+decides: main stands in (`error_page ... = @sw_main`), or a fast 503 with Retry-After (`@sw_unavailable`).
+nginx's `backup` servers would do the first, but cannot be combined with `hash ... consistent`.
 """
 
 from __future__ import annotations
@@ -12,11 +16,17 @@ from pathlib import Path
 import jinja2
 
 from .. import catalog
-from ..plan import MAIN, PUBLIC, Plan, Route, Upstream
+from ..plan import MAIN, PUBLIC, UNAVAILABLE, Plan, Route, Upstream
 from ..settings import NginxSettings
 
 TEMPLATES = Path(__file__).parent / "templates"
 HASH_KEYS = {catalog.BY_USER: "$sw_user", catalog.BY_ROOM: "$sw_room", catalog.BY_ORIGIN: "$sw_origin"}
+# Named locations for a route whose pool is down (plan.Route.when_down).
+WHEN_DOWN = {MAIN: "= @sw_main", UNAVAILABLE: "=503 @sw_unavailable"}
+RETRY_AFTER_SECONDS = 5  # below the upstream servers' fail_timeout default (10s): clients come back soon
+UNAVAILABLE_BODY = '{"errcode":"M_UNKNOWN","error":"Temporarily unavailable: the process serving this request is down"}'
+# Loopback upstreams accept at once or are gone; a dead process must not hold a request for nginx's 60s.
+CONNECT_TIMEOUT = "5s"
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -36,6 +46,12 @@ def nginx_quote(text: str) -> str:
     if '"' in text or "\\\\" in text:
         raise ValueError(f"cannot quote {text!r} for nginx")
     return f'"{text}"'
+
+
+def nginx_single_quote(text: str) -> str:
+    if "'" in text or "\\" in text or "$" in text:
+        raise ValueError(f"cannot quote {text!r} for nginx")
+    return f"'{text}'"
 
 
 def render_nginx(plan: Plan) -> dict[str, str]:
@@ -63,8 +79,10 @@ def render_nginx(plan: Plan) -> dict[str, str]:
                 "target": route_variable(route) if split else route.targets[0][1],
                 "split": split,
                 "methods": [(sorted(methods) if methods else None, upstream) for methods, upstream in route.targets],
+                "when_down": WHEN_DOWN[route.when_down] if route.when_down else None,
             }
         )
+    when_down = {route.when_down for route in plan.routes}
     bind = plan.public.bind_address
     trusted = plan.settings.listen.trusted_proxies
     text = _env.get_template("nginx.conf.j2").render(
@@ -82,6 +100,13 @@ def render_nginx(plan: Plan) -> dict[str, str]:
         trusted_proxies=trusted,
         trusted_networks=[proxy for proxy in trusted if proxy != "unix:"],
         trust_unix="unix:" in trusted,
+        stand_in=MAIN in when_down,
+        unavailable=UNAVAILABLE in when_down,
+        retry_after=RETRY_AFTER_SECONDS,
+        unavailable_body=nginx_single_quote(UNAVAILABLE_BODY),
+        # Unbuffered, a request body goes to the worker as it arrives and is not kept for main.
+        body_streamed=tuning.proxy_request_buffering == "off",
+        connect_timeout=CONNECT_TIMEOUT,
     )
     return {plan.layout.nginx_conf: text}
 
