@@ -243,6 +243,8 @@ def cmd_routes(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if result.get("rule"):
         print(f"  rule {result['rule']}: {result['pattern']}")
     print(f"  why: {result['why']}")
+    if result.get("when_down"):
+        print(f"  if {result['upstream']} is down: {result['when_down']}")
     return 0
 
 

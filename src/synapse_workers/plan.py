@@ -205,6 +205,7 @@ class Plan:
                     "id": r.rule.id,
                     "pattern": r.rule.pattern,
                     "targets": [{"methods": sorted(m) if m else None, "upstream": u} for m, u in r.targets],
+                    "when_down": r.when_down,
                 }
                 for r in self.routes
             ],

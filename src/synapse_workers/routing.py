@@ -93,4 +93,14 @@ def explain(plan: Plan, method: str, path: str) -> dict[str, Any]:
         "balance": upstream.balance,
         "hard": rule.hard,
         "why": why,
+        "when_down": _when_down(route, upstream.name),
     }
+
+
+def _when_down(route: Route, upstream: str) -> str | None:
+    """What nginx answers while every server of the upstream is down (None: the upstream is main)."""
+    if upstream == MAIN:
+        return None
+    if route.when_down == MAIN:
+        return "main answers instead (it serves this endpoint too)"
+    return "503 with Retry-After at once (only this worker type serves it)"

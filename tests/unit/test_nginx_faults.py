@@ -230,3 +230,17 @@ def test_an_unreadable_exe_still_needs_the_nginx_name_and_title(tmp_path):
     proc.add(102, 100, "nginx: worker process", comm="bash", exe=None)
     proc.add(103, 100, "bash", exe=None)
     assert _leftovers(proc) == [101]
+
+
+def test_routes_explains_what_happens_while_the_worker_is_down(tmp_root):
+    from synapse_workers.load import load_plan
+    from synapse_workers.routing import explain
+    from tests.conftest import isolated_env
+
+    env = {**isolated_env(tmp_root), "POSTGRES_PASSWORD": "x", "SYNAPSE_HTTP_PORT": "8008",
+           "SYNAPSE_WORKER_TYPES": "synchrotron, typing, media_repository"}
+    plan = load_plan(env)
+    assert "main answers instead" in explain(plan, "GET", "/_matrix/client/v3/sync")["when_down"]
+    assert "503" in explain(plan, "PUT", "/_matrix/client/v3/rooms/!r:x/typing/@u:x")["when_down"]
+    assert "503" in explain(plan, "GET", "/_matrix/media/v3/download/x/y")["when_down"]
+    assert explain(plan, "GET", "/_matrix/client/v3/profile/@u:x")["when_down"] is None  # main serves it
