@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tests.integration.test_nginx_routing import Deployment
 from tests.support.nginx import NGINX
 
 needs_nginx = pytest.mark.skipif(not os.path.exists(NGINX), reason=f"nginx not installed ({NGINX})")
-SCRIPT = "/opt/synapse-workers/venv/bin/synapse-workers"
+SCRIPT = str(Path(sys.executable).with_name("synapse-workers"))  # the venv running the tests (SW_VENV)
 
 WORKERS = "synchrotron"
 # name -> extra environment ({root} is the deployment's temp dir).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import yaml
 
 from synapse_workers.cli import main as cli_main
 
-SCRIPT = "/opt/synapse-workers/venv/bin/synapse-workers"
+SCRIPT = str(Path(sys.executable).with_name("synapse-workers"))  # the venv running the tests (SW_VENV)
 WORKERS = "synchrotron:2, event_persister:2, media_repository, stream_writers=typing+to_device+receipts"
 
 

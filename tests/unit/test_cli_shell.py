@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from synapse_workers.layout import make_layout
 from synapse_workers.programs import Health
 from synapse_workers.run.status import ProcessStatus, StackStatus, write_status
 
-SCRIPT = "/opt/synapse-workers/venv/bin/synapse-workers"
+SCRIPT = str(Path(sys.executable).with_name("synapse-workers"))  # the venv running the tests (SW_VENV)
 
 
 def run(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
