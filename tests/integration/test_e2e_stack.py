@@ -29,7 +29,7 @@ import psycopg2
 import pytest
 from nio import RoomMessagesResponse, RoomMessageText
 
-from tests.support.matrix import check_still_works, login, scenario
+from tests.support.matrix import check_still_works, login, register, registration_secret, scenario
 from tests.support.pgcluster import PgCluster
 from tests.support.stack import SW, Stack, make_root, stack_env, wait_for
 
@@ -254,6 +254,24 @@ class TestSmallWorkerSet:
         result = from_another_shell(stack, "health")
         assert result.returncode == 0, result.stdout + result.stderr
         assert {line.split(":")[0] for line in result.stdout.splitlines()} == set(synapse) | {"nginx"}
+
+    def test_synapse_records_the_real_client_address_not_a_forged_one(self, small: Deployment):
+        """A client's own X-Forwarded-For must not become the address Synapse records (and rate-limits by)."""
+        stack = small.stack
+        admin = register(stack.base_url, registration_secret(small.data_dir), "ipcheck", admin=True)
+        headers = {"Authorization": f"Bearer {admin['access_token']}", "X-Forwarded-For": "6.6.6.6",
+                   "X-Forwarded-Proto": "https"}
+        assert httpx.get(f"{stack.base_url}/_matrix/client/v3/account/whoami", headers=headers,
+                         timeout=10).status_code == 200
+
+        def recorded() -> set[str]:
+            whois = httpx.get(f"{stack.base_url}/_synapse/admin/v1/whois/{admin['user_id']}", timeout=10,
+                              headers={"Authorization": f"Bearer {admin['access_token']}"}).json()
+            return {c["ip"] for d in whois["devices"].values() for s in d["sessions"] for c in s["connections"]}
+
+        # Synapse writes client IPs in batches (every few seconds).
+        assert wait_for(lambda: bool(recorded()), 30, interval=1)
+        assert recorded() == {"127.0.0.1"}, recorded()
 
     def test_supervisor_is_root_only_and_quiet(self, small: Deployment):
         stack = small.stack

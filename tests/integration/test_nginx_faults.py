@@ -35,7 +35,7 @@ from synapse_workers.load import load_plan
 from synapse_workers.programs import programs
 from synapse_workers.render.supervisor import GROUP_NAME, render_supervisor
 from tests.integration.test_nginx_routing import Deployment, access_token, make_env
-from tests.support.nginx import NGINX, _alive
+from tests.support.nginx import NGINX, _alive, process_group
 from tests.support.stubs import stubs_for_plan
 
 pytestmark = [
@@ -213,21 +213,6 @@ def test_sync_keeps_working_with_one_of_two_synchrotrons_down(one_synchrotron_do
 # ------------------------------------------------------------------------------------------------------
 
 
-def _pgroup(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(entry.name))
-    return found
-
-
 def _kill_group(pgid: int) -> None:
     with suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
@@ -235,7 +220,7 @@ def _kill_group(pgid: int) -> None:
 
 def _kill_nginx(pgid: int) -> None:
     """The nginx processes of a group supervisord started (its pid may be reaped and reused: check the name)."""
-    for pid in _pgroup(pgid):
+    for pid in process_group(pgid):
         with suppress(OSError):
             if Path(f"/proc/{pid}/comm").read_text().strip() == "nginx":
                 os.kill(pid, signal.SIGKILL)
@@ -307,7 +292,7 @@ class Generated:
         """Start nginx in the foreground, SIGKILL its master: (old master pid, its workers still alive)."""
         master = self.spawn(self.nginx_command(), "nginx-old.log")
         _wait(self.serves, 10, f"nginx to serve\n{self.log('nginx-old.log')}")
-        workers = [pid for pid in _pgroup(master.pid) if pid != master.pid]
+        workers = [pid for pid in process_group(master.pid) if pid != master.pid]
         assert workers
         master.kill()
         master.wait(5)
@@ -341,7 +326,7 @@ def test_the_start_step_clears_a_killed_master_and_serves(generated):
     old, workers = generated.killed_master()
     new = generated.spawn((*START_STEP, *generated.nginx_command()), "nginx-new.log")
     _wait(lambda: not any(_alive(pid) for pid in workers), 10, "the old workers to be killed")
-    _wait(lambda: bool(_pgroup(new.pid)) and new.pid != old and generated.serves(), 10,
+    _wait(lambda: bool(process_group(new.pid)) and new.pid != old and generated.serves(), 10,
           f"the new nginx to serve\n{generated.log('nginx-new.log')}")
     assert new.poll() is None
     title = Path(f"/proc/{new.pid}/cmdline").read_bytes()
@@ -396,7 +381,7 @@ def test_supervised_nginx_comes_back_after_its_master_is_killed(generated):
         _wait(generated.serves, 10, "nginx under supervisord")
         first = info()["pid"]
         generated.nginx_groups.append(first)
-        workers = [pid for pid in _pgroup(first) if pid != first]
+        workers = [pid for pid in process_group(first) if pid != first]
         assert workers
         os.kill(first, signal.SIGKILL)
 

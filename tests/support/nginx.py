@@ -37,8 +37,9 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def _children(pid: int) -> list[int]:
-    found = []
+def _live_processes() -> dict[int, list[str]]:
+    """pid → the fields of /proc/<pid>/stat after the command name (state, ppid, pgrp, ...), zombies left out."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -46,9 +47,18 @@ def _children(pid: int) -> list[int]:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
+        if fields[0] != "Z":
+            table[int(entry.name)] = fields
+    return table
+
+
+def children(pid: int) -> list[int]:
+    return [p for p, fields in _live_processes().items() if int(fields[1]) == pid]
+
+
+def process_group(pgid: int) -> list[int]:
+    """Live processes of a process group (a killed nginx master's workers stay in its group)."""
+    return [p for p, fields in _live_processes().items() if int(fields[2]) == pgid]
 
 
 class Nginx:
@@ -103,7 +113,7 @@ class Nginx:
         # Remember the workers too, so stop() can make sure none outlives the master.
         deadline = time.monotonic() + timeout
         while not self.workers and time.monotonic() < deadline:
-            self.workers = _children(self.pid)
+            self.workers = children(self.pid)
             if not self.workers:
                 time.sleep(0.02)
 
@@ -119,13 +129,13 @@ class Nginx:
                 continue
             if b"nginx: master" in cmdline and self.conf.encode() in cmdline:
                 self.pid = int(entry.name)
-                self.workers = _children(self.pid)
+                self.workers = children(self.pid)
                 self.stop()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.pid is None:
             return
-        pids = [self.pid, *self.workers, *_children(self.pid)]
+        pids = [self.pid, *self.workers, *children(self.pid)]
         for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGKILL):
             try:
                 os.kill(self.pid, sig)
