@@ -4,6 +4,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 SW_EXTRAS=test "$here/scripts/install.sh"
+# podman/runc/debootstrap (the image test), hadolint, docker-compose v2 (the compose files' test)
+"$here/scripts/container-tools.sh"
 venv=${SW_VENV:-/opt/synapse-workers/venv}
 cd "$here"
 # Lint, format and type checks on the package first: cheap, and they fail fast.
@@ -11,4 +13,6 @@ echo "test: ruff check, ruff format --check, mypy (src/)"
 "$venv/bin/ruff" check --no-cache src
 "$venv/bin/ruff" format --check --no-cache src
 "$venv/bin/mypy" --no-incremental --cache-dir=/dev/null
+echo "test: hadolint Dockerfile"
+"$venv/bin/hadolint" "$here/Dockerfile"
 exec "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

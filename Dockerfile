@@ -1,0 +1,57 @@
+# synapse-workers: Synapse 1.163.2 with workers, an internal nginx, Redis and an embedded PostgreSQL, all
+# configured by environment variables (README.md, "Container"). Build: `docker build -t synapse-workers .`
+# (on a host with podman and no registry: `bash scripts/build-image.sh`).
+# Both stages install through scripts/install.sh, the same script as the host quick start.
+
+# ---- builder: compilers and headers, a venv with the pinned Synapse -------------------------------------
+FROM debian:bookworm-slim AS builder
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV SW_VENV=/opt/synapse-workers/venv \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+# Dependencies alone first: the pinned Synapse stays in a cached layer while the project's code changes.
+COPY pyproject.toml ./
+COPY scripts/install.sh scripts/
+RUN SW_DEPS_ONLY=1 bash scripts/install.sh --image-build
+COPY README.md ./
+COPY src/ src/
+RUN bash scripts/install.sh --image-build
+
+# ---- runtime: only what the stack runs --------------------------------------------------------------------
+FROM debian:bookworm-slim
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+# nginx-light, redis-server, postgresql, python3, util-linux (setpriv), ca-certificates, tini; no apt lists.
+COPY scripts/install.sh /usr/local/share/synapse-workers/install.sh
+RUN bash /usr/local/share/synapse-workers/install.sh --image-runtime
+COPY --from=builder /opt/synapse-workers/venv /opt/synapse-workers/venv
+COPY scripts/container-entrypoint.sh /usr/local/bin/synapse-workers-entrypoint
+# A new named volume starts as a copy of this: Synapse's (default) user's, enterable by PostgreSQL's.
+RUN install -d -m 0755 -o 991 -g 991 /data
+
+ENV PATH=/opt/synapse-workers/venv/bin:$PATH \
+    LANG=C.UTF-8 \
+    PYTHONUNBUFFERED=1 \
+    SYNAPSE_CONFIG_DIR=/data \
+    SYNAPSE_DATA_DIR=/data
+
+# homeserver.yaml, signing key, secrets, media store and the embedded PostgreSQL cluster all live in /data
+# (owned by UID:GID: 991:991 unless `-e UID=... -e GID=...` say otherwise; the embedded PostgreSQL cluster
+# by the image's postgres user). Not set here as ENV: bash treats UID as its own read-only variable.
+VOLUME ["/data"]
+# 8008: the public client/federation port (nginx); 8448: the optional TLS listener (SYNAPSE_TLS_CERT/KEY).
+# No coturn ports: the built-in coturn (SYNAPSE_ENABLE_BUILTIN_COTURN) is not implemented yet, so nothing
+# would listen on 3478 or COTURN_MIN_PORT..COTURN_MAX_PORT.
+EXPOSE 8008/tcp 8448/tcp
+
+# Reads the launcher's status file in the runtime dir: healthy only when nginx, main and every worker answer.
+# A first start (initdb, Synapse's schema) takes up to a minute or two on a small machine.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=180s --retries=3 CMD ["synapse-workers", "health"]
+
+# tini is PID 1: it reaps orphans and forwards SIGTERM to the launcher, which stops nginx, workers, main,
+# Redis and PostgreSQL in order (about a second; well inside `docker stop`'s 10 s). The entrypoint script
+# only gives an empty /data mount point to UID:GID, then execs `synapse-workers "$@"`: `docker run IMAGE env`,
+# `... plan`, `... routes GET /_matrix/client/v3/sync` work too.
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/synapse-workers-entrypoint"]
+CMD ["run"]
