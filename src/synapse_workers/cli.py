@@ -18,7 +18,7 @@ from .load import load_plan
 from .plan import Plan
 from .render import render_all
 from .routing import explain
-from .settings import VARIABLES, runtime_dir, shown, unknown_variables
+from .settings import runtime_dir, unknown_variables
 
 if TYPE_CHECKING:
     from .run.status import StackStatus
@@ -79,7 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="every process of the running stack: PID, state, uptime, restarts")
     status.add_argument("--json", action="store_true", help="a list of objects (name, pid, state, uptime_s, ...)")
     status.set_defaults(func=cmd_status)
-    sub.add_parser("env", help="list every recognised variable with its effective value").set_defaults(func=cmd_env)
+    env = sub.add_parser(
+        "env", help="every variable: meaning, default and the value set here (secrets masked), as an env file"
+    )
+    env.add_argument("--json", action="store_true", help="a list of objects (name, default, description, value, ...)")
+    env.set_defaults(func=cmd_env)
+    sub.add_parser(
+        "unraid-template", help="print the Unraid Community Applications template (contrib/unraid/synapse-workers.xml)"
+    ).set_defaults(func=cmd_unraid_template)
     return parser
 
 
@@ -249,10 +256,20 @@ def cmd_routes(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_env(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    for name, variable in VARIABLES.items():
-        value = env.get(name)
-        text = "" if value is None else (shown(name, value) if variable.secret else value)
-        print(f"{name}={text}    # default: {variable.default!r}")
+    from .export_env import env_entries, format_env
+
+    entries = env_entries(env)
+    if args.json:
+        print(json.dumps(entries, indent=2))
+    else:
+        sys.stdout.write(format_env(entries))
+    return 0
+
+
+def cmd_unraid_template(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .export_env import unraid_template
+
+    sys.stdout.write(unraid_template())
     return 0
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
+from pydantic.json_schema import JsonDict
 
 from .errors import UserError
 
@@ -270,8 +271,11 @@ Id = Annotated[int, _int(0, 2**31 - 1)]
 DEFAULT_HTTP_PORT = 8008  # the official images' client port: nginx's public port unless told otherwise
 
 
-def var(name: str, default: Any = None) -> Any:
-    return Field(default, alias=name)
+def var(name: str, default: Any = None, *, help: str, default_text: str | None = None) -> Any:
+    """A field read from the environment variable `name`. `help` is its one-line meaning (shown by `env`, the
+    README and the Unraid template); `default_text` says what leaving it unset means when no literal does."""
+    extra: JsonDict | None = {"default_text": default_text} if default_text is not None else None
+    return Field(default, alias=name, description=help, json_schema_extra=extra)
 
 
 S = TypeVar("S", bound="Section")
@@ -288,18 +292,53 @@ class Section(BaseModel):
 class CoreSettings(Section):
     """Identity, where things live, who Synapse runs as, and which workers exist."""
 
-    server_name: ServerName | None = var("SYNAPSE_SERVER_NAME")
-    report_stats: Annotated[bool | None, BeforeValidator(_passthrough(_yes_no))] = var("SYNAPSE_REPORT_STATS")
-    config_dir: OwnDir = var("SYNAPSE_CONFIG_DIR", "/data")
-    data_dir: OwnDir = var("SYNAPSE_DATA_DIR", "/data")
-    config_path: AbsPath | None = var("SYNAPSE_CONFIG_PATH")
-    runtime_dir: OwnDir = var("SYNAPSE_RUNTIME_DIR", "/run/synapse-workers")
-    worker_types: str = var("SYNAPSE_WORKER_TYPES", "")
-    as_registration_dir: AbsPath | None = var("SYNAPSE_AS_REGISTRATION_DIR")
-    appservices: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_path_list))] = var("SYNAPSE_APPSERVICES", ())
-    max_upload_size: Size = var("SYNAPSE_MAX_UPLOAD_SIZE", "50M")
-    uid: Id = var("UID", 991)
-    gid: Id = var("GID", 991)
+    server_name: ServerName | None = var(
+        "SYNAPSE_SERVER_NAME",
+        help="The server name in user IDs (@user:NAME); required to generate; an existing file's must match",
+    )
+    report_stats: Annotated[bool | None, BeforeValidator(_passthrough(_yes_no))] = var(
+        "SYNAPSE_REPORT_STATS",
+        help="Report anonymous usage statistics to matrix.org: exactly yes or no; required to generate",
+    )
+    config_dir: OwnDir = var(
+        "SYNAPSE_CONFIG_DIR", "/data", help="Directory of homeserver.yaml and the generated log config"
+    )
+    data_dir: OwnDir = var(
+        "SYNAPSE_DATA_DIR",
+        "/data",
+        help="Directory of the signing key, secrets, media store, logs and the embedded PostgreSQL cluster",
+    )
+    config_path: AbsPath | None = var(
+        "SYNAPSE_CONFIG_PATH",
+        help="Path of homeserver.yaml (yours, or the one generated there)",
+        default_text="<config dir>/homeserver.yaml",
+    )
+    runtime_dir: OwnDir = var(
+        "SYNAPSE_RUNTIME_DIR",
+        "/run/synapse-workers",
+        help="All generated config, sockets, pid files and the status file (nothing goes to /etc or /run when set)",
+    )
+    worker_types: str = var(
+        "SYNAPSE_WORKER_TYPES",
+        "",
+        help="The workers to run: comma-separated [name=]type[+type...][:count], or full; empty runs a monolith",
+    )
+    as_registration_dir: AbsPath | None = var(
+        "SYNAPSE_AS_REGISTRATION_DIR",
+        help="A directory of application service registration *.yaml files, added on every start",
+    )
+    appservices: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_path_list))] = var(
+        "SYNAPSE_APPSERVICES",
+        (),
+        help="A comma-separated list of application service registration files, added on every start",
+    )
+    max_upload_size: Size = var(
+        "SYNAPSE_MAX_UPLOAD_SIZE",
+        "50M",
+        help="Largest upload, for Synapse and nginx alike, on every start; unset: an existing homeserver.yaml's limit",
+    )
+    uid: Id = var("UID", 991, help="User ID Synapse and Redis run as when started as root; the data dir is given to it")
+    gid: Id = var("GID", 991, help="Group ID Synapse and Redis run as when started as root")
 
     @property
     def homeserver_config_path(self) -> str:
@@ -309,29 +348,75 @@ class CoreSettings(Section):
 class HomeserverSettings(Section):
     """Read when homeserver.yaml is generated (a new install); SYNAPSE_LOG_CONFIG also on every start."""
 
-    media_store_path: AbsPath | None = var("SYNAPSE_MEDIA_STORE_PATH")
-    no_tls: Bool = var("SYNAPSE_NO_TLS", True)  # accepted for compatibility; TLS is nginx's job
-    event_cache_size: CacheSize = var("SYNAPSE_EVENT_CACHE_SIZE", "10K")
-    enable_registration: Bool = var("SYNAPSE_ENABLE_REGISTRATION", False)
-    allow_guest: Bool = var("SYNAPSE_ALLOW_GUEST", False)
-    registration_shared_secret: Secret | None = var("SYNAPSE_REGISTRATION_SHARED_SECRET")
-    macaroon_secret_key: Secret | None = var("SYNAPSE_MACAROON_SECRET_KEY")
-    form_secret: Secret | None = var("SYNAPSE_FORM_SECRET")
-    log_config: AbsPath | None = var("SYNAPSE_LOG_CONFIG")
-    serve_server_wellknown: Bool = var("SYNAPSE_SERVE_SERVER_WELLKNOWN", False)
-    public_baseurl: Annotated[str | None, BeforeValidator(_passthrough(_base_url))] = var("SYNAPSE_PUBLIC_BASEURL")
-    url_preview_enabled: Bool = var("SYNAPSE_URL_PREVIEW_ENABLED", False)
+    media_store_path: AbsPath | None = var(
+        "SYNAPSE_MEDIA_STORE_PATH",
+        help="Where uploaded media are stored (generation only)",
+        default_text="<data dir>/media_store",
+    )
+    no_tls: Bool = var(
+        "SYNAPSE_NO_TLS",
+        True,
+        help="Accepted for compatibility with the official image; TLS is nginx's job (SYNAPSE_TLS_CERT)",
+    )  # accepted for compatibility; TLS is nginx's job
+    event_cache_size: CacheSize = var(
+        "SYNAPSE_EVENT_CACHE_SIZE", "10K", help="Synapse's event cache size in entries, such as 10K (generation only)"
+    )
+    enable_registration: Bool = var(
+        "SYNAPSE_ENABLE_REGISTRATION",
+        False,
+        help="Open registration without verification: anyone can create an account (generation only)",
+    )
+    allow_guest: Bool = var("SYNAPSE_ALLOW_GUEST", False, help="Allow guest access (generation only)")
+    registration_shared_secret: Secret | None = var(
+        "SYNAPSE_REGISTRATION_SHARED_SECRET",
+        help="Shared secret for register_new_matrix_user and the admin register API; stored in the data dir (0600)",
+        default_text="generated",
+    )
+    macaroon_secret_key: Secret | None = var(
+        "SYNAPSE_MACAROON_SECRET_KEY",
+        help="Key that signs access tokens' macaroons; stored in the data dir (0600)",
+        default_text="generated",
+    )
+    form_secret: Secret | None = var(
+        "SYNAPSE_FORM_SECRET",
+        help="Secret for Synapse's forms (consent, terms); stored in the data dir (0600)",
+        default_text="generated",
+    )
+    log_config: AbsPath | None = var(
+        "SYNAPSE_LOG_CONFIG",
+        help="An existing file: the log config of every process; otherwise the path a generated homeserver.yaml names",
+        default_text="<config dir>/<server name>.log.config",
+    )
+    serve_server_wellknown: Bool = var(
+        "SYNAPSE_SERVE_SERVER_WELLKNOWN",
+        False,
+        help="Serve /.well-known/matrix/server so federation reaches this port (generation only)",
+    )
+    public_baseurl: Annotated[str | None, BeforeValidator(_passthrough(_base_url))] = var(
+        "SYNAPSE_PUBLIC_BASEURL",
+        help="The public URL clients use, such as https://matrix.example.com (generation only)",
+    )
+    url_preview_enabled: Bool = var(
+        "SYNAPSE_URL_PREVIEW_ENABLED", False, help="Generate URL previews (generation only)"
+    )
 
 
 class DatabaseSettings(Section):
     database: Annotated[Literal["embedded", "postgres", "sqlite"] | None, _choice("embedded", "postgres", "sqlite")] = (
-        var("SYNAPSE_DATABASE")
+        var(
+            "SYNAPSE_DATABASE",
+            help="Database of a generated homeserver.yaml: embedded, postgres (external) or sqlite (monolith only)",
+            default_text="embedded, or postgres when POSTGRES_PASSWORD is set",
+        )
     )
-    host: str = var("POSTGRES_HOST", "db")
-    port: Port = var("POSTGRES_PORT", 5432)
-    name: str = var("POSTGRES_DB", "synapse")
-    user: str = var("POSTGRES_USER", "synapse")
-    password: Secret | None = var("POSTGRES_PASSWORD")
+    host: str = var("POSTGRES_HOST", "db", help="External PostgreSQL host name, address or socket directory")
+    port: Port = var("POSTGRES_PORT", 5432, help="External PostgreSQL port")
+    name: str = var("POSTGRES_DB", "synapse", help="External PostgreSQL database name")
+    user: str = var("POSTGRES_USER", "synapse", help="External PostgreSQL user")
+    password: Secret | None = var(
+        "POSTGRES_PASSWORD",
+        help="External PostgreSQL password (kept in a 0600 libpq passfile); setting it selects the external database",
+    )
 
     @property
     def kind(self) -> str:
@@ -344,51 +429,98 @@ class DatabaseSettings(Section):
 class ListenSettings(Section):
     """Where the stack listens: nginx's public side, and how processes reach each other."""
 
-    http_port: Port | None = var("SYNAPSE_HTTP_PORT")
-    http_bind_address: IP = var("SYNAPSE_HTTP_BIND_ADDRESS", "0.0.0.0")
-    internal_port_base: Annotated[int, _int(1024, 64535)] = var("SYNAPSE_INTERNAL_PORT_BASE", 18000)
-    public_unix_sockets: Bool = var("SYNAPSE_PUBLIC_UNIX_SOCKETS", False)
-    replication_unix_sockets: Bool = var("SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS", False)
-    nginx_listen_unix_socket: AbsPath | None = var("NGINX_LISTEN_UNIX_SOCKET")
-    tls_cert: AbsPath | None = var("SYNAPSE_TLS_CERT")
-    tls_key: AbsPath | None = var("SYNAPSE_TLS_KEY")
-    tls_port: Port = var("SYNAPSE_TLS_PORT", 8448)
+    http_port: Port | None = var(
+        "SYNAPSE_HTTP_PORT",
+        help="nginx's public port (clients and federation)",
+        default_text="8008, or your homeserver.yaml's client port",
+    )
+    http_bind_address: IP = var("SYNAPSE_HTTP_BIND_ADDRESS", "0.0.0.0", help="nginx's public address (IPv4)")
+    internal_port_base: Annotated[int, _int(1024, 64535)] = var(
+        "SYNAPSE_INTERNAL_PORT_BASE",
+        18000,
+        help="First internal port: main takes base..base+4, workers from base+10, so two stacks can coexist",
+    )
+    public_unix_sockets: Bool = var(
+        "SYNAPSE_PUBLIC_UNIX_SOCKETS", False, help="Connect nginx to Synapse over unix sockets instead of loopback TCP"
+    )
+    replication_unix_sockets: Bool = var(
+        "SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS", False, help="Run replication (instance_map) over unix sockets"
+    )
+    nginx_listen_unix_socket: AbsPath | None = var(
+        "NGINX_LISTEN_UNIX_SOCKET", help="An extra nginx listener on this unix socket, for an outer proxy"
+    )
+    tls_cert: AbsPath | None = var(
+        "SYNAPSE_TLS_CERT", help="Certificate file for an optional TLS listener in nginx (with SYNAPSE_TLS_KEY)"
+    )
+    tls_key: AbsPath | None = var(
+        "SYNAPSE_TLS_KEY", help="Private key file for the TLS listener (with SYNAPSE_TLS_CERT)"
+    )
+    tls_port: Port = var("SYNAPSE_TLS_PORT", 8448, help="Port of the TLS listener")
     # Whose X-Forwarded-For / X-Forwarded-Proto nginx believes (everyone else's are replaced); empty: no one.
     trusted_proxies: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_trusted_proxies))] = var(
-        "SYNAPSE_TRUSTED_PROXIES", ()
+        "SYNAPSE_TRUSTED_PROXIES",
+        (),
+        help="Outer proxies whose X-Forwarded-For/-Proto are believed: comma-separated IPs/CIDRs, or unix:",
+        default_text="none (trust no one)",
     )
 
 
 class LoggingSettings(Section):
     level: Annotated[str, _choice("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", upper=True)] = var(
-        "SYNAPSE_LOG_LEVEL", "INFO"
+        "SYNAPSE_LOG_LEVEL", "INFO", help="Log level of every Synapse process: ERROR, WARNING, INFO or DEBUG"
     )
-    sensitive: Bool = var("SYNAPSE_LOG_SENSITIVE", False)
-    to_disk: Bool = var("SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK", False)
+    sensitive: Bool = var(
+        "SYNAPSE_LOG_SENSITIVE", False, help="Let the SQL logger follow a DEBUG level (off keeps it at INFO)"
+    )
+    to_disk: Bool = var(
+        "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK", False, help="Also write rotated log files to <data dir>/logs/"
+    )
 
 
 class MetricsSettings(Section):
-    enabled: Bool = var("SYNAPSE_METRICS", False)
-    unix_sockets: Bool = var("SYNAPSE_METRICS_UNIX_SOCKETS", False)
-    redis_export: Bool = var("SYNAPSE_ENABLE_REDIS_METRIC_EXPORT", False)
-    postgres_export: Bool = var("SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT", False)
-    scrape_interval: PromDuration = var("PROMETHEUS_SCRAPE_INTERVAL", "15s")
-    retention: PromDuration = var("PROMETHEUS_STORAGE_RETENTION_TIME", "1y")
+    enabled: Bool = var(
+        "SYNAPSE_METRICS", False, help="enable_metrics and a loopback metrics listener on every process"
+    )
+    unix_sockets: Bool = var("SYNAPSE_METRICS_UNIX_SOCKETS", False, help="Put the metrics listeners on unix sockets")
+    redis_export: Bool = var(
+        "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT", False, help="Redis exporter (not implemented yet; validated only)"
+    )
+    postgres_export: Bool = var(
+        "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT", False, help="PostgreSQL exporter (not implemented yet; validated only)"
+    )
+    scrape_interval: PromDuration = var(
+        "PROMETHEUS_SCRAPE_INTERVAL", "15s", help="Prometheus scrape interval (not implemented yet; validated only)"
+    )
+    retention: PromDuration = var(
+        "PROMETHEUS_STORAGE_RETENTION_TIME", "1y", help="Prometheus retention (not implemented yet; validated only)"
+    )
 
 
 class TurnSettings(Section):
-    uris: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_turn_uris))] = var("SYNAPSE_TURN_URIS", ())
-    secret: Secret | None = var("SYNAPSE_TURN_SECRET")
-    builtin_coturn: Bool = var("SYNAPSE_ENABLE_BUILTIN_COTURN", False)
-    min_port: Port = var("COTURN_MIN_PORT", 49153)
-    max_port: Port = var("COTURN_MAX_PORT", 49173)
-    metrics: Bool = var("COTURN_METRICS", False)
-    external_ip: IP | None = var("COTURN_EXTERNAL_IP")
-    internal_ip: IP | None = var("COTURN_INTERNAL_IP")
+    uris: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_turn_uris))] = var(
+        "SYNAPSE_TURN_URIS", (), help="Comma-separated turn:/turns: URIs of your TURN server (generation only)"
+    )
+    secret: Secret | None = var(
+        "SYNAPSE_TURN_SECRET", help="The TURN server's shared secret, stored as a key file (generation only)"
+    )
+    builtin_coturn: Bool = var(
+        "SYNAPSE_ENABLE_BUILTIN_COTURN", False, help="Built-in coturn (not implemented yet; validated only)"
+    )
+    min_port: Port = var("COTURN_MIN_PORT", 49153, help="First coturn relay port (not implemented yet; validated only)")
+    max_port: Port = var("COTURN_MAX_PORT", 49173, help="Last coturn relay port (not implemented yet; validated only)")
+    metrics: Bool = var("COTURN_METRICS", False, help="coturn metrics (not implemented yet; validated only)")
+    external_ip: IP | None = var(
+        "COTURN_EXTERNAL_IP", help="coturn's external IP (not implemented yet; validated only)"
+    )
+    internal_ip: IP | None = var(
+        "COTURN_INTERNAL_IP", help="coturn's internal IP (not implemented yet; validated only)"
+    )
 
 
 class CompressorSettings(Section):
-    enabled: Bool = var("SYNAPSE_ENABLE_COMPRESSOR", False)
+    enabled: Bool = var(
+        "SYNAPSE_ENABLE_COMPRESSOR", False, help="Synapse's state compressor (not implemented yet; validated only)"
+    )
 
 
 PROXY_BUFFER_COUNT = 8
@@ -398,33 +530,75 @@ class NginxSettings(Section):
     """How the internal nginx is tuned (what it routes comes from the plan)."""
 
     worker_processes: Annotated[str, BeforeValidator(_passthrough(_workers_processes))] = var(
-        "NGINX_WORKER_PROCESSES", "auto"
+        "NGINX_WORKER_PROCESSES", "auto", help="nginx worker processes: auto (one per core) or a number"
     )
-    worker_connections: Annotated[int, _int(16, 1 << 20)] = var("NGINX_WORKER_CONNECTIONS", 2048)
-    page_size: Bytes = var("NGINX_GENERAL_PAGE_SIZE_BYTES", 4096)
-    gzip_comp_level: Annotated[int, _int(1, 9)] = var("NGINX_GZIP_COMP_LEVEL", 1)
-    gzip_http_version: Annotated[str, _choice("1.0", "1.1")] = var("NGINX_GZIP_HTTP_VERSION", "1.1")
-    gzip_min_length: Annotated[int, _int(0, 1 << 30)] = var("NGINX_GZIP_MIN_LENGTH", 200)
-    client_keepalive_enable: Bool = var("NGINX_CLIENT_KEEPALIVE_ENABLE", True)
-    client_keepalive_timeout_seconds: Annotated[int, _int(0, 86400)] = var("NGINX_CLIENT_KEEPALIVE_TIMEOUT_SECONDS", 60)
-    upstream_keepalive_enable: Bool = var("NGINX_UPSTREAM_KEEPALIVE_ENABLE", True)
-    upstream_keepalive_timeout: Annotated[int, _int(1, 86400)] = var("NGINX_UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS", 60)
+    worker_connections: Annotated[int, _int(16, 1 << 20)] = var(
+        "NGINX_WORKER_CONNECTIONS", 2048, help="Connections per nginx worker"
+    )
+    page_size: Bytes = var(
+        "NGINX_GENERAL_PAGE_SIZE_BYTES", 4096, help="P, the page size the buffer defaults below are multiples of"
+    )
+    gzip_comp_level: Annotated[int, _int(1, 9)] = var("NGINX_GZIP_COMP_LEVEL", 1, help="gzip compression level, 1 to 9")
+    gzip_http_version: Annotated[str, _choice("1.0", "1.1")] = var(
+        "NGINX_GZIP_HTTP_VERSION", "1.1", help="Lowest HTTP version that gets gzip: 1.0 or 1.1"
+    )
+    gzip_min_length: Annotated[int, _int(0, 1 << 30)] = var(
+        "NGINX_GZIP_MIN_LENGTH", 200, help="Smallest response gzip compresses, in bytes"
+    )
+    client_keepalive_enable: Bool = var(
+        "NGINX_CLIENT_KEEPALIVE_ENABLE", True, help="Keep client connections open (off sets keepalive_timeout 0)"
+    )
+    client_keepalive_timeout_seconds: Annotated[int, _int(0, 86400)] = var(
+        "NGINX_CLIENT_KEEPALIVE_TIMEOUT_SECONDS", 60, help="Client keepalive timeout in seconds"
+    )
+    upstream_keepalive_enable: Bool = var(
+        "NGINX_UPSTREAM_KEEPALIVE_ENABLE", True, help="Keep idle connections from nginx to Synapse open"
+    )
+    upstream_keepalive_timeout: Annotated[int, _int(1, 86400)] = var(
+        "NGINX_UPSTREAM_KEEPALIVE_TIMEOUT_SECONDS", 60, help="Idle upstream connection timeout in seconds"
+    )
     upstream_keepalive_multiplier: Annotated[int, _int(1, 1000)] = var(
-        "NGINX_UPSTREAM_KEEPALIVE_CONNECTION_MULTIPLIER", 1
+        "NGINX_UPSTREAM_KEEPALIVE_CONNECTION_MULTIPLIER", 1, help="Idle upstream connections = servers x 2 x this"
     )
-    max_fails: Annotated[int, _int(0, 1000)] = var("NGINX_UPSTREAM_SERVER_MAX_FAILS", 1)
-    fail_timeout: Annotated[int, _int(1, 86400)] = var("NGINX_UPSTREAM_SERVER_FAIL_TIMEOUT", 10)
-    proxy_buffering: OnOff = var("NGINX_PROXY_BUFFERING", "on")
-    proxy_request_buffering: OnOff = var("NGINX_PROXY_REQUEST_BUFFERING", "on")
-    proxy_buffer_size_bytes: Bytes | None = var("NGINX_PROXY_BUFFER_SIZE_BYTES")
+    max_fails: Annotated[int, _int(0, 1000)] = var(
+        "NGINX_UPSTREAM_SERVER_MAX_FAILS", 1, help="Failures before nginx marks a Synapse process unavailable"
+    )
+    fail_timeout: Annotated[int, _int(1, 86400)] = var(
+        "NGINX_UPSTREAM_SERVER_FAIL_TIMEOUT", 10, help="Seconds a failed Synapse process stays marked unavailable"
+    )
+    proxy_buffering: OnOff = var("NGINX_PROXY_BUFFERING", "on", help="Buffer Synapse's responses in nginx: on or off")
+    proxy_request_buffering: OnOff = var(
+        "NGINX_PROXY_REQUEST_BUFFERING", "on", help="Buffer request bodies before passing them on: on or off"
+    )
+    proxy_buffer_size_bytes: Bytes | None = var(
+        "NGINX_PROXY_BUFFER_SIZE_BYTES",
+        help="proxy_buffer_size",
+        default_text="P, or P x NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER with buffering off",
+    )
     buffering_disabled_multiplier: Annotated[int, _int(1, 1024)] = var(
-        "NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER", 1
+        "NGINX_PROXY_BUFFERING_DISABLED_PAGE_MULTIPLIER",
+        1,
+        help="Multiplier of P for the proxy buffer when buffering is off",
     )
-    proxy_busy_buffers_size_bytes: Bytes | None = var("NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES")
-    proxy_temp_file_write_size_bytes: Bytes | None = var("NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES")
-    client_body_buffer_size_bytes: Bytes | None = var("NGINX_CLIENT_BODY_BUFFER_SIZE_BYTES")
-    proxy_read_timeout: NginxTime = var("NGINX_PROXY_READ_TIMEOUT", "60s")
-    disable_logrotate: Bool = var("NGINX_DISABLE_LOGROTATE", False)
+    proxy_busy_buffers_size_bytes: Bytes | None = var(
+        "NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES",
+        help="proxy_busy_buffers_size (at least the buffer size)",
+        default_text="2P",
+    )
+    proxy_temp_file_write_size_bytes: Bytes | None = var(
+        "NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES",
+        help="proxy_temp_file_write_size (at least the buffer size)",
+        default_text="2P",
+    )
+    client_body_buffer_size_bytes: Bytes | None = var(
+        "NGINX_CLIENT_BODY_BUFFER_SIZE_BYTES", help="client_body_buffer_size", default_text="1024P"
+    )
+    proxy_read_timeout: NginxTime = var(
+        "NGINX_PROXY_READ_TIMEOUT", "60s", help="How long nginx waits for Synapse's answer, such as 60s"
+    )
+    disable_logrotate: Bool = var(
+        "NGINX_DISABLE_LOGROTATE", False, help="Disable log rotation (logrotate is not implemented yet; validated only)"
+    )
 
     # ---- derived values ----
     @property
@@ -506,11 +680,34 @@ class Variable:
     default: Any
     secret: bool  # asked of the type (SecretStr): never shown, in errors or by `env`
     boolean: bool
+    help: str  # one line: what it means (`env`, the README reference, the Unraid template)
+    default_text: str  # the default as a person reads it: "on", "50M", "<config dir>/homeserver.yaml", "" (none)
+
+
+def _default_text(info: Any, boolean: bool) -> str:
+    extra = info.json_schema_extra or {}
+    if "default_text" in extra:
+        return str(extra["default_text"])
+    default = info.default
+    if boolean:
+        return "on" if default else "off"
+    if default is None:
+        return ""
+    if isinstance(default, tuple):
+        return ",".join(default)
+    return str(default)
 
 
 VARIABLES: dict[str, Variable] = {
     info.alias: Variable(
-        info.alias, section, field, info.default, _is_secret(info.annotation), _is_bool(info.annotation)
+        info.alias,
+        section,
+        field,
+        info.default,
+        _is_secret(info.annotation),
+        _is_bool(info.annotation),
+        info.description or "",
+        _default_text(info, _is_bool(info.annotation)),
     )
     for section, model in SECTIONS.items()
     for field, info in model.model_fields.items()
