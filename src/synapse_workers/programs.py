@@ -1,8 +1,9 @@
 """Plan → the programs to supervise on this host, in start stages. Pure.
 
-How a Synapse process is started is behind `SynapseLauncher`: today one OS process per Synapse
-process; a forking launcher (import Synapse once, fork per worker) can replace it without touching the
-rest.
+How Synapse processes are started is behind `SynapseLauncher` (`SYNAPSE_LAUNCH_MODE`): `SeparateProcesses`
+runs one `python -m synapse.app.*` per process under supervisord; `ForkedProcesses` runs one supervisord
+program (`run/zygote.py`) that imports Synapse once and forks every Synapse process, which it carries as its
+`children`. Either way every Synapse process is a `Program` with its own name, stage, health and PID.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ class Program:
     start_secs: int = 3
     critical: bool = True  # the stack cannot serve without it
     log_file: str | None = None  # rotated copy of its output (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK)
+    # Processes this program forks and supervises itself (fork mode: the Synapse processes). supervisord
+    # knows only this program; the launcher starts, stops and watches the children through it.
+    children: tuple[Program, ...] = ()
 
 
 # What a child process may inherit from the launcher's environment: nothing else (the environment holds
@@ -80,6 +84,43 @@ class SeparateProcesses:
         return (self.python, "-m", proc.app, *args)
 
 
+@dataclass(frozen=True)
+class ForkedProcesses(SeparateProcesses):
+    """One program imports Synapse once and forks each process (`run/zygote.py`); the command of each child is
+    the command line it shows (the same as with separate processes): the zygote runs that app's `main()`."""
+
+    def arrange(self, plan: Plan, synapse: list[Program]) -> list[Program]:
+        """The one supervisord program that forks these Synapse processes."""
+        from .run.zygote import NAME, ChildSpec, control_socket, encode_specs  # no Synapse import at module level
+
+        if not synapse:
+            return []
+        specs = [ChildSpec(p.name, p.command, p.start_secs, p.stop_wait) for p in synapse]
+        control = control_socket(plan.layout.sockets_dir)
+        first = synapse[0]
+        zygote = Program(
+            name=NAME,
+            command=(self.python, "-m", "synapse_workers.run.zygote", control, encode_specs(specs)),
+            stage=first.stage,  # started (and stopped) with main, before main is forked
+            health=Health("command", shlex.join([self.python, "-m", "synapse_workers.run.zygote", "--ping", control])),
+            user=first.user,
+            env=first.env,
+            stop_wait=max(p.stop_wait for p in synapse) + 5,  # it stops its children first
+            start_secs=1,
+            critical=True,
+            children=tuple(synapse),
+        )
+        return [zygote]
+
+
+LAUNCHERS: dict[str, SynapseLauncher] = {"process": SeparateProcesses(), "fork": ForkedProcesses()}
+
+
+def flatten(programs: list[Program]) -> list[Program]:
+    """Every program, each followed by the ones it forks itself."""
+    return [q for p in programs for q in (p, *p.children)]
+
+
 def programs(
     plan: Plan,
     as_root: bool,
@@ -88,7 +129,7 @@ def programs(
     postgres_user: tuple[str, int, int] | None = None,
 ) -> list[Program]:
     """binaries: paths of postgres, redis-server, nginx, setpriv (found by the caller)."""
-    launcher = launcher or SeparateProcesses()
+    launcher = launcher or LAUNCHERS[plan.settings.core.launch_mode]
     core = plan.settings.core
     synapse_user = (core.uid, core.gid) if as_root else None
     disk_logs = plan.layout.logs_on_disk if plan.settings.logging.to_disk else None
@@ -132,8 +173,9 @@ def programs(
             )
         )
     env = {"PYTHONUNBUFFERED": "1", "HOME": core.data_dir}
+    synapse: list[Program] = []
     for proc in plan.processes:
-        result.append(
+        synapse.append(
             Program(
                 name=proc.name,
                 command=launcher.command(plan, proc),
@@ -146,6 +188,7 @@ def programs(
                 critical=proc.is_main,
             )
         )
+    result += launcher.arrange(plan, synapse) if isinstance(launcher, ForkedProcesses) else synapse
     result.append(
         Program(
             name="nginx",

@@ -339,6 +339,12 @@ class CoreSettings(Section):
     )
     uid: Id = var("UID", 991, help="User ID Synapse and Redis run as when started as root; the data dir is given to it")
     gid: Id = var("GID", 991, help="Group ID Synapse and Redis run as when started as root")
+    launch_mode: Annotated[Literal["fork", "process"], _choice("fork", "process")] = var(
+        "SYNAPSE_LAUNCH_MODE",
+        "process",
+        help="How Synapse processes start: fork (import Synapse once, fork each process: faster, smaller) "
+        "or process (one Python per process)",
+    )
 
     @property
     def homeserver_config_path(self) -> str:

@@ -2,12 +2,20 @@
 
 Speaks supervisor's event-listener protocol on stdin/stdout; writes the prefixed lines to stderr, which
 supervisord sends to its own stdout (the container log).
+
+The fork launcher (`run/zygote.py`, program `synapse`) relays the output of the processes it forks as
+`name|line`: those lines get the forked process's own name, and are also captured per process in the state
+dir (`<name>.log`, rotated like supervisord's captures), as supervisord does for its own programs.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
+from pathlib import Path
+
+from .zygote import NAME as ZYGOTE
 
 # Access tokens never reach the output, whoever printed them (nginx's error log quotes request lines).
 TOKENS = re.compile(rb"(?i)(access_token=|access%5ftoken=|bearer )[^&;\s\"']+")
@@ -17,10 +25,61 @@ def mask(line: bytes) -> bytes:
     return TOKENS.sub(rb"\1<redacted>", line)
 
 
+CHILD_NAME = re.compile(rb"[A-Za-z0-9_+-]{1,64}")
+CAPTURE_BYTES = 1024 * 1024  # as supervisord's captures (render/supervisor.py): 1 MB, one backup
+WIDTH = 18
+
+
+class Captures:
+    """Per-process capture files of forked processes, in supervisord's childlogdir (the 0700 state dir)."""
+
+    def __init__(self, state_dir: str | None):
+        self.state_dir = state_dir
+        self.files: dict[bytes, tuple[int, int]] = {}  # name → (fd, size)
+
+    def write(self, name: bytes, lines: list[bytes]) -> None:
+        if not self.state_dir:
+            return
+        path = f"{self.state_dir}/{name.decode()}.log"
+        fd, size = self.files.get(name, (-1, 0))
+        try:
+            if fd < 0:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+                size = os.fstat(fd).st_size
+            data = b"".join(line + b"\n" for line in lines)
+            os.write(fd, data)
+            size += len(data)
+            if size > CAPTURE_BYTES:
+                os.close(fd)
+                os.replace(path, path + ".1")
+                fd, size = -1, 0
+            self.files[name] = (fd, size)
+        except OSError:
+            self.files.pop(name, None)
+
+
+def state_dir_from_env() -> str | None:
+    """supervisord tells its listeners where its control socket is: in the state dir, with the captures."""
+    url = os.environ.get("SUPERVISOR_SERVER_URL", "")
+    return str(Path(url.removeprefix("unix://")).parent) if url.startswith("unix://") else None
+
+
+def split_forked(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """The zygote's `name|line` lines → (name, line); its own lines (and anything unexpected) keep its name."""
+    result = []
+    for line in lines:
+        name, sep, rest = line.partition(b"|")
+        if sep and CHILD_NAME.fullmatch(name) and name != ZYGOTE.encode():
+            result.append((name, rest))
+        else:
+            result.append((ZYGOTE.encode(), rest if sep and name == ZYGOTE.encode() else line))
+    return result
+
+
 def main() -> None:
     stdin, stdout, out = sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer
     partial: dict[bytes, bytes] = {}
-    width = 18
+    captures = Captures(state_dir_from_env())
     while True:
         stdout.write(b"READY\n")
         stdout.flush()
@@ -36,8 +95,18 @@ def main() -> None:
         *lines, rest = text.split(b"\n")
         if rest:
             partial[name] = rest
-        prefix = name.ljust(width) + b"| "
-        if lines:
+        if lines and name == ZYGOTE.encode():
+            named = split_forked([mask(line) for line in lines])
+            out.write(b"".join(child.ljust(WIDTH) + b"| " + line + b"\n" for child, line in named))
+            out.flush()
+            by_child: dict[bytes, list[bytes]] = {}
+            for child, line in named:
+                by_child.setdefault(child, []).append(line)
+            for child, group in by_child.items():
+                if child != ZYGOTE.encode():
+                    captures.write(child, group)
+        elif lines:
+            prefix = name.ljust(WIDTH) + b"| "
             out.write(b"".join(prefix + mask(line) + b"\n" for line in lines))
             out.flush()
         stdout.write(b"RESULT 2\nOK")

@@ -4,6 +4,8 @@ supervisord (PyPI `supervisor`) does the process work: spawning, capturing outpu
 backoff. We drive it through its XML-RPC API: start stage by stage with health gates (PostgreSQL →
 Redis → main → workers → nginx), watch for crashes and crash loops (the decision is `watch.observe`,
 pure), keep `state/status.json` current for `status`/`health`, and stop in reverse order.
+In fork mode (`SYNAPSE_LAUNCH_MODE=fork`) the Synapse processes are the children of one supervisord program,
+the zygote (`run/zygote.py`): the same stages, reports, crash decisions and stop order, through its socket.
 Files (supervisord.conf included) are written before this starts; directories are prepared by `prepare`.
 """
 
@@ -24,13 +26,26 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from ..errors import UserError
 from ..plan import Plan
-from ..programs import STAGE_NAMES, Program, child_environment
+from ..programs import STAGE_NAMES, Program, child_environment, flatten
 from ..render.supervisor import GROUP_NAME
 from . import postgres, preflight
 from .health import Aggregator, check, public_health, synapse_checks
 from .prepare import prepare
 from .status import ProcessStatus, StackStatus, write_status
-from .watch import CRASH_LIMIT, CRASH_LOOP, CRASH_WINDOW, CRASHED, FATAL, RESTARTED, Report, WatchState, observe
+from .watch import (
+    ALIVE,
+    CRASH_LIMIT,
+    CRASH_LOOP,
+    CRASH_WINDOW,
+    CRASHED,
+    FATAL,
+    RESTARTED,
+    Report,
+    WatchState,
+    observe,
+)
+from .zygote import call as zygote_call
+from .zygote import control_socket
 
 STAGE_TIMEOUT = {"postgres": 60, "redis": 15, "main": 300, "workers": 180, "nginx": 30}  # first start migrates
 GROUP = GROUP_NAME + ":"  # every program sits in one supervisor group (see render/supervisor.py)
@@ -46,8 +61,15 @@ class Stack:
         self.plan = plan
         self.as_root = as_root
         self.binaries = binaries
-        self.programs = list(programs)
+        self.supervised = list(programs)  # what supervisord runs
+        self.programs = flatten(self.supervised)  # ... and what those fork themselves (fork mode)
         self.by_name = {p.name: p for p in self.programs}
+        self.forked_by = {c.name: p for p in self.supervised for c in p.children}
+        # `status` shows every process the stack serves with, not the zygote that forks them.
+        self.shown = [p for p in self.programs if not p.children]
+        self.control = control_socket(plan.layout.sockets_dir)
+        self.stopped_for_good: set[str] = set()  # crash loops: not restarted when the zygote is
+        self._last_forked: dict[str, dict[str, Any]] = {}
         self.layout = plan.layout
         self.supervisord: subprocess.Popen[bytes] | None = None
         self.stop_requested = threading.Event()
@@ -120,8 +142,11 @@ class Stack:
                 continue
             started = time.monotonic()
             for program in members:
-                self.rpc.supervisor.startProcess(GROUP + program.name, False)
-            ok = self._wait_healthy(members, STAGE_TIMEOUT[name])
+                if program.name not in self.forked_by:
+                    self.rpc.supervisor.startProcess(GROUP + program.name, False)
+            forked = [p.name for p in members if p.name in self.forked_by]
+            ok = not forked or self._fork(forked, started + STAGE_TIMEOUT[name])
+            ok = ok and self._wait_healthy(members, STAGE_TIMEOUT[name])
             self._publish_status()
             if not ok:
                 if not self.stop_requested.is_set():  # asked to stop while starting: still a clean stop
@@ -134,18 +159,46 @@ class Stack:
                 postgres.ensure_database(self.plan, owner, self.as_root, self.binaries["setpriv"])
         return True
 
+    def _fork(self, names: list[str], deadline: float) -> bool:
+        """Ask the zygote to fork these (it answers once Synapse is imported)."""
+        while not self.stop_requested.is_set():
+            try:
+                zygote_call(self.control, {"op": "start", "names": names})
+                return True
+            except (OSError, ValueError) as exc:
+                zygote = self.forked_by[names[0]].name
+                state = self.rpc.supervisor.getProcessInfo(GROUP + zygote)["statename"]
+                if state == "FATAL" or time.monotonic() > deadline:
+                    self._report(zygote, f"{zygote} (which forks {', '.join(names)}) does not answer: {exc}.")
+                    return False
+            time.sleep(0.05)
+        return False
+
+    def _healthy(self, program: Program) -> str | None:
+        if program.children:  # the zygote: it answers on its socket
+            try:
+                zygote_call(self.control, {"op": "ping"}, timeout=2)
+            except (OSError, ValueError) as exc:
+                return str(exc)
+            return None
+        return check(program.health, timeout=2)
+
+    def _states(self) -> dict[str, str]:
+        return {r.name: r.state for r, _ in self._reports()}
+
     def _wait_healthy(self, members: list[Program], timeout: float) -> bool:
         pending = {p.name: p for p in members}
         deadline = time.monotonic() + timeout
         while pending:
             if self.stop_requested.is_set():
                 return False
+            states = self._states()
             for name in list(pending):
-                state = self.rpc.supervisor.getProcessInfo(GROUP + name)["statename"]
+                state = states.get(name, "UNKNOWN")
                 if state == "FATAL":
                     self._report(name, f"{name} could not start (FATAL).")
                     return False
-                if state in ("STARTING", "RUNNING") and check(pending[name].health, timeout=2) is None:
+                if state in ("STARTING", "RUNNING") and self._healthy(pending[name]) is None:
                     del pending[name]
             if time.monotonic() > deadline:
                 for name in pending:
@@ -165,11 +218,51 @@ class Stack:
     # ---- watching -------------------------------------------------------------------------------------
     def _reports(self) -> list[tuple[Report, dict[str, Any]]]:
         result = []
-        for info in self.rpc.supervisor.getAllProcessInfo():
-            if info["name"] in self.by_name:
-                report = Report(info["name"], info["statename"], info["pid"], info["exitstatus"])
-                result.append((report, info))
+        infos = [info for info in self.rpc.supervisor.getAllProcessInfo() if info["name"] in self.by_name]
+        for info in infos + self._forked_infos(infos):
+            report = Report(info["name"], info["statename"], info["pid"], info["exitstatus"])
+            result.append((report, info))
         return result
+
+    def _forked_infos(self, supervised: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The zygote's children, in supervisord's terms. A zygote that is not running has no children (they
+        die with it); one that does not answer right now keeps its last report."""
+        if not self.forked_by:
+            return []
+        zygote = next((i for i in supervised if i["name"] in {p.name for p in self.forked_by.values()}), None)
+        if zygote is None or zygote["statename"] not in ALIVE:
+            self._last_forked = {}
+            return [{"name": n, "statename": "STOPPED", "pid": 0, "exitstatus": 0, "start": 0} for n in self.forked_by]
+        try:
+            rows = zygote_call(self.control, {"op": "status"}, timeout=2)
+        except (OSError, ValueError):
+            if zygote["statename"] == "STARTING":  # still importing Synapse
+                rows = [{"name": n, "state": "STOPPED", "pid": 0, "exitstatus": 0, "start": 0} for n in self.forked_by]
+            else:
+                return list(self._last_forked.values())
+        self._last_forked = {
+            r["name"]: {
+                "name": r["name"],
+                "statename": r["state"],
+                "pid": r["pid"],
+                "exitstatus": r["exitstatus"],
+                "start": r["start"],
+            }
+            for r in rows
+        }
+        return list(self._last_forked.values())
+
+    def _stop_program(self, name: str) -> None:
+        if name in self.forked_by:
+            self._safe_zygote({"op": "stop", "names": [name]})
+        else:
+            self._safe(self.rpc.supervisor.stopProcess, GROUP + name, False)
+
+    def _safe_zygote(self, request: dict[str, Any]) -> Any:
+        try:
+            return zygote_call(self.control, request)
+        except (OSError, ValueError):
+            return None
 
     def _monitor(self) -> None:
         self.watch, _ = observe(self.watch, [r for r, _ in self._reports()], time.monotonic())
@@ -188,14 +281,30 @@ class Stack:
                     self._report(
                         name, f"{name} crashed {event.crashes} times in {int(CRASH_WINDOW) // 60} minutes: stopping it."
                     )
-                    self._safe(self.rpc.supervisor.stopProcess, GROUP + name, False)
+                    self.stopped_for_good.add(name)
+                    self._stop_program(name)
                     self._give_up_if_critical(name)
                 elif event.kind == RESTARTED:
+                    if self.by_name[name].children:  # a new zygote: its children died with the old one
+                        self._refork(self.by_name[name])
                     self._watch_recovery(name)
                 elif event.kind == FATAL:
                     self._report(name, f"{name} cannot stay up (FATAL after retries).")
                     self._give_up_if_critical(name)
             self._publish_status(reports)
+
+    def _refork(self, zygote: Program) -> None:
+        names = [c.name for c in zygote.children if c.name not in self.stopped_for_good]
+        log(f"{zygote.name} was restarted: forking {', '.join(names)} again")
+
+        def refork() -> None:
+            first, rest = names[:1], names[1:]  # main first, as at start-up
+            if not self._fork(first, time.monotonic() + STAGE_TIMEOUT["main"]):
+                return
+            if rest and self._wait_healthy([self.by_name[n] for n in first], STAGE_TIMEOUT["main"]):
+                self._fork(rest, time.monotonic() + STAGE_TIMEOUT["workers"])
+
+        threading.Thread(target=refork, name=f"refork-{zygote.name}", daemon=True).start()
 
     def _give_up_if_critical(self, name: str) -> None:
         if self.by_name[name].critical:
@@ -211,7 +320,7 @@ class Stack:
             while time.monotonic() - started < STAGE_TIMEOUT["workers"]:
                 if self.stop_requested.is_set():
                     return
-                if check(program.health, timeout=2) is None:
+                if self._healthy(program) is None:
                     log(f"{name} is back and healthy after {time.monotonic() - started:.1f}s")
                     return
                 time.sleep(0.2)
@@ -232,6 +341,13 @@ class Stack:
         log(f"{message} Last output:\n{shown}")
 
     def _tail_text(self, name: str, size: int = 3000) -> str | None:
+        if name in self.forked_by:  # captured by the output listener (run/logprefix.py)
+            try:
+                with open(f"{self.layout.state_dir}/{name}.log", "rb") as handle:
+                    handle.seek(max(0, handle.seek(0, os.SEEK_END) - size))
+                    return handle.read().decode(errors="replace")
+            except OSError:
+                return None
         try:
             return str(self.rpc.supervisor.tailProcessStdoutLog(GROUP + name, 0, size)[0])
         except (OSError, xmlrpc.client.Fault):
@@ -253,7 +369,7 @@ class Stack:
                 last_error=self.last_error.get(p.name, ""),
                 health=p.health,
             )
-            for p in self.programs
+            for p in self.shown
         )
         status = StackStatus(os.getpid(), self.plan.homeserver.server_name, public_health(self.plan), processes)
         if status != self._written_status:
@@ -267,9 +383,19 @@ class Stack:
         if self.supervisord.poll() is None:
             for stage in reversed(range(len(STAGE_NAMES))):
                 members = [p for p in self.programs if p.stage == stage]
-                for program in members:
-                    self._safe(self.rpc.supervisor.stopProcess, GROUP + program.name, False)
-                self._wait_stopped(members)
+                # Forked processes first (main's stage holds main and the zygote that forked it).
+                for group in (
+                    [p for p in members if p.name in self.forked_by],
+                    [p for p in members if p.name not in self.forked_by],
+                ):
+                    if group:
+                        forked = [p.name for p in group if p.name in self.forked_by]
+                        if forked:
+                            self._safe_zygote({"op": "stop", "names": forked})
+                        for program in group:
+                            if program.name not in self.forked_by:
+                                self._safe(self.rpc.supervisor.stopProcess, GROUP + program.name, False)
+                        self._wait_stopped(group)
             self._publish_status()
             self._safe(self.rpc.supervisor.shutdown)
         try:
@@ -281,8 +407,11 @@ class Stack:
     def _wait_stopped(self, members: list[Program]) -> None:
         deadline = time.monotonic() + max((p.stop_wait for p in members), default=0) + 5
         while time.monotonic() < deadline:
-            states = [self._safe(self.rpc.supervisor.getProcessInfo, GROUP + p.name) for p in members]
-            if all(s is None or s["statename"] in DONE_STATES for s in states):
+            try:
+                states = self._states()
+            except (OSError, xmlrpc.client.Fault):
+                return
+            if all(states.get(p.name, "UNKNOWN") in DONE_STATES for p in members):
                 return
             time.sleep(0.1)
 
