@@ -17,6 +17,8 @@ RUN SW_DEPS_ONLY=1 bash scripts/install.sh --image-build
 COPY README.md ./
 COPY src/ src/
 RUN bash scripts/install.sh --image-build
+# Lets scripts/build-image.sh find this stage's leftover images from earlier builds.
+LABEL io.synapse-workers.stage=builder
 
 # ---- runtime: only what the stack runs --------------------------------------------------------------------
 FROM debian:bookworm-slim

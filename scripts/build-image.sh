@@ -135,6 +135,9 @@ took=$(( $(date +%s) - start ))
 # The previous image of this tag is of no use once replaced (if no container uses it); cached layers stay.
 new_id=$(podman image inspect --format '{{.Id}}' "$image")
 if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then podman rmi "$old_id" >/dev/null 2>&1 || true; fi
+# So are the builder stages of earlier builds (untagged, labelled; listed newest first): keep the newest.
+podman images --filter dangling=true --filter label=io.synapse-workers.stage=builder --format '{{.ID}}' \
+  --sort created 2>/dev/null | tail -n +2 | while read -r id; do podman rmi "$id" >/dev/null 2>&1 || true; done
 
 
 size=$(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%d MB", $1/1e6}')
