@@ -23,6 +23,9 @@ LABEL io.synapse-workers.stage=builder
 # ---- runtime: only what the stack runs --------------------------------------------------------------------
 FROM debian:bookworm-slim
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+LABEL org.opencontainers.image.title="synapse-workers" \
+      org.opencontainers.image.description="Synapse 1.163.2 with workers, nginx, Redis and PostgreSQL, configured by environment variables" \
+      org.opencontainers.image.licenses="Apache-2.0"
 # nginx-light, redis-server, postgresql, python3, util-linux (setpriv), ca-certificates, tini; no apt lists.
 COPY scripts/install.sh /usr/local/share/synapse-workers/install.sh
 RUN bash /usr/local/share/synapse-workers/install.sh --image-runtime
