@@ -158,6 +158,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .programs import programs
     from .run import postgres
     from .run.binaries import find_binaries
+    from .run.prepare import check_before_start
     from .run.supervise import Stack, lock_runtime_dir
 
     plan = load_plan(env)
@@ -169,6 +170,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     # Lock before writing: never rewrite a live stack's files.
     lock = lock_runtime_dir(plan.layout.lock_file, plan.layout.runtime_dir)
     try:
+        check_before_start(plan, as_root)  # a start refused for a port or a dir writes nothing
         write_files(plan, render_all(plan, progs, as_root))
         return Stack(plan, progs, binaries, as_root).run()
     finally:

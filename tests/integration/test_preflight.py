@@ -50,6 +50,7 @@ def test_a_port_in_use_is_named_and_nothing_starts(root, which):
     assert expected in result.stderr and "in use by another program" in result.stderr, result.stderr
     assert took < 30 and "Traceback" not in result.stderr
     assert not Stack(env).leftovers()  # not even the embedded PostgreSQL was started
+    assert not Path(env["SYNAPSE_CONFIG_DIR"], "homeserver.yaml").exists()  # and nothing was generated
 
 
 def test_a_wrong_database_password_is_named(root):
@@ -116,4 +117,5 @@ def test_a_data_dir_synapse_cannot_use_is_named(root):
     assert f"{data} (SYNAPSE_DATA_DIR) is not accessible to UID=991/GID=991" in result.stderr, result.stderr
     assert "cannot enter it" in result.stderr and f"chown 991:991 {data}" in result.stderr
     assert (data.stat().st_uid, data.stat().st_mode & 0o777) == (0, 0o700)  # left as the admin made it
+    assert list(data.iterdir()) == []  # refused before anything was generated into it
     assert not Stack(env).leftovers()

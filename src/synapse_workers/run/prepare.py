@@ -14,9 +14,27 @@ from ..programs import NGINX_WORKER_GROUP, NGINX_WORKER_USER
 from . import postgres, preflight
 
 
+def check_before_start(plan: Plan, as_root: bool) -> None:
+    """What would make the stack fail, checked on what exists now: `run` calls it before writing anything
+    (so a refused start leaves no generated file behind) and again once the files and dirs exist."""
+    preflight.raise_if(preflight.check_ports(plan))
+    if not as_root:
+        return
+    layout, core = plan.layout, plan.settings.core
+    wanted = [(plan.homeserver.path, "r", "SYNAPSE_CONFIG_PATH"), (core.data_dir, "x", "SYNAPSE_DATA_DIR")]
+    if not plan.homeserver.exists:  # our generated config names the media store; a user's file its own
+        media = plan.settings.homeserver.media_store_path or f"{core.data_dir}/media_store"
+        wanted.append((media, "wx", "SYNAPSE_MEDIA_STORE_PATH"))
+    if plan.settings.logging.to_disk:
+        wanted.append((layout.logs_on_disk, "wx", "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK"))
+    for path, access, variable in wanted:
+        if os.path.exists(path):
+            _check_access(path, core.uid, core.gid, access, variable)
+
+
 def prepare(plan: Plan, as_root: bool, setpriv: str) -> None:
     layout, core = plan.layout, plan.settings.core
-    preflight.raise_if(preflight.check_ports(plan))
+    check_before_start(plan, as_root)
     state = Path(layout.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)  # the supervisor socket, captured output and status: root (the launcher) only
@@ -24,13 +42,6 @@ def prepare(plan: Plan, as_root: bool, setpriv: str) -> None:
     if as_root:
         os.chown(layout.redis_dir, core.uid, core.gid)  # in our runtime dir
         _prepare_sockets_dir(plan)
-        _check_access(plan.homeserver.path, core.uid, core.gid, "r", "SYNAPSE_CONFIG_PATH")
-        _check_access(core.data_dir, core.uid, core.gid, "x", "SYNAPSE_DATA_DIR")
-        if not plan.homeserver.exists:  # our generated config names the media store; a user's file its own
-            media = plan.settings.homeserver.media_store_path or f"{core.data_dir}/media_store"
-            _check_access(media, core.uid, core.gid, "wx", "SYNAPSE_MEDIA_STORE_PATH")
-        if plan.settings.logging.to_disk:
-            _check_access(layout.logs_on_disk, core.uid, core.gid, "wx", "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK")
     if plan.postgres:
         postgres.prepare_cluster(plan, as_root, setpriv)
     socket = Path(layout.supervisor_socket)
