@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import shutil
 import socket
 import tempfile
@@ -10,6 +12,25 @@ from pathlib import Path
 
 import pytest
 
+
+
+# "nginx not installed (...)", "... is not installed: ...": how the tests say a binary is missing.
+_MISSING_BINARY = re.compile(r"\bnot installed\b", re.I)
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """In CI (CI=true) every tool is installed by the project's scripts: a test skipped because a binary is
+    missing is a failure there, never a skip."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and in_ci() and _MISSING_BINARY.search(str(report.longrepr)):
+        report.outcome = "failed"
+        report.longrepr = f"CI=true: a missing binary is a failure, not a skip: {report.longrepr}"
 
 
 def port_is_free(port: int) -> bool:
