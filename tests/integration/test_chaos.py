@@ -12,7 +12,7 @@ Guarantees asserted (the driver, tests/support/chaos.py, measures; this test jud
 - no send request ran into its bound (20 s) and no /sync into its (long-poll + 20 s): errors are answered,
   nothing hangs; every message was acknowledged in the end;
 - the stack is healthy at the end, stops on SIGTERM with exit 0, and leaves nothing running.
-The stack and its temp root are removed by the driver whatever happens.
+The stack and its temp root are removed by the driver whatever happens. Runs once per launch mode.
 """
 
 from __future__ import annotations
@@ -20,13 +20,16 @@ from __future__ import annotations
 import pytest
 
 from tests.support.chaos import KILLS, run_chaos
+from tests.support.stack import LAUNCH_MODES
 
 pytestmark = pytest.mark.integration
 
 REQUEST_TIMEOUT = 20.0
 
 
-def test_sigkill_each_process_kind_under_load():
+@pytest.mark.parametrize("mode", LAUNCH_MODES)
+def test_sigkill_each_process_kind_under_load(mode: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SW_LAUNCH_MODE", mode)  # read by the stack harness (tests/support/stack.py)
     result = run_chaos(clients=4, kills=KILLS, between=6, send_interval=0.3, request_timeout=REQUEST_TIMEOUT,
                        budget=300, recover_timeout=120)
     print(result.summary())

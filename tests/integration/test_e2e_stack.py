@@ -5,6 +5,7 @@ machine): a monolith on the embedded PostgreSQL (then restarted with a synchrotr
 a small worker set on the embedded PostgreSQL (worker crash and hang), and the Complement default
 worker set on an external PostgreSQL the test starts itself (events written by the event persisters).
 Every class ends by stopping its stack with SIGTERM and proving nothing it started is still running.
+Every stack-starting test runs once per launch mode (`fork`, `process`; SW_LAUNCH_MODES picks).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from nio import RoomMessagesResponse, RoomMessageText
 
 from tests.support.matrix import check_still_works, login, register, registration_secret, scenario
 from tests.support.pgcluster import PgCluster
-from tests.support.stack import SW, Stack, make_root, stack_env, wait_for
+from tests.support.stack import LAUNCH_MODES, SW, Stack, make_root, stack_env, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -84,10 +85,10 @@ def _teardown(deployment: Deployment) -> None:
             stack.kill()
 
 
-def _deploy(name: str, worker_types: str, **extra: str):
+def _deploy(name: str, worker_types: str, mode: str, **extra: str):
     root = make_root(f"sw-e2e-{name}-")
-    env = stack_env(root, worker_types, **extra)
-    deployment = Deployment(name, root, env)
+    env = stack_env(root, worker_types, SYNAPSE_LAUNCH_MODE=mode, **extra)
+    deployment = Deployment(f"{name} ({mode})", root, env)
     try:
         deployment.time("ready", deployment.start().ready_after or 0)
         yield deployment
@@ -167,9 +168,9 @@ def expected_processes(stack: Stack) -> set[str]:
 
 # ---- monolith, embedded PostgreSQL; restart with a synchrotron -------------------------------------------
 
-@pytest.fixture(scope="class")
-def monolith():
-    yield from _deploy("monolith", "")
+@pytest.fixture(scope="class", params=LAUNCH_MODES)
+def monolith(request):
+    yield from _deploy("monolith", "", request.param)
 
 
 class TestMonolith:
@@ -215,9 +216,9 @@ async def _history_survived(base_url: str, room_id: str) -> None:
 
 # ---- small worker set, embedded PostgreSQL: crash and hang of a worker ------------------------------------
 
-@pytest.fixture(scope="class")
-def small():
-    yield from _deploy("small", SMALL_SET)
+@pytest.fixture(scope="class", params=LAUNCH_MODES)
+def small(request):
+    yield from _deploy("small", SMALL_SET, request.param)
 
 
 class TestSmallWorkerSet:
@@ -302,6 +303,28 @@ class TestSmallWorkerSet:
             stack.tail()
         asyncio.run(check_still_works(stack.base_url, small.room_id, label="after-kill"))
 
+    def test_forked_processes_come_from_one_parent_that_takes_them_along(self, small: Deployment):
+        """Fork mode: every Synapse process is a child of the zygote; SIGKILL it and none is left holding a
+        port: supervisord starts it again, the launcher forks them all again and the stack serves."""
+        if small.env["SYNAPSE_LAUNCH_MODE"] != "fork":
+            pytest.skip("fork mode only")
+        stack = small.stack
+        zygote = stack.zygote()
+        assert zygote, stack.tail()
+        old = stack.processes()
+        for name, pid in old.items():
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            assert ppid == zygote, (name, pid, ppid)
+        os.kill(zygote, signal.SIGKILL)
+        assert wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in old.values()), 10), \
+            f"children outlived their parent:\n{stack.tail()}"
+        assert wait_for(lambda: health(stack).returncode == 0
+                        and set(stack.processes()) == set(old)
+                        and not set(stack.processes().values()) & set(old.values()), 120, interval=1), \
+            f"{health(stack).stdout}\n{stack.tail()}"
+        assert stack.zygote() not in (None, zygote)
+        asyncio.run(check_still_works(stack.base_url, small.room_id, label="after-zygote-kill"))
+
     def test_health_names_a_hung_worker(self, small: Deployment):
         stack = small.stack
         assert health(stack).returncode == 0
@@ -357,9 +380,9 @@ def external_pg():
         yield pg
 
 
-@pytest.fixture(scope="class")
-def complement(external_pg: PgCluster):
-    yield from _deploy("complement", COMPLEMENT_SET, **external_pg.env(), **CHILD_SECRETS,
+@pytest.fixture(scope="class", params=LAUNCH_MODES)
+def complement(request, external_pg: PgCluster):
+    yield from _deploy("complement", COMPLEMENT_SET, request.param, **external_pg.env(), **CHILD_SECRETS,
                        SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK="1")
 
 
@@ -424,10 +447,11 @@ class TestComplementSetExternalPostgres:
 # ---- stopping while still starting ----------------------------------------------------------------------
 
 
-def test_sigterm_during_start_up_is_a_clean_stop():
+@pytest.mark.parametrize("mode", LAUNCH_MODES)
+def test_sigterm_during_start_up_is_a_clean_stop(mode: str):
     """A stop asked for mid-start (here: after PostgreSQL, before main is up) still exits 0, leaving nothing."""
     root = make_root("sw-e2e-early-")
-    stack = Stack(stack_env(root, "synchrotron"))
+    stack = Stack(stack_env(root, "synchrotron", SYNAPSE_LAUNCH_MODE=mode))
     try:
         stack.launch()
         assert wait_for(lambda: "postgres: postgres healthy" in stack.tail(200), 120), stack.tail()
@@ -450,9 +474,10 @@ def _connect_as(user: str, group: str, path: Path) -> subprocess.CompletedProces
                            "-c", _CONNECT, str(path)], capture_output=True, text=True, timeout=30)
 
 
-def test_unix_sockets_reach_only_nginx_and_synapse():
+@pytest.mark.parametrize("mode", LAUNCH_MODES)
+def test_unix_sockets_reach_only_nginx_and_synapse(mode: str):
     root = make_root("sw-e2e-unix-")
-    env = stack_env(root, "synchrotron, event_persister", SYNAPSE_PUBLIC_UNIX_SOCKETS="1",
+    env = stack_env(root, "synchrotron, event_persister", SYNAPSE_LAUNCH_MODE=mode, SYNAPSE_PUBLIC_UNIX_SOCKETS="1",
                     SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS="1", SYNAPSE_METRICS="1", SYNAPSE_METRICS_UNIX_SOCKETS="1")
     stack = Stack(env)
     try:

@@ -20,6 +20,9 @@ import httpx
 from tests.conftest import isolated_env
 
 SW = shutil.which("synapse-workers", path=str(Path(os.sys.executable).parent)) or "synapse-workers"
+# The launch modes the end-to-end tests run on (each stack-starting test once per mode); SW_LAUNCH_MODES=fork
+# (or =process) runs one of them.
+LAUNCH_MODES = tuple(m.strip() for m in os.environ.get("SW_LAUNCH_MODES", "fork,process").split(",") if m.strip())
 
 
 def stack_env(root: Path, worker_types: str = "", **extra: str) -> dict[str, str]:
@@ -29,6 +32,8 @@ def stack_env(root: Path, worker_types: str = "", **extra: str) -> dict[str, str
     }
     env.update(isolated_env(root, server_name="localhost"))
     env["SYNAPSE_WORKER_TYPES"] = worker_types
+    if os.environ.get("SW_LAUNCH_MODE"):  # a harness default (drivers that build their own env read it too)
+        env["SYNAPSE_LAUNCH_MODE"] = os.environ["SW_LAUNCH_MODE"]
     env.update(extra)
     return env
 
@@ -141,8 +146,19 @@ class Stack:
         found.discard(os.getpid())
         return sorted(found)
 
+    def zygote(self) -> int | None:
+        """The pid of the fork launcher (SYNAPSE_LAUNCH_MODE=fork), from its command line."""
+        for pid in self.leftovers():
+            try:
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"synapse_workers.run.zygote" in args and b"setpriv" not in args[0]:
+                return pid
+        return None
+
     def processes(self) -> dict[str, int]:
-        """Synapse process name → pid, from the running stack's command lines."""
+        """Synapse process name → pid, from the running stack's command lines (forked processes show their own)."""
         result = {}
         for pid in self.leftovers():
             try:
@@ -195,4 +211,4 @@ def wait_for(predicate, timeout: float, interval: float = 0.25) -> bool:
     return False
 
 
-__all__ = ["Stack", "make_root", "process_table", "stack_env", "wait_for"]
+__all__ = ["LAUNCH_MODES", "Stack", "make_root", "process_table", "stack_env", "wait_for"]
