@@ -136,13 +136,17 @@ class Stack:
         raise RuntimeError(f"supervisord did not start (see {self.layout.state_dir}/supervisord.log)")
 
     def _start_stages(self) -> bool:
+        # The zygote first: its import of Synapse needs no database, so it overlaps PostgreSQL's and Redis's start.
+        early = {p.name for p in self.supervised if p.children}
+        for zygote in early:
+            self.rpc.supervisor.startProcess(GROUP + zygote, False)
         for stage, name in enumerate(STAGE_NAMES):
             members = [p for p in self.programs if p.stage == stage]
             if not members:
                 continue
             started = time.monotonic()
             for program in members:
-                if program.name not in self.forked_by:
+                if program.name not in self.forked_by and program.name not in early:
                     self.rpc.supervisor.startProcess(GROUP + program.name, False)
             forked = [p.name for p in members if p.name in self.forked_by]
             ok = not forked or self._fork(forked, started + STAGE_TIMEOUT[name])

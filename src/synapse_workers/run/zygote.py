@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+PRELOAD = ("encodings.unicode_escape", "hiredis")
 NAME = "synapse"  # the supervisord program; never a Synapse process name (those are `main` or end in a digit)
 STARTRETRIES = 3  # as supervisord's startretries in render/supervisor.py
 ALIVE = ("STARTING", "RUNNING", "STOPPING")
@@ -439,9 +440,14 @@ def main(argv: Sequence[str]) -> int:
 
     for app in dict.fromkeys(s.app for s in specs):
         importlib.import_module(app)
+    for module in PRELOAD:  # imported by every child at start-up (txredisapi cannot be: it needs the reactor)
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
     # Each child collects (and freezes) at start-up: without this, that walk would copy every inherited page.
     gc.collect()
     gc.freeze()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)  # give the import's garbage back: the children start from a smaller heap
     zygote = Zygote(control_path, specs, reactor, asyncio_reactor)
     zygote.say(f"imported {', '.join(dict.fromkeys(s.app for s in specs))} in {time.monotonic() - started:.1f}s")
     return zygote.serve()
