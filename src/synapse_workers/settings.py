@@ -341,7 +341,7 @@ class CoreSettings(Section):
     gid: Id = var("GID", 991, help="Group ID Synapse and Redis run as when started as root")
     launch_mode: Annotated[Literal["fork", "process"], _choice("fork", "process")] = var(
         "SYNAPSE_LAUNCH_MODE",
-        "process",
+        "fork",
         help="How Synapse processes start: fork (import Synapse once, fork each process: faster, smaller) "
         "or process (one Python per process)",
     )

@@ -20,7 +20,8 @@ PG_USER = ("postgres", 101, 104)
 
 
 def plan_for(base_env, spec, **extra):
-    env = {**base_env, "SYNAPSE_WORKER_TYPES": spec, **extra}
+    # One supervisord program per Synapse process (fork mode's single program: tests/unit/test_zygote.py).
+    env = {**base_env, "SYNAPSE_WORKER_TYPES": spec, "SYNAPSE_LAUNCH_MODE": "process", **extra}
     return load_plan(env)
 
 

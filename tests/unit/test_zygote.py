@@ -114,7 +114,7 @@ def test_fork_mode_is_one_program_that_forks_every_synapse_process(base_env):
     assert f"[program:{NAME}]" in text and "[program:main]" not in text and "[program:synchrotron1]" not in text
 
 
-def test_process_mode_is_the_default_and_unchanged(base_env):
+def test_the_launch_mode_decides_the_programs(base_env):
     plan = load_plan({**base_env, "SYNAPSE_WORKER_TYPES": "synchrotron"})
     names = [p.name for p in programs(plan, as_root=False, binaries=BINARIES)]
     assert plan.settings.core.launch_mode in ("process", "fork")
