@@ -33,7 +33,7 @@ SECTION_TITLES: dict[str, tuple[str, str]] = {
     "listen": ("Processes, ports and sockets", "nginx's public side and how the processes reach each other"),
     "logging": ("Logging", ""),
     "metrics": ("Metrics and add-ons", "Prometheus and the exporters are not implemented yet: validated only"),
-    "turn": ("TURN", "your TURN server; the built-in coturn is not implemented yet: validated only"),
+    "turn": ("TURN", "Synapse's TURN settings, written on every start, and the built-in coturn"),
     "compressor": ("State compressor", "not implemented yet: validated only"),
     "nginx": ("nginx tuning", "P = NGINX_GENERAL_PAGE_SIZE_BYTES"),
 }

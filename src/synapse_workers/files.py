@@ -19,7 +19,7 @@ from pydantic import SecretStr
 
 from .layout import RUNTIME_MARKER
 from .plan import Plan
-from .render import FileSet
+from .render import FileSet, PrivateFile
 
 SECRET_MODE = 0o600
 
@@ -37,6 +37,7 @@ def write_files(plan: Plan, fileset: FileSet) -> list[str]:
             written.append(path)
     created = [p for p in written if p in fileset.once]
     created += ensure_secrets(plan)
+    written += _write_private(plan, fileset.private)  # after the secrets they carry exist
     _make_runtime_dirs(plan)
     _chown_for_synapse(plan, created + new_dirs)
     return written + [p for p in created if p not in written]
@@ -94,18 +95,42 @@ def _carry_over_state(live: Path, staged: Path) -> None:
             (live / name).rename(staged / name)
 
 
-def _write_new(path: str, text: str, mode: int) -> None:
+def _write_new(path: str, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")  # 0600 from the start
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
         os.chmod(tmp, mode)
+        if owner is not None:
+            os.chown(tmp, *owner)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _write_private(plan: Plan, files: dict[str, PrivateFile]) -> list[str]:
+    """Configs that must hold a secret (coturn's: it reads its shared secret from nowhere else): 0600, in a
+    0700 directory, both its program's user's; the secret lines are added here, from the key files. With the
+    built-in coturn off, its directory (config, database, pid file) is removed."""
+    if plan.layout.coturn_conf not in files:
+        shutil.rmtree(plan.layout.coturn_dir, ignore_errors=True)
+    written = []
+    for path, private in sorted(files.items()):
+        owner = private.owner if os.geteuid() == 0 else None
+        directory = Path(path).parent
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        if owner is not None:
+            os.chown(directory, *owner)
+            for entry in os.scandir(directory):  # coturn's database and pid file, from an earlier run
+                os.lchown(entry.path, *owner)
+        lines = [f"{key}={Path(secret).read_text().strip()}\n" for key, secret in private.secrets]
+        _write_new(path, private.text + "".join(lines), SECRET_MODE, owner)
+        written.append(path)
+    return written
 
 
 def ensure_secrets(plan: Plan) -> list[str]:
@@ -119,8 +144,8 @@ def ensure_secrets(plan: Plan) -> list[str]:
             (paths.macaroon, _secret(hs.macaroon_secret_key)),
             (paths.form, _secret(hs.form_secret)),
         ]
-        if turn.uris or turn.builtin_coturn:
-            wanted.append((paths.turn, _secret(turn.secret)))
+    if plan.turn_uris:  # Synapse reads it on every start (shared.yaml), and coturn's config is written from it
+        wanted.append((paths.turn, _secret(turn.secret)))
     if plan.workers:
         wanted.append((paths.replication, None))
     if plan.postgres and not os.path.exists(paths.postgres):

@@ -228,7 +228,7 @@ def generated_homeserver(
     """homeserver.yaml for a new install: a runnable monolith config; workers are layered on top.
 
     `port` is the public port (nginx's, and this client listener's when the file is used without us)."""
-    core, s, turn = settings.core, settings.homeserver, settings.turn
+    core, s = settings.core, settings.homeserver
     doc: dict[str, Any] = {
         "server_name": core.server_name,
         "report_stats": bool(core.report_stats),
@@ -264,18 +264,9 @@ def generated_homeserver(
         doc["url_preview_ip_range_blacklist"] = URL_PREVIEW_BLACKLIST
     if s.public_baseurl:
         doc["public_baseurl"] = s.public_baseurl
-    turn_uris = turn.uris or (_default_turn_uris(core.server_name or "") if turn.builtin_coturn else ())
-    if turn_uris:
-        doc["turn_uris"] = list(turn_uris)
-        doc["turn_shared_secret_path"] = secrets.turn
-        doc["turn_user_lifetime"] = "1h"
-        doc["turn_allow_guests"] = True
+    # No TURN settings here: they follow the environment on every start (shared.yaml), like the coturn they
+    # point at, so turning the built-in coturn off takes them away again.
     return doc
-
-
-def _default_turn_uris(server_name: str) -> tuple[str, ...]:
-    host = server_name.split(":")[0]
-    return (f"turn:{host}:3478?transport=udp", f"turn:{host}:3478?transport=tcp")
 
 
 def size_text(size: int) -> str:

@@ -38,6 +38,10 @@ class Layout:
     postgres_socket_dir: str
     postgres_data_dir: str
     logs_on_disk: str  # SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK
+    coturn_dir: str  # the built-in coturn's: 0700, its user's (its config holds the TURN secret)
+    coturn_conf: str  # turnserver.conf, 0600 (written with the secret by files.py)
+    coturn_userdb: str  # coturn's own SQLite database (it creates it; empty: no users, no secrets)
+    coturn_pid: str
 
     def worker_config(self, name: str) -> str:
         return f"{self.workers_dir}/{name}.yaml"
@@ -89,6 +93,10 @@ def make_layout(runtime_dir: str, data_dir: str) -> Layout:
         postgres_socket_dir=f"{r}/postgresql",
         postgres_data_dir=f"{data_dir}/postgres",
         logs_on_disk=f"{data_dir}/logs",
+        coturn_dir=f"{r}/coturn",
+        coturn_conf=f"{r}/coturn/turnserver.conf",
+        coturn_userdb=f"{r}/coturn/turndb",
+        coturn_pid=f"{r}/coturn/turnserver.pid",
     )
 
 

@@ -24,9 +24,13 @@ WORKER_APP = "synapse.app.generic_worker"
 LOOPBACK = "127.0.0.1"
 
 PUBLIC, REPLICATION, HEALTH, METRICS = "public", "replication", "health", "metrics"
-# Ports from SYNAPSE_INTERNAL_PORT_BASE: main takes base+0..3, workers count up from base+WORKER_OFFSET.
+TURN = "turn"  # a TURN/STUN listener (coturn's)
+# Ports from SYNAPSE_INTERNAL_PORT_BASE: main takes base+0..4, workers count up from base+WORKER_OFFSET.
 MAIN_PORT_OFFSETS = {PUBLIC: 0, REPLICATION: 1, HEALTH: 2, METRICS: 3, "aggregate": 4}
+# base+5..9 are the add-ons' loopback endpoints (one fixed port each, so scrape configs are stable).
+ADDON_PORT_OFFSETS = {"coturn_metrics": 9}
 WORKER_OFFSET = 10
+COTURN = "coturn"
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,35 @@ class Public:
 
 
 @dataclass(frozen=True)
+class Service:
+    """An add-on program the stack runs beside Synapse (coturn; Prometheus and exporters later): where it
+    listens. The first listener is its main one; a METRICS listener is an endpoint for Prometheus to scrape."""
+
+    name: str
+    listeners: tuple[Listener, ...]
+    protocols: tuple[str, ...] = ("tcp",)  # of the main listener
+    relay_ports: tuple[int, int] | None = None  # coturn: the UDP range it relays on (first, last)
+
+    @property
+    def main(self) -> Listener:
+        return self.listeners[0]
+
+    def listener(self, kind: str) -> Listener | None:
+        return next((lst for lst in self.listeners if lst.kind == kind), None)
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "host": self.main.host,
+            "port": self.main.port,
+            "protocols": list(self.protocols),
+            "listeners": [lst.as_json() for lst in self.listeners],
+        }
+        if self.relay_ports:
+            data["relay_ports"] = {"min": self.relay_ports[0], "max": self.relay_ports[1], "protocol": "udp"}
+        return data
+
+
+@dataclass(frozen=True)
 class Redis:
     external: bool  # configured in homeserver.yaml by the user: we neither start nor configure it
     path: str | None
@@ -171,6 +204,9 @@ class Plan:
     app_service_config_files: tuple[str, ...] = ()
     postgres: EmbeddedPostgres | None = None
     health_port: int = 0  # the launcher's aggregated /health (what nginx answers on /health)
+    services: tuple[Service, ...] = ()  # add-ons beside Synapse (the built-in coturn)
+    # What Synapse hands to clients (SYNAPSE_TURN_URIS, or the built-in coturn's); empty: no TURN settings at all.
+    turn_uris: tuple[str, ...] = ()
 
     @property
     def processes(self) -> tuple[Process, ...]:
@@ -181,6 +217,9 @@ class Plan:
 
     def upstream(self, name: str) -> Upstream:
         return next(u for u in self.upstreams if u.name == name)
+
+    def service(self, name: str) -> Service | None:
+        return next((s for s in self.services if s.name == name), None)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -193,6 +232,8 @@ class Plan:
             "redis": None if self.redis is None else {"external": self.redis.external, "path": self.redis.path},
             "postgres": None if self.postgres is None else vars(self.postgres),
             "health_port": self.health_port,
+            "services": {s.name: s.as_json() for s in self.services},
+            "turn_uris": list(self.turn_uris),
             "instance_map": {k: v.as_json() for k, v in self.instance_map.items()},
             "stream_writers": {k: list(v) for k, v in self.stream_writers.items()},
             "duties": self.duties,
@@ -232,8 +273,10 @@ def make_plan(
     main = _main_process(settings, layout, has_workers, ports)
     health_port = ports.main("aggregate")
     worker_procs = tuple(_worker_process(settings, layout, w, ports) for w in workers)
+    services = tuple(s for s in (_coturn(settings, ports),) if s is not None)
     public = _public(settings, homeserver)
     _check_ports(settings, public, ports)
+    _check_service_ports(settings, public, ports, services)
 
     stream_writers = _stream_writers(worker_procs)
     writer_names = {n for names in stream_writers.values() for n in names}
@@ -270,6 +313,8 @@ def make_plan(
         app_service_config_files=appservices,
         postgres=_embedded_postgres(settings, homeserver, layout, len(workers)),
         health_port=health_port,
+        services=services,
+        turn_uris=_turn_uris(settings, homeserver.server_name),
     )
 
 
@@ -292,6 +337,11 @@ class _PortAllocator:
 
     def main(self, kind: str) -> int:
         port = self.base + MAIN_PORT_OFFSETS[kind]
+        self.used.append(port)
+        return port
+
+    def addon(self, name: str) -> int:
+        port = self.base + ADDON_PORT_OFFSETS[name]
         self.used.append(port)
         return port
 
@@ -407,6 +457,52 @@ def _check_ports(settings: Settings, public: Public, ports: _PortAllocator) -> N
             )
     if public.tls_port is not None and public.tls_port == public.port:
         raise UserError(f"SYNAPSE_TLS_PORT={public.tls_port} equals the HTTP port: expected two different ports.")
+
+
+def _coturn(settings: Settings, ports: _PortAllocator) -> Service | None:
+    """The built-in coturn: TURN/STUN on COTURN_PORT (UDP and TCP), relays on the UDP range, metrics on loopback."""
+    turn = settings.turn
+    if not turn.builtin_coturn:
+        return None
+    host = turn.internal_ip or "0.0.0.0"  # no COTURN_INTERNAL_IP: every address of the host
+    listeners = [Listener(TURN, (), host=host, port=turn.port)]
+    if turn.metrics:
+        listeners.append(Listener(METRICS, ("metrics",), host=LOOPBACK, port=ports.addon("coturn_metrics")))
+    return Service(COTURN, tuple(listeners), ("udp", "tcp"), (turn.min_port, turn.max_port))
+
+
+def _turn_uris(settings: Settings, server_name: str) -> tuple[str, ...]:
+    """SYNAPSE_TURN_URIS, else the built-in coturn's on the server name's host (UDP first, as clients try it)."""
+    turn = settings.turn
+    if turn.uris or not turn.builtin_coturn:
+        return turn.uris
+    return tuple(f"turn:{server_host(server_name)}:{turn.port}?transport={t}" for t in ("udp", "tcp"))
+
+
+def server_host(server_name: str) -> str:
+    """The server name without its port (an IPv6 literal keeps its brackets)."""
+    if server_name.startswith("["):
+        return server_name[: server_name.index("]") + 1]
+    return server_name.split(":")[0]
+
+
+def _check_service_ports(
+    settings: Settings, public: Public, ports: _PortAllocator, services: tuple[Service, ...]
+) -> None:
+    """An add-on's public port must not be one the stack already listens on."""
+    base, high = settings.listen.internal_port_base, max(ports.used)
+    coturn = next((s for s in services if s.name == COTURN), None)
+    if coturn is None:
+        return
+    port = coturn.main.port
+    taken = {public.port: "the HTTP port", public.tls_port: "SYNAPSE_TLS_PORT"}
+    if port in taken:
+        raise UserError(f"COTURN_PORT={port} equals {taken[port]}: expected a port of its own.")
+    if port is not None and base <= port <= high:
+        raise UserError(
+            f"COTURN_PORT={port} collides with the internal ports {base}-{high} "
+            f"(SYNAPSE_INTERNAL_PORT_BASE={base}): expected a port outside that range."
+        )
 
 
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .plan import HEALTH, Plan, Process
+from .plan import COTURN, HEALTH, TURN, Plan, Process
 
 STAGE_POSTGRES, STAGE_REDIS, STAGE_MAIN, STAGE_WORKERS, STAGE_NGINX = range(5)
 STAGE_NAMES = ("postgres", "redis", "main", "workers", "nginx")
@@ -127,8 +127,10 @@ def programs(
     binaries: dict[str, str],
     launcher: SynapseLauncher | None = None,
     postgres_user: tuple[str, int, int] | None = None,
+    coturn_user: tuple[int, int] | None = None,
 ) -> list[Program]:
-    """binaries: paths of postgres, redis-server, nginx, setpriv (found by the caller)."""
+    """binaries: paths of postgres, redis-server, nginx, setpriv, turnserver (found by the caller);
+    coturn_user: the uid, gid coturn runs as when started as root (looked up by the caller; default UID:GID)."""
     launcher = launcher or LAUNCHERS[plan.settings.core.launch_mode]
     core = plan.settings.core
     synapse_user = (core.uid, core.gid) if as_root else None
@@ -210,6 +212,7 @@ def programs(
             log_file=disk_logs and f"{disk_logs}/nginx.log",
         )
     )
+    result += coturn_programs(plan, binaries, (coturn_user or synapse_user) if as_root else None, disk_logs)
     if as_root:
         result = [_drop_privileges(p, binaries["setpriv"]) for p in result]
     return result
@@ -236,3 +239,34 @@ def _drop_privileges(program: Program, setpriv: str) -> Program:
 def setpriv_prefix(setpriv: str, uid: int, gid: int) -> tuple[str, ...]:
     """Run the rest of a command as uid:gid with no supplementary groups (root's must not leak)."""
     return (setpriv, f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--")
+
+
+def coturn_programs(
+    plan: Plan, binaries: dict[str, str], user: tuple[int, int] | None, disk_logs: str | None
+) -> list[Program]:
+    """The built-in coturn (SYNAPSE_ENABLE_BUILTIN_COTURN): started with nginx, after Synapse, and stopped first.
+
+    Not critical: calls need it, chat does not, so a crash loop stops coturn alone. Its config (with the TURN
+    secret) is read from the 0600 file `files` writes for `user`; logging goes to stdout from the first line
+    (the options on the command line: otherwise coturn opens a log file under /var/log or /var/tmp first)."""
+    service = plan.service(COTURN)
+    if service is None:
+        return []
+    listener = service.listener(TURN)
+    assert listener is not None and listener.port is not None
+    host = {None: "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.host, listener.host)
+    command = (binaries["turnserver"], "--log-file", "stdout", "--simple-log", "-c", plan.layout.coturn_conf)
+    return [
+        Program(
+            name=COTURN,
+            command=command,
+            stage=STAGE_NGINX,
+            health=Health("stun", f"{host}:{listener.port}"),  # a STUN binding request over UDP
+            user=user,
+            stop_signal="TERM",
+            stop_wait=10,
+            start_secs=2,
+            critical=False,
+            log_file=disk_logs and f"{disk_logs}/coturn.log",
+        )
+    ]

@@ -503,23 +503,51 @@ class MetricsSettings(Section):
 
 
 class TurnSettings(Section):
+    """Synapse's TURN settings (shared.yaml, every start) and the built-in coturn."""
+
     uris: Annotated[tuple[str, ...], BeforeValidator(_passthrough(_turn_uris))] = var(
-        "SYNAPSE_TURN_URIS", (), help="Comma-separated turn:/turns: URIs of your TURN server (generation only)"
+        "SYNAPSE_TURN_URIS",
+        (),
+        help="Comma-separated turn:/turns:/stun: URIs Synapse hands to clients, on every start",
+        default_text="with the built-in coturn: turn:<server name>:<COTURN_PORT> over udp and tcp; else none",
     )
     secret: Secret | None = var(
-        "SYNAPSE_TURN_SECRET", help="The TURN server's shared secret, stored as a key file (generation only)"
+        "SYNAPSE_TURN_SECRET",
+        help="The TURN shared secret (use-auth-secret) of Synapse and the TURN server; stored in the data dir (0600)",
+        default_text="generated",
     )
     builtin_coturn: Bool = var(
-        "SYNAPSE_ENABLE_BUILTIN_COTURN", False, help="Built-in coturn (not implemented yet; validated only)"
+        "SYNAPSE_ENABLE_BUILTIN_COTURN",
+        False,
+        help="Run coturn (TURN/STUN relay for voice and video calls) in the stack; Synapse's turn_uris point at it",
     )
-    min_port: Port = var("COTURN_MIN_PORT", 49153, help="First coturn relay port (not implemented yet; validated only)")
-    max_port: Port = var("COTURN_MAX_PORT", 49173, help="Last coturn relay port (not implemented yet; validated only)")
-    metrics: Bool = var("COTURN_METRICS", False, help="coturn metrics (not implemented yet; validated only)")
+    port: Annotated[int, _int(1024, 65535)] = var(
+        "COTURN_PORT", 3478, help="The built-in coturn's TURN/STUN port, UDP and TCP (publish both), 1024 or above"
+    )
+    min_port: Annotated[int, _int(1024, 65535)] = var(
+        "COTURN_MIN_PORT", 49153, help="First UDP relay port of the built-in coturn (publish the whole range)"
+    )
+    max_port: Annotated[int, _int(1024, 65535)] = var(
+        "COTURN_MAX_PORT", 49173, help="Last UDP relay port of the built-in coturn"
+    )
+    metrics: Bool = var(
+        "COTURN_METRICS",
+        False,
+        help="coturn's Prometheus endpoint on 127.0.0.1:<SYNAPSE_INTERNAL_PORT_BASE+9> (a turnserver built with it)",
+    )
     external_ip: IP | None = var(
-        "COTURN_EXTERNAL_IP", help="coturn's external IP (not implemented yet; validated only)"
+        "COTURN_EXTERNAL_IP",
+        help="The public IP coturn announces behind NAT (external-ip); taken from here only, never looked up",
     )
     internal_ip: IP | None = var(
-        "COTURN_INTERNAL_IP", help="coturn's internal IP (not implemented yet; validated only)"
+        "COTURN_INTERNAL_IP",
+        help="The local IP coturn listens and relays on (the private side of COTURN_EXTERNAL_IP)",
+        default_text="every address of the host",
+    )
+    allow_loopback_peers: Bool = var(
+        "COTURN_ALLOW_LOOPBACK_PEERS",
+        False,
+        help="For tests only, never in production: let coturn relay to loopback peers (127.0.0.0/8, ::1)",
     )
 
 
@@ -805,6 +833,11 @@ def _check_combinations(s: Settings) -> None:
         problems.append(
             f"COTURN_MIN_PORT={s.turn.min_port} is above COTURN_MAX_PORT={s.turn.max_port}: "
             "expected a range with min <= max."
+        )
+    elif s.turn.builtin_coturn and s.turn.min_port <= s.turn.port <= s.turn.max_port:
+        problems.append(
+            f"COTURN_PORT={s.turn.port} is inside the relay range COTURN_MIN_PORT-COTURN_MAX_PORT "
+            f"({s.turn.min_port}-{s.turn.max_port}): expected a port outside it (coturn relays on those)."
         )
     if s.database.database == "postgres" and s.database.password is None:
         problems.append("SYNAPSE_DATABASE=postgres needs POSTGRES_PASSWORD (the external database's password).")

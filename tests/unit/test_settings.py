@@ -15,6 +15,7 @@ from synapse_workers.settings import BOOL_NAMES, load_settings
 # Every on/off switch the environment has. Written out (not taken from the code) so a switch that silently
 # stops being a boolean fails here.
 BOOLEAN_VARS = (
+    "COTURN_ALLOW_LOOPBACK_PEERS",
     "COTURN_METRICS",
     "NGINX_CLIENT_KEEPALIVE_ENABLE",
     "NGINX_DISABLE_LOGROTATE",
@@ -255,7 +256,7 @@ INVALID = [
     ("NGINX_CLIENT_BODY_BUFFER_SIZE_BYTES", "1M", "whole number"),
     ("UID", "-1", "whole number"),
     ("GID", "root", "whole number"),
-    ("COTURN_MIN_PORT", "99999", "from 1 to 65535"),
+    ("COTURN_MIN_PORT", "99999", "from 1024 to 65535"),
 ]
 
 

@@ -6,8 +6,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..homeserver import GENERATED_LOG_CONFIG, generated_homeserver
-from ..plan import Plan
+from ..plan import COTURN, Plan
 from ..programs import Program
+from .coturn import SECRET_KEY, render_coturn
 from .nginx import render_nginx
 from .redis import render_redis
 from .supervisor import render_supervisor
@@ -15,11 +16,23 @@ from .synapse import dump, log_config, render_synapse
 
 
 @dataclass(frozen=True)
+class PrivateFile:
+    """A config that must hold a secret: rewritten on every run, 0600, owned by `owner` (uid, gid) when run as
+    root, with `key=<secret>` appended for each (key, secret file) pair when written. The text never holds it."""
+
+    text: str
+    secrets: tuple[tuple[str, str], ...]
+    owner: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True)
 class FileSet:
-    """managed: rewritten on every run under the runtime dir. once: created only when missing (mode)."""
+    """managed: rewritten on every run under the runtime dir. once: created only when missing (mode).
+    private: configs written with a secret for one program's user (coturn's)."""
 
     managed: dict[str, str]
     once: dict[str, tuple[str, int]] = field(default_factory=dict)
+    private: dict[str, PrivateFile] = field(default_factory=dict)
 
 
 def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = False) -> FileSet:
@@ -30,6 +43,12 @@ def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = Fal
     managed.update(render_redis(plan))
     if programs:
         managed.update(render_supervisor(plan.layout, programs, as_root))
+    private: dict[str, PrivateFile] = {}
+    coturn_conf = render_coturn(plan)
+    if coturn_conf is not None:
+        # Written for the user coturn runs as (its program row's, when `run` supervises it).
+        owner = next((p.user for p in programs if p.name == COTURN), None) if as_root else None
+        private[plan.layout.coturn_conf] = PrivateFile(coturn_conf, ((SECRET_KEY, plan.secrets.turn),), owner)
     once: dict[str, tuple[str, int]] = {}
     if not plan.homeserver.exists:
         doc = generated_homeserver(plan.settings, plan.secrets, plan.layout.postgres_socket_dir, plan.public.port)
@@ -41,4 +60,4 @@ def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = Fal
         # Marked as ours: SYNAPSE_LOG_CONFIG naming it later must not make it every process's log config.
         log_text = f"{GENERATED_LOG_CONFIG} (Synapse without synapse-workers reads it).\n"
         once[doc["log_config"]] = (log_text + dump(log_config(plan, plan.main)).split("\n", 2)[2], 0o644)
-    return FileSet(managed, once)
+    return FileSet(managed, once, private)

@@ -59,7 +59,23 @@ def shared_config(plan: Plan) -> dict[str, Any]:
         # Rendered on every start, like nginx's client_max_body_size: a changed SYNAPSE_MAX_UPLOAD_SIZE reaches
         # Synapse too. Unset, homeserver.yaml's own value (or Synapse's default) stands, and nginx follows it.
         doc["max_upload_size"] = size_text(plan.homeserver.max_upload_size)
+    doc.update(turn_config(plan))
     return doc
+
+
+def turn_config(plan: Plan) -> dict[str, Any]:
+    """Synapse's TURN settings, on every start: only with SYNAPSE_TURN_URIS or the built-in coturn (none otherwise,
+    so clients are never sent to a relay that does not run). The secret is the key file coturn's config is
+    written from; an inline `turn_shared_secret` in homeserver.yaml is overridden (Synapse refuses both)."""
+    if not plan.turn_uris:
+        return {}
+    return {
+        "turn_uris": list(plan.turn_uris),
+        "turn_shared_secret": None,
+        "turn_shared_secret_path": plan.secrets.turn,
+        "turn_user_lifetime": "1h",
+        "turn_allow_guests": True,
+    }
 
 
 def main_config(plan: Plan) -> dict[str, Any]:

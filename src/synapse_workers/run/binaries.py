@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import subprocess
 
 from ..errors import UserError
-from ..plan import Plan
+from ..plan import COTURN, METRICS, Plan
 from . import postgres
 
 # name → (fallback path when not on PATH, the Debian package that ships it)
@@ -14,7 +16,9 @@ KNOWN = {
     "nginx": ("/usr/sbin/nginx", "nginx-light"),
     "setpriv": ("/usr/bin/setpriv", "util-linux"),
     "redis-server": ("/usr/bin/redis-server", "redis-server"),
+    "turnserver": ("/usr/bin/turnserver", "coturn"),
 }
+COTURN_USER = "turnserver"  # created by Debian's coturn package
 
 
 def find(name: str) -> str:
@@ -30,8 +34,40 @@ def find_binaries(plan: Plan) -> dict[str, str]:
     wanted = ["nginx", "setpriv"]
     if plan.redis and not plan.redis.external:
         wanted.append("redis-server")
+    coturn = plan.service(COTURN)
+    if coturn is not None:
+        wanted.append("turnserver")
     found = {name: find(name) for name in wanted}
+    if coturn is not None and coturn.listener(METRICS) is not None:
+        _check_coturn_prometheus(found["turnserver"])
     if plan.postgres:
         found["postgres"] = f"{postgres.postgres_bin()}/postgres"
         found["pg_isready"] = f"{postgres.postgres_bin()}/pg_isready"
     return found
+
+
+def _check_coturn_prometheus(turnserver: str) -> None:
+    """COTURN_METRICS needs a turnserver built with Prometheus that can bind its exporter to loopback
+    (--prometheus-address); without that option coturn would serve metrics on every address."""
+    result = subprocess.run([turnserver, "-h"], capture_output=True, text=True, timeout=30, check=False)
+    options = result.stdout + result.stderr
+    if "--prometheus" not in options:
+        raise UserError(
+            f"COTURN_METRICS is on, but {turnserver} is built without Prometheus support (Debian's coturn package "
+            "is): unset COTURN_METRICS, or install a coturn built with Prometheus (libprom) and --prometheus-address."
+        )
+    if "--prometheus-address" not in options:
+        raise UserError(
+            f"COTURN_METRICS is on, but {turnserver} cannot bind its Prometheus exporter to loopback (no "
+            "--prometheus-address; it would listen on every address): unset COTURN_METRICS or use a newer coturn."
+        )
+
+
+def coturn_user(uid: int, gid: int) -> tuple[int, int]:
+    """Who the built-in coturn runs as (as root): Debian's `turnserver` system user, else Synapse's UID:GID
+    (which can read the TURN secret anyway). Never nobody: coturn's config holds that secret."""
+    try:
+        entry = pwd.getpwnam(COTURN_USER)
+    except KeyError:
+        return uid, gid
+    return entry.pw_uid, entry.pw_gid

@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -46,6 +47,8 @@ def check(health: Health, timeout: float = TIMEOUT) -> str | None:
                 sock.sendall(b"PING\r\n")
                 reply = sock.recv(64)
             return None if reply.startswith(b"+PONG") else f"unexpected reply {reply[:20]!r}"
+        if health.kind == "stun":
+            return stun_binding(health.target, timeout)
         if health.kind == "command":
             argv = shlex.split(health.target)
             result = subprocess.run(
@@ -55,6 +58,37 @@ def check(health: Health, timeout: float = TIMEOUT) -> str | None:
     except (OSError, httpx.HTTPError, subprocess.TimeoutExpired) as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return f"unknown health check {health.kind}"
+
+
+STUN_MAGIC_COOKIE = 0x2112A442
+STUN_BINDING_REQUEST, STUN_BINDING_SUCCESS = 0x0001, 0x0101
+
+
+def stun_binding(target: str, timeout: float = TIMEOUT) -> str | None:
+    """A STUN binding request (RFC 5389) over UDP to host:port: None when a success response with our
+    transaction id comes back (what turnutils_stunclient does, with a timeout of our own)."""
+    host, port = target.rsplit(":", 1)
+    host = host.strip("[]")
+    transaction = os.urandom(12)
+    request = struct.pack("!HHI", STUN_BINDING_REQUEST, 0, STUN_MAGIC_COOKIE) + transaction
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    deadline = time.monotonic() + timeout
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.connect((host, int(port)))
+        sock.sendall(request)
+        while True:
+            sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                reply = sock.recv(2048)
+            except TimeoutError:
+                return f"no STUN answer from {target} within {timeout:g}s"
+            except OSError as exc:  # nothing listens there (ICMP port unreachable)
+                return f"{type(exc).__name__}: {exc}"
+            if len(reply) >= 20 and reply[8:20] == transaction:
+                kind, _length, cookie = struct.unpack("!HHI", reply[:8])
+                if kind == STUN_BINDING_SUCCESS and cookie == STUN_MAGIC_COOKIE:
+                    return None
+                return f"STUN answer 0x{kind:04x} instead of a binding success"
 
 
 def synapse_checks(plan: Plan) -> dict[str, Health]:

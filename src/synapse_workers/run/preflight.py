@@ -15,13 +15,13 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..plan import Plan
+from ..plan import TURN, Plan
 
 DB_WAIT = 60.0  # an external database may still be starting (compose): wait this long for it to answer
 
 
 def check_ports(plan: Plan) -> list[str]:
-    """Every TCP port the stack will listen on must be free now."""
+    """Every TCP port the stack will listen on (and coturn's UDP port) must be free now."""
     listen, public = plan.settings.listen, plan.public
     source = "SYNAPSE_HTTP_PORT=" if listen.http_port else "The client port of homeserver.yaml, "
     wanted: list[tuple[str, int, str]] = [(public.bind_address, public.port, f"{source}{public.port}")]
@@ -33,18 +33,31 @@ def check_ports(plan: Plan) -> list[str]:
         for lst in proc.listeners:
             if lst.port is not None and lst.host is not None:
                 wanted.append((lst.host, lst.port, f"{internal} {lst.port} ({proc.name}'s {lst.kind} listener)"))
+    udp: list[tuple[str, int, str]] = []
+    for service in plan.services:
+        for lst in service.listeners:
+            if lst.port is None or lst.host is None:
+                continue
+            variable = f"COTURN_PORT={lst.port}" if lst.kind == TURN else f"{internal} {lst.port}"
+            what = f"{variable} ({service.name}'s {lst.kind} listener)"
+            wanted.append((lst.host, lst.port, what))
+            if "udp" in service.protocols and lst is service.main:
+                udp.append((lst.host, lst.port, what))
     problems = []
-    for host, port, what in wanted:
-        reason = _bind_error(host, port)
-        if reason:
-            problems.append(f"{what} cannot be used: {reason}. Stop the program that holds it, or choose another.")
+    for kind, entries in ((socket.SOCK_STREAM, wanted), (socket.SOCK_DGRAM, udp)):
+        for host, port, what in entries:
+            reason = _bind_error(host, port, kind)
+            if reason:
+                shown = what + (" (UDP)" if kind == socket.SOCK_DGRAM else "")
+                problems.append(f"{shown} cannot be used: {reason}. Stop the program that holds it, or choose another.")
     return problems
 
 
-def _bind_error(host: str, port: int) -> str | None:
+def _bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> str | None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    with socket.socket(family, kind) as sock:
+        if kind == socket.SOCK_STREAM:  # ignore TIME_WAIT leftovers; on UDP it would share a port in use
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
