@@ -555,6 +555,11 @@ VAR_CASES = [
             "{root}/elsewhere/media", "{data}/media_store"),
     VarCase("SYNAPSE_MAX_UPLOAD_SIZE", "100M", "media.max_upload_size", 100 * MIB, 50 * MIB),
     VarCase("SYNAPSE_REPORT_STATS", "yes", "metrics.report_stats", True, False, baseline="no"),
+    # TURN settings are in shared.yaml on every start, only when there is a TURN server to point at.
+    VarCase("SYNAPSE_ENABLE_BUILTIN_COTURN", "yes", "voip.turn_uris",
+            ["turn:example.test:3478?transport=udp", "turn:example.test:3478?transport=tcp"], []),
+    VarCase("SYNAPSE_TURN_URIS", "turns:turn.example.test:5349", "voip.turn_uris",
+            ["turns:turn.example.test:5349"], []),
 ]
 
 
