@@ -45,9 +45,9 @@ ENV PATH=/opt/synapse-workers/venv/bin:$PATH \
 # by the image's postgres user). Not set here as ENV: bash treats UID as its own read-only variable.
 VOLUME ["/data"]
 # 8008: the public client/federation port (nginx); 8448: the optional TLS listener (SYNAPSE_TLS_CERT/KEY).
-# No coturn ports: the built-in coturn (SYNAPSE_ENABLE_BUILTIN_COTURN) is not implemented yet, so nothing
-# would listen on 3478 or COTURN_MIN_PORT..COTURN_MAX_PORT.
-EXPOSE 8008/tcp 8448/tcp
+# 3478 (udp+tcp) and 49153-49173/udp: the built-in coturn (SYNAPSE_ENABLE_BUILTIN_COTURN, off by default) at its
+# default COTURN_PORT and COTURN_MIN_PORT..COTURN_MAX_PORT.
+EXPOSE 8008/tcp 8448/tcp 3478/udp 3478/tcp 49153-49173/udp
 
 # Reads the launcher's status file in the runtime dir: healthy only when nginx, main and every worker answer.
 # A first start (initdb, Synapse's schema) takes up to a minute or two on a small machine.
