@@ -285,6 +285,16 @@ def test_the_secret_is_only_in_files_coturn_alone_can_read(stack: Stack):
     assert f"static-auth-secret={key}" in conf.read_text()
 
 
+def test_a_killed_coturn_is_restarted_and_healthy_again(stack: Stack, credentials: dict):
+    old = _coturn_pid(stack)
+    os.kill(old, signal.SIGKILL)
+    assert wait_for(lambda: "coturn is back and healthy" in stack.tail(200), 30), stack.tail()
+    assert wait_for(lambda: _status(stack)["coturn"]["restarts"] == 1, 10), _status(stack)["coturn"]
+    assert _coturn_pid(stack) != old
+    result = uclient(stack.env["COTURN_PORT"], credentials["username"], credentials["password"])
+    assert result.returncode == 0 and received(result) >= 20, result.stdout + result.stderr
+
+
 def test_stops_cleanly(stack: Stack):
     code, took = stack.stop(timeout=30)
     assert code == 0, stack.tail()
