@@ -26,16 +26,7 @@ if [ "${1:-}" = "--conf-only" ]; then conf_only=1; shift; fi
 log() { echo "build-image: $*" >&2; }
 
 # ---- 1. tools -------------------------------------------------------------------------------------------
-need=()
-for pair in podman:podman runc:runc debootstrap:debootstrap newuidmap:uidmap slirp4netns:slirp4netns; do
-  command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need+=("${pair#*:}")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  log "apt packages: ${need[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q
-  apt-get install -y -q --no-install-recommends "${need[@]}"
-fi
+"$here/scripts/container-tools.sh" --podman-only  # podman, runc, debootstrap, uidmap, slirp4netns (apt)
 
 # ---- 2. containers.conf ---------------------------------------------------------------------------------
 nofile=$(ulimit -Hn); nproc=$(ulimit -Hu)

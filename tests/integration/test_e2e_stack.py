@@ -78,11 +78,7 @@ class Deployment:
 
 def _teardown(deployment: Deployment) -> None:
     for stack in deployment.stacks:
-        try:
-            if stack.proc is not None and stack.proc.poll() is None:
-                stack.stop()
-        finally:
-            stack.kill()
+        stack.close()
 
 
 def _deploy(name: str, worker_types: str, mode: str, **extra: str):

@@ -20,7 +20,6 @@ import math
 import os
 import re
 import secrets
-import shutil
 import subprocess
 import tempfile
 import time
@@ -324,11 +323,5 @@ def test_every_query_returns_data_against_a_running_stack():
                     prometheus.kill()
                     prometheus.wait()
         finally:
-            try:
-                if stack.proc is not None and stack.proc.poll() is None:
-                    stack.stop()
-            finally:
-                stack.kill()
-                shutil.rmtree(prom_dir, ignore_errors=True)
-                shutil.rmtree(root, ignore_errors=True)
+            stack.close(prom_dir, root)
     assert not stack.leftovers(), "the stack left processes running"

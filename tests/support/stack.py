@@ -116,6 +116,16 @@ class Stack:
             except ProcessLookupError:
                 pass
 
+    def close(self, *remove: Path) -> None:
+        """For `finally`: stop it if it still runs (SIGTERM), kill what is left, remove the given dirs."""
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                self.stop()
+        finally:
+            self.kill()
+            for path in remove:
+                shutil.rmtree(path, ignore_errors=True)
+
     def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """`synapse-workers ARGS` with this stack's environment (health, routes, plan...)."""
         return subprocess.run([SW, *args], env=self.env, capture_output=True, text=True, timeout=timeout)

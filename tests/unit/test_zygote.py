@@ -23,13 +23,7 @@ from synapse_workers.run.zygote import (
     spawned,
 )
 
-BINARIES = {
-    "nginx": "/usr/sbin/nginx",
-    "setpriv": "/usr/bin/setpriv",
-    "redis-server": "/usr/bin/redis-server",
-    "postgres": "/usr/lib/postgresql/15/bin/postgres",
-    "pg_isready": "/usr/lib/postgresql/15/bin/pg_isready",
-}
+from tests.unit.test_programs import BINARIES
 SIGKILLED = 9  # a wait status: killed by SIGKILL
 EXIT_1 = 1 << 8
 
