@@ -19,12 +19,11 @@ case "$mode" in
 esac
 
 # What the stack runs (nginx is added below): also in the image's final stage.
-runtime_pkgs=(redis-server postgresql python3 util-linux ca-certificates coturn)
+runtime_pkgs=(redis-server postgresql python3 util-linux ca-certificates coturn prometheus)
 # What building the venv needs (psycopg2 and friends compile against these).
 build_pkgs=(libpq-dev build-essential python3-dev python3-venv)
 case "$mode" in
-  # prometheus (with promtool): the metrics rules and dashboard are checked against a real one
-  host) apt_pkgs=("${runtime_pkgs[@]}" "${build_pkgs[@]}" openssl curl prometheus) ;;
+  host) apt_pkgs=("${runtime_pkgs[@]}" "${build_pkgs[@]}" openssl curl) ;;
   --image-build) apt_pkgs=("${build_pkgs[@]}") ;;
   --image-runtime) apt_pkgs=("${runtime_pkgs[@]}" tini) ;;
 esac

@@ -80,6 +80,9 @@ def free_ports(size: int = 120) -> tuple[int, int]:
 def isolated_env(root: Path, server_name: str = "example.test") -> dict[str, str]:
     """Directories under root, free loopback ports: a stack that collides with nothing else."""
     base, port = free_ports()
+    prometheus = free_port()
+    while base <= prometheus < base + 120 or prometheus == port:
+        prometheus = free_port()
     return {
         "SYNAPSE_SERVER_NAME": server_name,
         "SYNAPSE_REPORT_STATS": "no",
@@ -89,6 +92,7 @@ def isolated_env(root: Path, server_name: str = "example.test") -> dict[str, str
         "SYNAPSE_INTERNAL_PORT_BASE": str(base),
         "SYNAPSE_HTTP_PORT": str(port),
         "SYNAPSE_HTTP_BIND_ADDRESS": "127.0.0.1",
+        "PROMETHEUS_PORT": str(prometheus),  # the built-in Prometheus's (with SYNAPSE_METRICS): never 9090 here
     }
 
 

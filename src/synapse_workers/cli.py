@@ -157,7 +157,7 @@ def _synapse_test(plan: Plan) -> bool:
 def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .programs import programs
     from .run import postgres
-    from .run.binaries import coturn_user, find_binaries
+    from .run.binaries import coturn_user, find_binaries, prometheus_user
     from .run.prepare import check_before_start
     from .run.supervise import Stack, lock_runtime_dir
 
@@ -167,7 +167,14 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     pg_owner = postgres.cluster_owner(as_root) if plan.postgres else None
     pg_user = (pg_owner.pw_name, pg_owner.pw_uid, pg_owner.pw_gid) if pg_owner else None
     core = plan.settings.core
-    progs = programs(plan, as_root, binaries, postgres_user=pg_user, coturn_user=coturn_user(core.uid, core.gid))
+    progs = programs(
+        plan,
+        as_root,
+        binaries,
+        postgres_user=pg_user,
+        coturn_user=coturn_user(core.uid, core.gid),
+        prometheus_user=prometheus_user(core.uid, core.gid),
+    )
     # Lock before writing: never rewrite a live stack's files.
     lock = lock_runtime_dir(plan.layout.lock_file, plan.layout.runtime_dir)
     try:

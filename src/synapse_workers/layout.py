@@ -42,6 +42,10 @@ class Layout:
     coturn_conf: str  # turnserver.conf, 0600 (written with the secret by files.py)
     coturn_userdb: str  # coturn's own SQLite database (it creates it; empty: no users, no secrets)
     coturn_pid: str
+    prometheus_dir: str  # the built-in Prometheus's generated config (prometheus.yml, the rules file)
+    prometheus_conf: str
+    prometheus_rules: str
+    prometheus_data: str  # its database unless PROMETHEUS_STORAGE_PATH says otherwise
 
     def worker_config(self, name: str) -> str:
         return f"{self.workers_dir}/{name}.yaml"
@@ -97,6 +101,10 @@ def make_layout(runtime_dir: str, data_dir: str) -> Layout:
         coturn_conf=f"{r}/coturn/turnserver.conf",
         coturn_userdb=f"{r}/coturn/turndb",
         coturn_pid=f"{r}/coturn/turnserver.pid",
+        prometheus_dir=f"{r}/prometheus",
+        prometheus_conf=f"{r}/prometheus/prometheus.yml",
+        prometheus_rules=f"{r}/prometheus/synapse-workers.rules.yml",
+        prometheus_data=f"{data_dir}/prometheus",
     )
 
 

@@ -31,6 +31,8 @@ MAIN_PORT_OFFSETS = {PUBLIC: 0, REPLICATION: 1, HEALTH: 2, METRICS: 3, "aggregat
 ADDON_PORT_OFFSETS = {"coturn_metrics": 9}
 WORKER_OFFSET = 10
 COTURN = "coturn"
+PROMETHEUS = "prometheus"
+HTTP = "http"  # an add-on's own HTTP listener (Prometheus's web UI and API)
 
 
 @dataclass(frozen=True)
@@ -273,7 +275,7 @@ def make_plan(
     main = _main_process(settings, layout, has_workers, ports)
     health_port = ports.main("aggregate")
     worker_procs = tuple(_worker_process(settings, layout, w, ports) for w in workers)
-    services = tuple(s for s in (_coturn(settings, ports),) if s is not None)
+    services = tuple(s for s in (_coturn(settings, ports), _prometheus(settings)) if s is not None)
     public = _public(settings, homeserver)
     _check_ports(settings, public, ports)
     _check_service_ports(settings, public, ports, services)
@@ -471,6 +473,24 @@ def _coturn(settings: Settings, ports: _PortAllocator) -> Service | None:
     return Service(COTURN, tuple(listeners), ("udp", "tcp"), (turn.min_port, turn.max_port))
 
 
+def _prometheus(settings: Settings) -> Service | None:
+    """The built-in Prometheus (SYNAPSE_METRICS): its web UI and API on PROMETHEUS_BIND_ADDRESS:PROMETHEUS_PORT."""
+    metrics = settings.metrics
+    if not metrics.enabled:
+        return None
+    return Service(PROMETHEUS, (Listener(HTTP, (), host=metrics.bind_address, port=metrics.port),))
+
+
+def prometheus_storage(plan: Plan) -> str:
+    """The built-in Prometheus's database directory."""
+    return plan.settings.metrics.storage_path or plan.layout.prometheus_data
+
+
+def local_host(host: str | None) -> str:
+    """How to reach, from this host, a listener bound to `host` (the unspecified addresses: loopback)."""
+    return {None: LOOPBACK, "0.0.0.0": LOOPBACK, "::": "::1"}.get(host, host or LOOPBACK)
+
+
 def _turn_uris(settings: Settings, server_name: str) -> tuple[str, ...]:
     """SYNAPSE_TURN_URIS, else the built-in coturn's on the server name's host (UDP first, as clients try it)."""
     turn = settings.turn
@@ -491,18 +511,20 @@ def _check_service_ports(
 ) -> None:
     """An add-on's public port must not be one the stack already listens on."""
     base, high = settings.listen.internal_port_base, max(ports.used)
-    coturn = next((s for s in services if s.name == COTURN), None)
-    if coturn is None:
-        return
-    port = coturn.main.port
-    taken = {public.port: "the HTTP port", public.tls_port: "SYNAPSE_TLS_PORT"}
-    if port in taken:
-        raise UserError(f"COTURN_PORT={port} equals {taken[port]}: expected a port of its own.")
-    if port is not None and base <= port <= high:
-        raise UserError(
-            f"COTURN_PORT={port} collides with the internal ports {base}-{high} "
-            f"(SYNAPSE_INTERNAL_PORT_BASE={base}): expected a port outside that range."
-        )
+    taken: dict[int | None, str] = {public.port: "the HTTP port", public.tls_port: "SYNAPSE_TLS_PORT"}
+    for name, variable in ((COTURN, "COTURN_PORT"), (PROMETHEUS, "PROMETHEUS_PORT")):
+        service = next((s for s in services if s.name == name), None)
+        if service is None:
+            continue
+        port = service.main.port
+        if port in taken:
+            raise UserError(f"{variable}={port} equals {taken[port]}: expected a port of its own.")
+        if port is not None and base <= port <= high:
+            raise UserError(
+                f"{variable}={port} collides with the internal ports {base}-{high} "
+                f"(SYNAPSE_INTERNAL_PORT_BASE={base}): expected a port outside that range."
+            )
+        taken[port] = variable
 
 
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL

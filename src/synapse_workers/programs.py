@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .plan import COTURN, HEALTH, TURN, Plan, Process
+from .plan import COTURN, HEALTH, PROMETHEUS, TURN, Plan, Process, local_host, prometheus_storage
 
 STAGE_POSTGRES, STAGE_REDIS, STAGE_MAIN, STAGE_WORKERS, STAGE_NGINX = range(5)
 STAGE_NAMES = ("postgres", "redis", "main", "workers", "nginx")
@@ -128,9 +128,11 @@ def programs(
     launcher: SynapseLauncher | None = None,
     postgres_user: tuple[str, int, int] | None = None,
     coturn_user: tuple[int, int] | None = None,
+    prometheus_user: tuple[int, int] | None = None,
 ) -> list[Program]:
     """binaries: paths of postgres, redis-server, nginx, setpriv, turnserver (found by the caller);
-    coturn_user: the uid, gid coturn runs as when started as root (looked up by the caller; default UID:GID)."""
+    coturn_user, prometheus_user: the uid, gid each runs as when started as root (looked up by the caller;
+    default UID:GID)."""
     launcher = launcher or LAUNCHERS[plan.settings.core.launch_mode]
     core = plan.settings.core
     synapse_user = (core.uid, core.gid) if as_root else None
@@ -213,6 +215,7 @@ def programs(
         )
     )
     result += coturn_programs(plan, binaries, (coturn_user or synapse_user) if as_root else None, disk_logs)
+    result += prometheus_programs(plan, binaries, (prometheus_user or synapse_user) if as_root else None, disk_logs)
     if as_root:
         result = [_drop_privileges(p, binaries["setpriv"]) for p in result]
     return result
@@ -268,5 +271,43 @@ def coturn_programs(
             start_secs=2,
             critical=False,
             log_file=disk_logs and f"{disk_logs}/coturn.log",
+        )
+    ]
+
+
+def prometheus_programs(
+    plan: Plan, binaries: dict[str, str], user: tuple[int, int] | None, disk_logs: str | None
+) -> list[Program]:
+    """The built-in Prometheus (SYNAPSE_METRICS): started with nginx, after every Synapse process it scrapes.
+
+    Not critical: a crash loop stops Prometheus alone. Retention and storage are command-line flags (they are
+    not config-file settings in Prometheus); health is its own readiness endpoint."""
+    service = plan.service(PROMETHEUS)
+    if service is None:
+        return []
+    metrics = plan.settings.metrics
+    listener = service.main
+    host = local_host(listener.host)
+    url_host = f"[{host}]" if ":" in host else host
+    bind = f"[{listener.host}]" if listener.host and ":" in listener.host else listener.host
+    command = (
+        binaries["prometheus"],
+        f"--config.file={plan.layout.prometheus_conf}",
+        f"--storage.tsdb.path={prometheus_storage(plan)}",
+        f"--storage.tsdb.retention.time={metrics.retention}",
+        f"--web.listen-address={bind}:{listener.port}",
+    )
+    return [
+        Program(
+            name=PROMETHEUS,
+            command=command,
+            stage=STAGE_NGINX,
+            health=Health("http", f"http://{url_host}:{listener.port}/-/ready"),
+            user=user,
+            stop_signal="TERM",
+            stop_wait=20,  # it writes its head block out on the way down
+            start_secs=2,
+            critical=False,
+            log_file=disk_logs and f"{disk_logs}/prometheus.log",
         )
     ]

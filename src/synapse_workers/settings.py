@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.json_schema import JsonDict
@@ -210,6 +211,19 @@ def _ip(value: Any) -> str:
         return str(ipaddress.ip_address(str(value).strip()))
     except ValueError:
         raise ValueError("an IPv4 or IPv6 address") from None
+
+
+def _remote_write_url(value: Any) -> str | None:
+    text = str(value).strip()
+    if not text:
+        return None
+    parsed = urlsplit(text)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError("an http:// or https:// URL")
+    if parsed.username or parsed.password:
+        # The rendered prometheus.yml is not a private file: a password there would be readable by any user.
+        raise ValueError("a URL without user:password@ (the generated Prometheus config is not secret)")
+    return text
 
 
 TRUSTED_PROXIES_HELP = (
@@ -495,10 +509,23 @@ class MetricsSettings(Section):
         "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT", False, help="PostgreSQL exporter (not implemented yet; validated only)"
     )
     scrape_interval: PromDuration = var(
-        "PROMETHEUS_SCRAPE_INTERVAL", "15s", help="Prometheus scrape interval (not implemented yet; validated only)"
+        "PROMETHEUS_SCRAPE_INTERVAL", "15s", help="How often the built-in Prometheus scrapes every target"
     )
     retention: PromDuration = var(
-        "PROMETHEUS_STORAGE_RETENTION_TIME", "1y", help="Prometheus retention (not implemented yet; validated only)"
+        "PROMETHEUS_STORAGE_RETENTION_TIME", "1y", help="How long the built-in Prometheus keeps samples"
+    )
+    storage_path: AbsPath | None = var(
+        "PROMETHEUS_STORAGE_PATH",
+        help="The built-in Prometheus's database directory (created owned by its user); survives restarts",
+        default_text="<data dir>/prometheus",
+    )
+    bind_address: IP = var(
+        "PROMETHEUS_BIND_ADDRESS", "127.0.0.1", help="The built-in Prometheus's address (loopback: this host only)"
+    )
+    port: Port = var("PROMETHEUS_PORT", 9090, help="The built-in Prometheus's port (its web UI and query API)")
+    remote_write_url: Annotated[str | None, BeforeValidator(_passthrough(_remote_write_url))] = var(
+        "PROMETHEUS_REMOTE_WRITE_HTTP_URL",
+        help="Also send every sample to this Prometheus remote-write URL (http/https, no credentials in it)",
     )
 
 

@@ -46,6 +46,7 @@ def _env(base_env, name: str) -> dict[str, str]:
         "SYNAPSE_INTERNAL_PORT_BASE": "30000",
         "SYNAPSE_HTTP_PORT": "8008",
         "SYNAPSE_HTTP_BIND_ADDRESS": "0.0.0.0",
+        "PROMETHEUS_PORT": "9090",
         "SYNAPSE_WORKER_TYPES": TOPOLOGIES[name],
     }
 

@@ -10,6 +10,7 @@ from ..plan import COTURN, Plan
 from ..programs import Program
 from .coturn import SECRET_KEY, render_coturn
 from .nginx import render_nginx
+from .prometheus import render_prometheus
 from .redis import render_redis
 from .supervisor import render_supervisor
 from .synapse import dump, log_config, render_synapse
@@ -41,6 +42,7 @@ def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = Fal
     managed.update(render_synapse(plan))
     managed.update(render_nginx(plan))
     managed.update(render_redis(plan))
+    managed.update(render_prometheus(plan))
     if programs:
         managed.update(render_supervisor(plan.layout, programs, as_root))
     private: dict[str, PrivateFile] = {}

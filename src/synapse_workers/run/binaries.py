@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 from ..errors import UserError
-from ..plan import COTURN, METRICS, Plan
+from ..plan import COTURN, METRICS, PROMETHEUS, Plan
 from . import postgres
 
 # name → (fallback path when not on PATH, the Debian package that ships it)
@@ -17,8 +17,10 @@ KNOWN = {
     "setpriv": ("/usr/bin/setpriv", "util-linux"),
     "redis-server": ("/usr/bin/redis-server", "redis-server"),
     "turnserver": ("/usr/bin/turnserver", "coturn"),
+    "prometheus": ("/usr/bin/prometheus", "prometheus"),
 }
 COTURN_USER = "turnserver"  # created by Debian's coturn package
+PROMETHEUS_USER = "prometheus"  # created by Debian's prometheus package
 
 
 def find(name: str) -> str:
@@ -37,6 +39,8 @@ def find_binaries(plan: Plan) -> dict[str, str]:
     coturn = plan.service(COTURN)
     if coturn is not None:
         wanted.append("turnserver")
+    if plan.service(PROMETHEUS) is not None:
+        wanted.append("prometheus")
     found = {name: find(name) for name in wanted}
     if coturn is not None and coturn.listener(METRICS) is not None:
         _check_coturn_prometheus(found["turnserver"])
@@ -66,8 +70,17 @@ def _check_coturn_prometheus(turnserver: str) -> None:
 def coturn_user(uid: int, gid: int) -> tuple[int, int]:
     """Who the built-in coturn runs as (as root): Debian's `turnserver` system user, else Synapse's UID:GID
     (which can read the TURN secret anyway). Never nobody: coturn's config holds that secret."""
+    return _system_user(COTURN_USER, uid, gid)
+
+
+def prometheus_user(uid: int, gid: int) -> tuple[int, int]:
+    """Who the built-in Prometheus runs as (as root): Debian's `prometheus` system user, else Synapse's UID:GID."""
+    return _system_user(PROMETHEUS_USER, uid, gid)
+
+
+def _system_user(name: str, uid: int, gid: int) -> tuple[int, int]:
     try:
-        entry = pwd.getpwnam(COTURN_USER)
+        entry = pwd.getpwnam(name)
     except KeyError:
         return uid, gid
     return entry.pw_uid, entry.pw_gid

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from ..errors import UserError
-from ..plan import TURN, Plan
+from ..plan import PROMETHEUS, TURN, Plan
 
 DB_WAIT = 60.0  # an external database may still be starting (compose): wait this long for it to answer
 
@@ -38,7 +38,12 @@ def check_ports(plan: Plan) -> list[str]:
         for lst in service.listeners:
             if lst.port is None or lst.host is None:
                 continue
-            variable = f"COTURN_PORT={lst.port}" if lst.kind == TURN else f"{internal} {lst.port}"
+            if lst.kind == TURN:
+                variable = f"COTURN_PORT={lst.port}"
+            elif service.name == PROMETHEUS and lst is service.main:
+                variable = f"PROMETHEUS_PORT={lst.port}"
+            else:
+                variable = f"{internal} {lst.port}"
             what = f"{variable} ({service.name}'s {lst.kind} listener)"
             wanted.append((lst.host, lst.port, what))
             if "udp" in service.protocols and lst is service.main:

@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 from ..errors import UserError
-from ..plan import Plan
+from ..plan import PROMETHEUS, Plan, prometheus_storage
 from ..programs import NGINX_WORKER_GROUP, NGINX_WORKER_USER
 from . import postgres, preflight
 
@@ -32,7 +32,8 @@ def check_before_start(plan: Plan, as_root: bool) -> None:
             _check_access(path, core.uid, core.gid, access, variable)
 
 
-def prepare(plan: Plan, as_root: bool, setpriv: str) -> None:
+def prepare(plan: Plan, as_root: bool, setpriv: str, prometheus_user: tuple[int, int] | None = None) -> None:
+    """prometheus_user: who the built-in Prometheus runs as (as root), the owner of the storage dir we create."""
     layout, core = plan.layout, plan.settings.core
     check_before_start(plan, as_root)
     state = Path(layout.state_dir)
@@ -44,6 +45,8 @@ def prepare(plan: Plan, as_root: bool, setpriv: str) -> None:
         _prepare_sockets_dir(plan)
     if plan.postgres:
         postgres.prepare_cluster(plan, as_root, setpriv)
+    if plan.service(PROMETHEUS) is not None:
+        _prepare_prometheus_storage(plan, prometheus_user if as_root else None)
     socket = Path(layout.supervisor_socket)
     if socket.exists():
         socket.unlink()  # left by a launcher that was killed: we hold the lock, so it is ours to replace
@@ -82,6 +85,32 @@ def _prepare_sockets_dir(plan: Plan) -> None:
         if parent == "/":
             return
         parent = os.path.dirname(parent)
+
+
+def _prepare_prometheus_storage(plan: Plan, owner: tuple[int, int] | None) -> None:
+    """The database dir: created (0700, Prometheus's user) when missing; an existing one is used as it is, if
+    Prometheus's user can reach and write it (we never re-own a directory we did not create)."""
+    path = Path(prometheus_storage(plan))
+    if not path.exists():
+        path.mkdir(parents=True)
+        os.chmod(path, 0o700)
+        if owner is not None:
+            os.chown(path, *owner)
+    if owner is None:
+        return
+    uid, gid = owner
+    checks = [(str(path), "wx")] + [(str(p), "x") for p in path.parents]
+    for where, access in checks:
+        st = os.stat(where)
+        klass = 0 if st.st_uid == uid else 1 if st.st_gid == gid else 2
+        missing = [w for w in access if not st.st_mode & BITS[w][klass]]
+        if missing:
+            raise UserError(
+                f"The built-in Prometheus (UID={uid}/GID={gid}) cannot use its storage "
+                f"PROMETHEUS_STORAGE_PATH={str(path)!r}: {where!r} does not let it "
+                f"{' and '.join({'w': 'write', 'x': 'enter'}[m] for m in missing)}. Choose a path it can reach, "
+                f"or `chown {uid}:{gid} {path}` and make the directories above it traversable (o+x)."
+            )
 
 
 BITS = {

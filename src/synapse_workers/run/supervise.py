@@ -25,7 +25,7 @@ from typing import Any
 from supervisor.xmlrpc import SupervisorTransport
 
 from ..errors import UserError
-from ..plan import Plan
+from ..plan import PROMETHEUS, Plan
 from ..programs import STAGE_NAMES, Program, child_environment, flatten
 from ..render.supervisor import GROUP_NAME
 from . import postgres, preflight
@@ -89,7 +89,8 @@ class Stack:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        prepare(self.plan, self.as_root, self.binaries["setpriv"])
+        prometheus = self.by_name.get(PROMETHEUS)
+        prepare(self.plan, self.as_root, self.binaries["setpriv"], prometheus.user if prometheus else None)
         preflight.raise_if(preflight.check_external_database(self.plan, log, self.stop_requested.is_set))
         if self.stop_requested.is_set():
             return 0

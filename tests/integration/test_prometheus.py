@@ -1,0 +1,114 @@
+"""The built-in Prometheus for real: a stack with workers and SYNAPSE_METRICS=1 runs Debian's prometheus as its
+own user; within a bounded time it reports `up == 1` for every Synapse process (labels process, worker_type) and
+holds a Synapse series per process; `status` lists it; its storage is created owned by its user; it stops with
+the stack. Loopback only, free ports, temp dirs removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.support.stack import SW, Stack, make_root, stack_env, wait_for
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not os.path.exists("/usr/bin/prometheus"), reason="Debian's prometheus is not installed"),
+]
+
+WORKERS = "synchrotron, event_persister"
+EXPECTED = {"main": "main", "synchrotron1": "synchrotron", "event_persister1": "event_persister"}
+
+
+@pytest.fixture(scope="module")
+def stack():
+    root = make_root("sw-prometheus-")
+    port = free_port()
+    env = stack_env(root, WORKERS, SYNAPSE_METRICS="1", PROMETHEUS_PORT=str(port), PROMETHEUS_SCRAPE_INTERVAL="1s")
+    base = int(env["SYNAPSE_INTERNAL_PORT_BASE"])
+    while base <= port < base + 120 or str(port) == env["SYNAPSE_HTTP_PORT"]:
+        port = free_port()
+    env["PROMETHEUS_PORT"] = str(port)
+    stack = Stack(env)
+    try:
+        stack.start(300)
+        yield stack
+    finally:
+        stack.close(root)
+
+
+def api(stack: Stack, path: str, **params: str) -> dict:
+    url = f"http://127.0.0.1:{stack.env['PROMETHEUS_PORT']}/api/v1/{path}"
+    response = httpx.get(url, params=params, timeout=10)
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def synapse_targets(stack: Stack) -> dict[str, tuple[str, str]]:
+    """process → (worker_type, health) of the active Synapse targets."""
+    try:
+        targets = api(stack, "targets", state="active")["activeTargets"]
+    except httpx.HTTPError:
+        return {}
+    return {t["labels"]["process"]: (t["labels"]["worker_type"], t["health"])
+            for t in targets if t["labels"].get("job") == "synapse"}
+
+
+def query(stack: Stack, expr: str) -> list[dict]:
+    return api(stack, "query", query=expr)["result"]
+
+
+def test_every_synapse_process_is_up(stack: Stack):
+    ok = wait_for(lambda: {p: h for p, (_t, h) in synapse_targets(stack).items()} == dict.fromkeys(EXPECTED, "up"),
+                  60, 1)
+    assert ok, synapse_targets(stack)
+    assert {p: t for p, (t, _h) in synapse_targets(stack).items()} == EXPECTED
+    up = {r["metric"]["process"]: r["value"][1] for r in query(stack, 'up{job="synapse"}')}
+    assert up == dict.fromkeys(EXPECTED, "1")
+
+
+def test_a_synapse_series_per_process(stack: Stack):
+    def per_process() -> dict[str, str]:
+        result = query(stack, 'count by (process, worker_type) ({job="synapse", __name__=~"synapse_.+"})')
+        return {r["metric"]["process"]: r["metric"]["worker_type"] for r in result}
+
+    assert wait_for(lambda: per_process() == EXPECTED, 30, 1), per_process()
+
+
+def test_rules_are_loaded(stack: Stack):
+    groups = api(stack, "rules")["groups"]
+    assert any(g["name"] == "synapse-workers-http" for g in groups), [g["name"] for g in groups]
+
+
+def test_plan_status_and_storage(stack: Stack):
+    port = int(stack.env["PROMETHEUS_PORT"])
+    plan = json.loads(stack.cli("plan", "--json").stdout)
+    assert plan["services"]["prometheus"]["host"] == "127.0.0.1"
+    assert plan["services"]["prometheus"]["port"] == port
+    env = {"PATH": os.environ["PATH"], "SYNAPSE_RUNTIME_DIR": stack.env["SYNAPSE_RUNTIME_DIR"]}
+
+    def status() -> dict[str, dict]:
+        result = subprocess.run([SW, "status", "--json"], env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return {row["name"]: row for row in json.loads(result.stdout)}
+
+    assert wait_for(lambda: status().get("prometheus", {}).get("state") == "RUNNING", 15), status()
+    rows = status()
+    storage = Path(stack.env["SYNAPSE_DATA_DIR"]) / "prometheus"
+    owner = pwd.getpwnam("prometheus")
+    assert storage.stat().st_uid == owner.pw_uid and (storage / "wal").is_dir()
+    # the process runs as that user, not root
+    pid = rows["prometheus"]["pid"]
+    assert Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0] == str(owner.pw_uid)
+
+
+def test_stops_cleanly(stack: Stack):
+    code, _took = stack.stop(timeout=60)
+    assert code == 0, stack.tail()
+    assert wait_for(lambda: not stack.leftovers(), 10), stack.leftovers()

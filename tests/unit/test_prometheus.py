@@ -1,0 +1,141 @@
+"""The built-in Prometheus (SYNAPSE_METRICS): the plan's service, prometheus.yml (checked by promtool when it is
+installed), the shipped rules file, the program row and the variables' checks. Pure, plus promtool."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synapse_workers.errors import UserError
+from synapse_workers.load import load_plan
+from synapse_workers.programs import STAGE_NAMES, Health, programs
+from synapse_workers.render import render_all
+
+REPO = Path(__file__).resolve().parents[2]
+PROMTOOL = "/usr/bin/promtool"
+WORKERS = "synchrotron, event_persister, stream_writers=typing+to_device+receipts"
+METRICS = {"SYNAPSE_METRICS": "1"}
+BINARIES = {
+    "nginx": "/usr/sbin/nginx",
+    "setpriv": "/usr/bin/setpriv",
+    "redis-server": "/usr/bin/redis-server",
+    "prometheus": "/usr/bin/prometheus",
+    "postgres": "/usr/lib/postgresql/bin/postgres",
+    "pg_isready": "/usr/lib/postgresql/bin/pg_isready",
+}
+
+
+@pytest.fixture
+def env(base_env):
+    env = {**base_env, "SYNAPSE_HTTP_PORT": "8008", "SYNAPSE_INTERNAL_PORT_BASE": "30000",
+           "SYNAPSE_WORKER_TYPES": WORKERS}
+    env.pop("PROMETHEUS_PORT")  # base_env's free port: these tests check the default
+    return env
+
+
+def config(plan) -> dict:
+    return yaml.safe_load(render_all(plan).managed[plan.layout.prometheus_conf])
+
+
+def prometheus_row(plan, as_root=False, user=None):
+    rows = programs(plan, as_root, BINARIES, postgres_user=("postgres", 1, 1), prometheus_user=user)
+    return next(p for p in rows if p.name == "prometheus")
+
+
+def test_off_without_synapse_metrics(env):
+    plan = load_plan(env)
+    assert plan.service("prometheus") is None
+    assert plan.layout.prometheus_conf not in render_all(plan).managed
+    assert "prometheus" not in {p.name for p in programs(plan, False, BINARIES, postgres_user=("postgres", 1, 1))}
+    assert plan.as_json()["services"] == {}
+
+
+def test_plan_json_lists_prometheus_on_loopback_by_default(env):
+    services = load_plan({**env, **METRICS}).as_json()["services"]
+    assert services["prometheus"]["host"] == "127.0.0.1"
+    assert services["prometheus"]["port"] == 9090
+    moved = load_plan({**env, **METRICS, "PROMETHEUS_BIND_ADDRESS": "0.0.0.0", "PROMETHEUS_PORT": "9191"})
+    assert moved.as_json()["services"]["prometheus"] | {"listeners": None} == {
+        "host": "0.0.0.0", "port": 9191, "protocols": ["tcp"], "listeners": None}
+
+
+def test_every_process_is_a_target_labelled_process_and_worker_type(env):
+    plan = load_plan({**env, **METRICS, "PROMETHEUS_SCRAPE_INTERVAL": "7s"})
+    doc = config(plan)
+    assert doc["global"]["scrape_interval"] == "7s"
+    assert doc["rule_files"] == [plan.layout.prometheus_rules]
+    (job,) = doc["scrape_configs"]
+    assert job["job_name"] == "synapse" and job["metrics_path"] == "/_synapse/metrics"
+    seen = {}
+    for static in job["static_configs"]:
+        (target,) = static["targets"]
+        seen[static["labels"]["process"]] = (target, static["labels"]["worker_type"])
+    expected = {}
+    for proc in plan.processes:
+        listener = proc.listener("metrics")
+        expected[proc.name] = (f"127.0.0.1:{listener.port}", "main" if proc.name == "main" else "+".join(
+            sorted(proc.types)))
+    assert seen == expected
+    assert seen["stream_writers1"][1] == "receipts+to_device+typing"
+    assert "remote_write" not in doc
+
+
+def test_rules_file_is_the_contrib_one(env):
+    plan = load_plan({**env, **METRICS})
+    rendered = render_all(plan).managed[plan.layout.prometheus_rules]
+    assert rendered == (REPO / "contrib" / "prometheus" / "synapse-workers.rules.yml").read_text()
+
+
+def test_remote_write(env):
+    url = "https://metrics.example.org/api/v1/write"
+    plan = load_plan({**env, **METRICS, "PROMETHEUS_REMOTE_WRITE_HTTP_URL": url})
+    assert config(plan)["remote_write"] == [{"url": url}]
+
+
+@pytest.mark.parametrize("url", ["ftp://example.org/", "https://user:pw@example.org/write", "not a url"])
+def test_remote_write_url_refused(env, url):
+    with pytest.raises(UserError, match="PROMETHEUS_REMOTE_WRITE_HTTP_URL"):
+        load_plan({**env, **METRICS, "PROMETHEUS_REMOTE_WRITE_HTTP_URL": url})
+
+
+@pytest.mark.parametrize("port", ["8008", "30001"])
+def test_port_collisions_refused(env, port):
+    with pytest.raises(UserError, match=f"PROMETHEUS_PORT={port}"):
+        load_plan({**env, **METRICS, "PROMETHEUS_PORT": port})
+
+
+def test_program_row(env):
+    plan = load_plan({**env, **METRICS, "PROMETHEUS_STORAGE_RETENTION_TIME": "30d"})
+    row = prometheus_row(plan)
+    assert STAGE_NAMES[row.stage] == "nginx" and not row.critical
+    assert row.health == Health("http", "http://127.0.0.1:9090/-/ready")
+    assert row.command == (
+        "/usr/bin/prometheus",
+        f"--config.file={plan.layout.prometheus_conf}",
+        f"--storage.tsdb.path={plan.settings.core.data_dir}/prometheus",
+        "--storage.tsdb.retention.time=30d",
+        "--web.listen-address=127.0.0.1:9090",
+    )
+    stored = load_plan({**env, **METRICS, "PROMETHEUS_STORAGE_PATH": "/var/lib/prometheus/sw",
+                        "PROMETHEUS_BIND_ADDRESS": "::"})
+    row = prometheus_row(stored, as_root=True, user=(103, 106))
+    assert row.command[:5] == ("/usr/bin/setpriv", "--reuid=103", "--regid=106", "--clear-groups", "--")
+    assert "--storage.tsdb.path=/var/lib/prometheus/sw" in row.command
+    assert "--web.listen-address=[::]:9090" in row.command
+    assert row.health.target == "http://[::1]:9090/-/ready"
+
+
+@pytest.mark.skipif(not os.path.exists(PROMTOOL), reason="promtool (Debian's prometheus) not installed")
+def test_promtool_accepts_the_rendered_config(env, tmp_path):
+    plan = load_plan({**env, **METRICS, "PROMETHEUS_REMOTE_WRITE_HTTP_URL": "http://127.0.0.1:1/write"})
+    files = render_all(plan).managed
+    rules = tmp_path / "rules.yml"
+    rules.write_text(files[plan.layout.prometheus_rules])
+    conf = tmp_path / "prometheus.yml"
+    conf.write_text(files[plan.layout.prometheus_conf].replace(plan.layout.prometheus_rules, str(rules)))
+    result = subprocess.run([PROMTOOL, "check", "config", str(conf)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
