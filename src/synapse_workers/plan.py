@@ -28,7 +28,7 @@ TURN = "turn"  # a TURN/STUN listener (coturn's)
 # Ports from SYNAPSE_INTERNAL_PORT_BASE: main takes base+0..4, workers count up from base+WORKER_OFFSET.
 MAIN_PORT_OFFSETS = {PUBLIC: 0, REPLICATION: 1, HEALTH: 2, METRICS: 3, "aggregate": 4}
 # base+5..9 are the add-ons' loopback endpoints (one fixed port each, so scrape configs are stable).
-ADDON_PORT_OFFSETS = {"coturn_metrics": 9}
+ADDON_PORT_OFFSETS = {"metrics_proxy": 5, "coturn_metrics": 9}
 WORKER_OFFSET = 10
 COTURN = "coturn"
 PROMETHEUS = "prometheus"
@@ -207,6 +207,8 @@ class Plan:
     postgres: EmbeddedPostgres | None = None
     health_port: int = 0  # the launcher's aggregated /health (what nginx answers on /health)
     services: tuple[Service, ...] = ()  # add-ons beside Synapse (the built-in coturn)
+    # nginx's loopback-only server through which Prometheus reaches unix-socket metrics listeners (base+5).
+    metrics_proxy_port: int | None = None
     # What Synapse hands to clients (SYNAPSE_TURN_URIS, or the built-in coturn's); empty: no TURN settings at all.
     turn_uris: tuple[str, ...] = ()
 
@@ -234,6 +236,7 @@ class Plan:
             "redis": None if self.redis is None else {"external": self.redis.external, "path": self.redis.path},
             "postgres": None if self.postgres is None else vars(self.postgres),
             "health_port": self.health_port,
+            "metrics_proxy_port": self.metrics_proxy_port,
             "services": {s.name: s.as_json() for s in self.services},
             "turn_uris": list(self.turn_uris),
             "instance_map": {k: v.as_json() for k, v in self.instance_map.items()},
@@ -274,6 +277,8 @@ def make_plan(
 
     main = _main_process(settings, layout, has_workers, ports)
     health_port = ports.main("aggregate")
+    metrics = settings.metrics
+    metrics_proxy_port = ports.addon("metrics_proxy") if metrics.enabled and metrics.unix_sockets else None
     worker_procs = tuple(_worker_process(settings, layout, w, ports) for w in workers)
     services = tuple(s for s in (_coturn(settings, ports), _prometheus(settings)) if s is not None)
     public = _public(settings, homeserver)
@@ -315,6 +320,7 @@ def make_plan(
         app_service_config_files=appservices,
         postgres=_embedded_postgres(settings, homeserver, layout, len(workers)),
         health_port=health_port,
+        metrics_proxy_port=metrics_proxy_port,
         services=services,
         turn_uris=_turn_uris(settings, homeserver.server_name),
     )

@@ -501,7 +501,11 @@ class MetricsSettings(Section):
     enabled: Bool = var(
         "SYNAPSE_METRICS", False, help="enable_metrics and a loopback metrics listener on every process"
     )
-    unix_sockets: Bool = var("SYNAPSE_METRICS_UNIX_SOCKETS", False, help="Put the metrics listeners on unix sockets")
+    unix_sockets: Bool = var(
+        "SYNAPSE_METRICS_UNIX_SOCKETS",
+        False,
+        help="Put the metrics listeners on unix sockets (scraped through nginx on 127.0.0.1:base+5/metrics/NAME)",
+    )
     redis_export: Bool = var(
         "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT", False, help="Redis exporter (not implemented yet; validated only)"
     )

@@ -1,5 +1,6 @@
 """The built-in Prometheus for real: a stack with workers and SYNAPSE_METRICS=1 runs Debian's prometheus as its
-own user; within a bounded time it reports `up == 1` for every Synapse process (labels process, worker_type) and
+own user; within a bounded time it reports `up == 1` for every Synapse process (labels process, worker_type), with
+the metrics listeners on loopback TCP and on unix sockets (through nginx's loopback metrics server), and
 holds a Synapse series per process; `status` lists it; its storage is created owned by its user; it stops with
 the stack. Loopback only, free ports, temp dirs removed."""
 
@@ -26,11 +27,13 @@ WORKERS = "synchrotron, event_persister"
 EXPECTED = {"main": "main", "synchrotron1": "synchrotron", "event_persister1": "event_persister"}
 
 
-@pytest.fixture(scope="module")
-def stack():
+@pytest.fixture(scope="module", params=["tcp", "unix"])
+def stack(request):
+    """Metrics listeners on loopback TCP, then on unix sockets (scraped through nginx's loopback server)."""
     root = make_root("sw-prometheus-")
     port = free_port()
-    env = stack_env(root, WORKERS, SYNAPSE_METRICS="1", PROMETHEUS_PORT=str(port), PROMETHEUS_SCRAPE_INTERVAL="1s")
+    env = stack_env(root, WORKERS, SYNAPSE_METRICS="1", PROMETHEUS_PORT=str(port), PROMETHEUS_SCRAPE_INTERVAL="1s",
+                    SYNAPSE_METRICS_UNIX_SOCKETS="1" if request.param == "unix" else "0")
     base = int(env["SYNAPSE_INTERNAL_PORT_BASE"])
     while base <= port < base + 120 or str(port) == env["SYNAPSE_HTTP_PORT"]:
         port = free_port()
@@ -106,6 +109,20 @@ def test_plan_status_and_storage(stack: Stack):
     # the process runs as that user, not root
     pid = rows["prometheus"]["pid"]
     assert Path(f"/proc/{pid}/status").read_text().split("Uid:")[1].split()[0] == str(owner.pw_uid)
+
+
+def test_metrics_only_on_loopback(stack: Stack):
+    assert httpx.get(f"{stack.base_url}/_synapse/metrics", timeout=10).status_code == 404
+    proxy = f"http://127.0.0.1:{int(stack.env['SYNAPSE_INTERNAL_PORT_BASE']) + 5}"
+    if stack.env["SYNAPSE_METRICS_UNIX_SOCKETS"] == "1":
+        for name in EXPECTED:
+            response = httpx.get(f"{proxy}/metrics/{name}", timeout=10)
+            assert response.status_code == 200 and "synapse_" in response.text, name
+        assert httpx.get(f"{proxy}/_synapse/metrics", timeout=10).status_code == 404
+        assert httpx.get(f"{proxy}/metrics/nobody", timeout=10).status_code == 404
+    else:
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{proxy}/metrics/main", timeout=10)
 
 
 def test_stops_cleanly(stack: Stack):

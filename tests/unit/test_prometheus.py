@@ -139,3 +139,26 @@ def test_promtool_accepts_the_rendered_config(env, tmp_path):
     conf.write_text(files[plan.layout.prometheus_conf].replace(plan.layout.prometheus_rules, str(rules)))
     result = subprocess.run([PROMTOOL, "check", "config", str(conf)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_unix_socket_metrics_are_scraped_through_nginxs_loopback_server(env):
+    plan = load_plan({**env, **METRICS, "SYNAPSE_METRICS_UNIX_SOCKETS": "1"})
+    assert plan.metrics_proxy_port == 30005
+    files = render_all(plan).managed
+    nginx = files[plan.layout.nginx_conf]
+    server = nginx[nginx.index("listen 127.0.0.1:30005;"):]
+    for proc in plan.processes:
+        socket = proc.listener("metrics").path
+        assert socket.endswith(f"/{proc.name}.metrics.sock")
+        assert (f"location = /metrics/{proc.name} {{\n            proxy_pass http://unix:{socket}:/_synapse/metrics;"
+                in server), proc.name
+    assert "location / {\n            return 404;" in server
+    (job,) = yaml.safe_load(files[plan.layout.prometheus_conf])["scrape_configs"]
+    paths = {s["labels"]["process"]: (s["targets"], s["labels"]["__metrics_path__"]) for s in job["static_configs"]}
+    assert paths == {p.name: (["127.0.0.1:30005"], f"/metrics/{p.name}") for p in plan.processes}
+
+
+def test_no_loopback_metrics_server_without_unix_sockets(env):
+    plan = load_plan({**env, **METRICS})
+    assert plan.metrics_proxy_port is None
+    assert "/metrics/main" not in render_all(plan).managed[plan.layout.nginx_conf]

@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 
 from .. import catalog
-from ..plan import MAIN, PUBLIC, UNAVAILABLE, Plan, Route, Upstream
+from ..plan import MAIN, METRICS, PUBLIC, UNAVAILABLE, Plan, Route, Upstream
 from ..settings import NginxSettings
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -107,8 +107,20 @@ def render_nginx(plan: Plan) -> dict[str, str]:
         # Unbuffered, a request body goes to the worker as it arrives and is not kept for main.
         body_streamed=tuning.proxy_request_buffering == "off",
         connect_timeout=CONNECT_TIMEOUT,
+        metrics_proxy_port=plan.metrics_proxy_port,
+        metrics_sockets=metrics_sockets(plan),
     )
     return {plan.layout.nginx_conf: text}
+
+
+def metrics_sockets(plan: Plan) -> list[tuple[str, str]]:
+    """(process, metrics socket) of every process whose metrics listener is a unix socket."""
+    found = []
+    for proc in plan.processes:
+        listener = proc.listener(METRICS)
+        if listener is not None and listener.path:
+            found.append((proc.name, listener.path))
+    return found
 
 
 def _keepalive(tuning: NginxSettings, upstream: Upstream) -> int:

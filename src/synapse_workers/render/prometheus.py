@@ -2,8 +2,9 @@
 
 Every Synapse process's TCP metrics listener is a target labelled `process` (its name) and `worker_type`
 (`main`, or the worker's types sorted and joined by `+`), the labels contrib/prometheus's rules and the Grafana
-dashboard expect; an add-on's metrics listener (coturn's) is a target of a job named after it. Listeners on unix
-sockets (SYNAPSE_METRICS_UNIX_SOCKETS) cannot be scraped by Prometheus and are left out.
+dashboard expect; an add-on's metrics listener (coturn's) is a target of a job named after it. Prometheus cannot
+scrape a unix socket: with SYNAPSE_METRICS_UNIX_SOCKETS each process is scraped through nginx's loopback metrics
+server (`/metrics/<process>`, its `__metrics_path__`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from ..plan import MAIN, METRICS, PROMETHEUS, Plan, Process
+from ..plan import LOOPBACK, MAIN, METRICS, PROMETHEUS, Plan, Process
 
 # A copy of contrib/prometheus/synapse-workers.rules.yml shipped in the package (a unit test keeps them equal).
 RULES_RESOURCE = "synapse-workers.rules.yml"
@@ -28,10 +29,18 @@ def scrape_configs(plan: Plan) -> list[dict[str, Any]]:
     synapse = []
     for proc in plan.processes:
         listener = proc.listener(METRICS)
-        if listener is None or listener.port is None:
+        if listener is None:
             continue
         labels = {"process": proc.name, "worker_type": worker_type(proc)}
-        synapse.append({"targets": [f"{listener.host}:{listener.port}"], "labels": labels})
+        if listener.path and plan.metrics_proxy_port is not None:
+            # A unix socket: through nginx's loopback metrics server, one path per process.
+            target = f"{LOOPBACK}:{plan.metrics_proxy_port}"
+            labels = {"__metrics_path__": f"/metrics/{proc.name}", **labels}
+        elif listener.port is not None:
+            target = f"{listener.host}:{listener.port}"
+        else:
+            continue
+        synapse.append({"targets": [target], "labels": labels})
     jobs: list[dict[str, Any]] = []
     if synapse:
         jobs.append({"job_name": SYNAPSE_JOB, "metrics_path": "/_synapse/metrics", "static_configs": synapse})

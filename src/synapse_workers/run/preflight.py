@@ -29,6 +29,9 @@ def check_ports(plan: Plan) -> list[str]:
         wanted.append((public.bind_address, public.tls_port, f"SYNAPSE_TLS_PORT={public.tls_port}"))
     internal = f"SYNAPSE_INTERNAL_PORT_BASE={listen.internal_port_base}: port"
     wanted.append(("127.0.0.1", plan.health_port, f"{internal} {plan.health_port} (the launcher's /health)"))
+    if plan.metrics_proxy_port is not None:
+        port = plan.metrics_proxy_port
+        wanted.append(("127.0.0.1", port, f"{internal} {port} (nginx's loopback metrics server)"))
     for proc in plan.processes:
         for lst in proc.listeners:
             if lst.port is not None and lst.host is not None:
