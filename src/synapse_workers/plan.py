@@ -28,10 +28,11 @@ TURN = "turn"  # a TURN/STUN listener (coturn's)
 # Ports from SYNAPSE_INTERNAL_PORT_BASE: main takes base+0..4, workers count up from base+WORKER_OFFSET.
 MAIN_PORT_OFFSETS = {PUBLIC: 0, REPLICATION: 1, HEALTH: 2, METRICS: 3, "aggregate": 4}
 # base+5..9 are the add-ons' loopback endpoints (one fixed port each, so scrape configs are stable).
-ADDON_PORT_OFFSETS = {"metrics_proxy": 5, "coturn_metrics": 9}
+ADDON_PORT_OFFSETS = {"metrics_proxy": 5, "nginx_exporter": 6, "coturn_metrics": 9}
 WORKER_OFFSET = 10
 COTURN = "coturn"
 PROMETHEUS = "prometheus"
+NGINX_EXPORTER = "nginx_exporter"
 HTTP = "http"  # an add-on's own HTTP listener (Prometheus's web UI and API)
 
 
@@ -207,7 +208,8 @@ class Plan:
     postgres: EmbeddedPostgres | None = None
     health_port: int = 0  # the launcher's aggregated /health (what nginx answers on /health)
     services: tuple[Service, ...] = ()  # add-ons beside Synapse (the built-in coturn)
-    # nginx's loopback-only server through which Prometheus reaches unix-socket metrics listeners (base+5).
+    # nginx's loopback-only metrics server (base+5, SYNAPSE_METRICS): its stub_status, and the unix-socket
+    # metrics listeners (SYNAPSE_METRICS_UNIX_SOCKETS) as /metrics/<process>.
     metrics_proxy_port: int | None = None
     # What Synapse hands to clients (SYNAPSE_TURN_URIS, or the built-in coturn's); empty: no TURN settings at all.
     turn_uris: tuple[str, ...] = ()
@@ -277,10 +279,10 @@ def make_plan(
 
     main = _main_process(settings, layout, has_workers, ports)
     health_port = ports.main("aggregate")
-    metrics = settings.metrics
-    metrics_proxy_port = ports.addon("metrics_proxy") if metrics.enabled and metrics.unix_sockets else None
+    metrics_proxy_port = ports.addon("metrics_proxy") if settings.metrics.enabled else None
     worker_procs = tuple(_worker_process(settings, layout, w, ports) for w in workers)
-    services = tuple(s for s in (_coturn(settings, ports), _prometheus(settings)) if s is not None)
+    addons = (_coturn(settings, ports), _prometheus(settings), _nginx_exporter(settings, ports))
+    services = tuple(s for s in addons if s is not None)
     public = _public(settings, homeserver)
     _check_ports(settings, public, ports)
     _check_service_ports(settings, public, ports, services)
@@ -485,6 +487,13 @@ def _prometheus(settings: Settings) -> Service | None:
     if not metrics.enabled:
         return None
     return Service(PROMETHEUS, (Listener(HTTP, (), host=metrics.bind_address, port=metrics.port),))
+
+
+def _nginx_exporter(settings: Settings, ports: _PortAllocator) -> Service | None:
+    """prometheus-nginx-exporter (SYNAPSE_METRICS): reads nginx's stub_status, serves Prometheus on loopback."""
+    if not settings.metrics.enabled:
+        return None
+    return Service(NGINX_EXPORTER, (Listener(METRICS, ("metrics",), host=LOOPBACK, port=ports.addon(NGINX_EXPORTER)),))
 
 
 def prometheus_storage(plan: Plan) -> str:

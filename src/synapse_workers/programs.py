@@ -14,7 +14,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from .plan import COTURN, HEALTH, PROMETHEUS, TURN, Plan, Process, local_host, prometheus_storage
+from .plan import (
+    COTURN,
+    HEALTH,
+    METRICS,
+    NGINX_EXPORTER,
+    PROMETHEUS,
+    TURN,
+    Plan,
+    Process,
+    local_host,
+    prometheus_storage,
+)
 
 STAGE_POSTGRES, STAGE_REDIS, STAGE_MAIN, STAGE_WORKERS, STAGE_NGINX = range(5)
 STAGE_NAMES = ("postgres", "redis", "main", "workers", "nginx")
@@ -215,7 +226,9 @@ def programs(
         )
     )
     result += coturn_programs(plan, binaries, (coturn_user or synapse_user) if as_root else None, disk_logs)
-    result += prometheus_programs(plan, binaries, (prometheus_user or synapse_user) if as_root else None, disk_logs)
+    metrics_user = (prometheus_user or synapse_user) if as_root else None
+    result += prometheus_programs(plan, binaries, metrics_user, disk_logs)
+    result += nginx_exporter_programs(plan, binaries, metrics_user, disk_logs)
     if as_root:
         result = [_drop_privileges(p, binaries["setpriv"]) for p in result]
     return result
@@ -309,5 +322,38 @@ def prometheus_programs(
             start_secs=2,
             critical=False,
             log_file=disk_logs and f"{disk_logs}/prometheus.log",
+        )
+    ]
+
+
+def nginx_exporter_programs(
+    plan: Plan, binaries: dict[str, str], user: tuple[int, int] | None, disk_logs: str | None
+) -> list[Program]:
+    """prometheus-nginx-exporter (SYNAPSE_METRICS): nginx's stub_status on its loopback metrics server, served to
+    Prometheus on loopback. Started with nginx (it retries until nginx answers); not critical."""
+    service = plan.service(NGINX_EXPORTER)
+    if service is None:
+        return []
+    listener = service.listener(METRICS)
+    assert listener is not None and plan.metrics_proxy_port is not None
+    command = (
+        binaries["prometheus-nginx-exporter"],
+        f"-nginx.scrape-uri=http://127.0.0.1:{plan.metrics_proxy_port}/stub_status",
+        "-nginx.retries=30",
+        "-nginx.retry-interval=1s",
+        f"-web.listen-address={listener.host}:{listener.port}",
+    )
+    return [
+        Program(
+            name=NGINX_EXPORTER,
+            command=command,
+            stage=STAGE_NGINX,
+            health=Health("http", f"http://{listener.host}:{listener.port}/metrics"),
+            user=user,
+            stop_signal="TERM",
+            stop_wait=10,
+            start_secs=2,
+            critical=False,
+            log_file=disk_logs and f"{disk_logs}/nginx_exporter.log",
         )
     ]

@@ -499,7 +499,9 @@ class LoggingSettings(Section):
 
 class MetricsSettings(Section):
     enabled: Bool = var(
-        "SYNAPSE_METRICS", False, help="enable_metrics and a loopback metrics listener on every process"
+        "SYNAPSE_METRICS",
+        False,
+        help="Loopback metrics listeners on every process, the built-in Prometheus and the nginx exporter",
     )
     unix_sockets: Bool = var(
         "SYNAPSE_METRICS_UNIX_SOCKETS",

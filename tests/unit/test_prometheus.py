@@ -24,6 +24,7 @@ BINARIES = {
     "setpriv": "/usr/bin/setpriv",
     "redis-server": "/usr/bin/redis-server",
     "prometheus": "/usr/bin/prometheus",
+    "prometheus-nginx-exporter": "/usr/bin/prometheus-nginx-exporter",
     "postgres": "/usr/lib/postgresql/bin/postgres",
     "pg_isready": "/usr/lib/postgresql/bin/pg_isready",
 }
@@ -68,7 +69,8 @@ def test_every_process_is_a_target_labelled_process_and_worker_type(env):
     doc = config(plan)
     assert doc["global"]["scrape_interval"] == "7s"
     assert doc["rule_files"] == [plan.layout.prometheus_rules]
-    (job,) = doc["scrape_configs"]
+    job, exporter = doc["scrape_configs"]
+    assert exporter == {"job_name": "nginx_exporter", "static_configs": [{"targets": ["127.0.0.1:30006"]}]}
     assert job["job_name"] == "synapse" and job["metrics_path"] == "/_synapse/metrics"
     seen = {}
     for static in job["static_configs"]:
@@ -153,12 +155,27 @@ def test_unix_socket_metrics_are_scraped_through_nginxs_loopback_server(env):
         assert (f"location = /metrics/{proc.name} {{\n            proxy_pass http://unix:{socket}:/_synapse/metrics;"
                 in server), proc.name
     assert "location / {\n            return 404;" in server
-    (job,) = yaml.safe_load(files[plan.layout.prometheus_conf])["scrape_configs"]
+    job = yaml.safe_load(files[plan.layout.prometheus_conf])["scrape_configs"][0]
     paths = {s["labels"]["process"]: (s["targets"], s["labels"]["__metrics_path__"]) for s in job["static_configs"]}
     assert paths == {p.name: (["127.0.0.1:30005"], f"/metrics/{p.name}") for p in plan.processes}
 
 
-def test_no_loopback_metrics_server_without_unix_sockets(env):
+def test_loopback_metrics_server_without_unix_sockets_has_stub_status_only(env):
     plan = load_plan({**env, **METRICS})
-    assert plan.metrics_proxy_port is None
-    assert "/metrics/main" not in render_all(plan).managed[plan.layout.nginx_conf]
+    assert plan.metrics_proxy_port == 30005
+    nginx = render_all(plan).managed[plan.layout.nginx_conf]
+    server = nginx[nginx.index("listen 127.0.0.1:30005;"):]
+    assert "location = /stub_status {\n            stub_status;" in server
+    assert "/metrics/main" not in nginx
+
+
+def test_nginx_exporter_row(env):
+    plan = load_plan({**env, **METRICS})
+    assert plan.as_json()["services"]["nginx_exporter"]["port"] == 30006
+    rows = programs(plan, True, BINARIES, postgres_user=("postgres", 1, 1), prometheus_user=(103, 106))
+    row = next(p for p in rows if p.name == "nginx_exporter")
+    assert STAGE_NAMES[row.stage] == "nginx" and not row.critical
+    assert row.health == Health("http", "http://127.0.0.1:30006/metrics")
+    assert row.command == ("/usr/bin/setpriv", "--reuid=103", "--regid=106", "--clear-groups", "--",
+                           "/usr/bin/prometheus-nginx-exporter", "-nginx.scrape-uri=http://127.0.0.1:30005/stub_status",
+                           "-nginx.retries=30", "-nginx.retry-interval=1s", "-web.listen-address=127.0.0.1:30006")

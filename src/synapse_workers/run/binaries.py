@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 from ..errors import UserError
-from ..plan import COTURN, METRICS, PROMETHEUS, Plan
+from ..plan import COTURN, METRICS, NGINX_EXPORTER, PROMETHEUS, Plan
 from . import postgres
 
 # name → (fallback path when not on PATH, the Debian package that ships it)
@@ -18,6 +18,7 @@ KNOWN = {
     "redis-server": ("/usr/bin/redis-server", "redis-server"),
     "turnserver": ("/usr/bin/turnserver", "coturn"),
     "prometheus": ("/usr/bin/prometheus", "prometheus"),
+    "prometheus-nginx-exporter": ("/usr/bin/prometheus-nginx-exporter", "prometheus-nginx-exporter"),
 }
 COTURN_USER = "turnserver"  # created by Debian's coturn package
 PROMETHEUS_USER = "prometheus"  # created by Debian's prometheus package
@@ -41,6 +42,8 @@ def find_binaries(plan: Plan) -> dict[str, str]:
         wanted.append("turnserver")
     if plan.service(PROMETHEUS) is not None:
         wanted.append("prometheus")
+    if plan.service(NGINX_EXPORTER) is not None:
+        wanted.append("prometheus-nginx-exporter")
     found = {name: find(name) for name in wanted}
     if coturn is not None and coturn.listener(METRICS) is not None:
         _check_coturn_prometheus(found["turnserver"])
