@@ -370,15 +370,17 @@ class TestSmallWorkerSet:
 
 # ---- the Complement worker set on an external PostgreSQL ---------------------------------------------------
 
-@pytest.fixture(scope="class")
-def external_pg():
+@pytest.fixture(scope="class", params=LAUNCH_MODES)
+def external_pg(request):
+    """A fresh external database per launch mode (the mode rides along: `complement` reads it)."""
     with PgCluster() as pg:
+        pg.launch_mode = request.param
         yield pg
 
 
-@pytest.fixture(scope="class", params=LAUNCH_MODES)
-def complement(request, external_pg: PgCluster):
-    yield from _deploy("complement", COMPLEMENT_SET, request.param, **external_pg.env(), **CHILD_SECRETS,
+@pytest.fixture(scope="class")
+def complement(external_pg: PgCluster):
+    yield from _deploy("complement", COMPLEMENT_SET, external_pg.launch_mode, **external_pg.env(), **CHILD_SECRETS,
                        SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK="1")
 
 
