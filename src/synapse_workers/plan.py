@@ -28,11 +28,12 @@ TURN = "turn"  # a TURN/STUN listener (coturn's)
 # Ports from SYNAPSE_INTERNAL_PORT_BASE: main takes base+0..4, workers count up from base+WORKER_OFFSET.
 MAIN_PORT_OFFSETS = {PUBLIC: 0, REPLICATION: 1, HEALTH: 2, METRICS: 3, "aggregate": 4}
 # base+5..9 are the add-ons' loopback endpoints (one fixed port each, so scrape configs are stable).
-ADDON_PORT_OFFSETS = {"metrics_proxy": 5, "nginx_exporter": 6, "coturn_metrics": 9}
+ADDON_PORT_OFFSETS = {"metrics_proxy": 5, "nginx_exporter": 6, "redis_exporter": 7, "coturn_metrics": 9}
 WORKER_OFFSET = 10
 COTURN = "coturn"
 PROMETHEUS = "prometheus"
 NGINX_EXPORTER = "nginx_exporter"
+REDIS_EXPORTER = "redis_exporter"
 HTTP = "http"  # an add-on's own HTTP listener (Prometheus's web UI and API)
 
 
@@ -301,6 +302,9 @@ def make_plan(
     redis = None
     if has_workers:
         redis = Redis(external=homeserver.has_redis, path=None if homeserver.has_redis else layout.redis_socket)
+    if settings.metrics.enabled and settings.metrics.redis_export and redis is not None and not redis.external:
+        listener = Listener(METRICS, ("metrics",), host=LOOPBACK, port=ports.addon(REDIS_EXPORTER))
+        services = (*services, Service(REDIS_EXPORTER, (listener,)))
 
     _check_socket_paths(settings, layout, (main, *worker_procs))
     upstreams, routes = _routing(main, worker_procs)

@@ -20,6 +20,7 @@ from .plan import (
     METRICS,
     NGINX_EXPORTER,
     PROMETHEUS,
+    REDIS_EXPORTER,
     TURN,
     Plan,
     Process,
@@ -229,6 +230,7 @@ def programs(
     metrics_user = (prometheus_user or synapse_user) if as_root else None
     result += prometheus_programs(plan, binaries, metrics_user, disk_logs)
     result += nginx_exporter_programs(plan, binaries, metrics_user, disk_logs)
+    result += redis_exporter_programs(plan, binaries, synapse_user, disk_logs)
     if as_root:
         result = [_drop_privileges(p, binaries["setpriv"]) for p in result]
     return result
@@ -355,5 +357,36 @@ def nginx_exporter_programs(
             start_secs=2,
             critical=False,
             log_file=disk_logs and f"{disk_logs}/nginx_exporter.log",
+        )
+    ]
+
+
+def redis_exporter_programs(
+    plan: Plan, binaries: dict[str, str], user: tuple[int, int] | None, disk_logs: str | None
+) -> list[Program]:
+    """prometheus-redis-exporter (SYNAPSE_ENABLE_REDIS_METRIC_EXPORT, with SYNAPSE_METRICS and the stack's own
+    Redis): as Synapse's user, the only one that may open Redis's socket (unixsocketperm 700). Not critical."""
+    service = plan.service(REDIS_EXPORTER)
+    if service is None:
+        return []
+    listener = service.listener(METRICS)
+    assert listener is not None and plan.redis is not None and plan.redis.path
+    command = (
+        binaries["prometheus-redis-exporter"],
+        f"-redis.addr=unix://{plan.redis.path}",
+        f"-web.listen-address={listener.host}:{listener.port}",
+    )
+    return [
+        Program(
+            name=REDIS_EXPORTER,
+            command=command,
+            stage=STAGE_NGINX,
+            health=Health("http", f"http://{listener.host}:{listener.port}/metrics"),
+            user=user,
+            stop_signal="TERM",
+            stop_wait=10,
+            start_secs=2,
+            critical=False,
+            log_file=disk_logs and f"{disk_logs}/redis_exporter.log",
         )
     ]

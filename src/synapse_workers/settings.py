@@ -509,7 +509,9 @@ class MetricsSettings(Section):
         help="Put the metrics listeners on unix sockets (scraped through nginx on 127.0.0.1:base+5/metrics/NAME)",
     )
     redis_export: Bool = var(
-        "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT", False, help="Redis exporter (not implemented yet; validated only)"
+        "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT",
+        False,
+        help="With SYNAPSE_METRICS and the stack's own Redis (workers): prometheus-redis-exporter on base+7",
     )
     postgres_export: Bool = var(
         "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT", False, help="PostgreSQL exporter (not implemented yet; validated only)"

@@ -1,6 +1,6 @@
 """The built-in Prometheus for real: a stack with workers and SYNAPSE_METRICS=1 runs Debian's prometheus as its
-own user; within a bounded time it reports `up == 1` for every Synapse process and nginx (stub_status through
-prometheus-nginx-exporter) (labels process, worker_type), with
+own user; within a bounded time it reports `up == 1` for every Synapse process nginx (stub_status through
+prometheus-nginx-exporter) and Redis (prometheus-redis-exporter) (labels process, worker_type), with
 the metrics listeners on loopback TCP and on unix sockets (through nginx's loopback metrics server), and
 holds a Synapse series per process; `status` lists it; its storage is created owned by its user; it stops with
 the stack. Loopback only, free ports, temp dirs removed."""
@@ -34,7 +34,8 @@ def stack(request):
     root = make_root("sw-prometheus-")
     port = free_port()
     env = stack_env(root, WORKERS, SYNAPSE_METRICS="1", PROMETHEUS_PORT=str(port), PROMETHEUS_SCRAPE_INTERVAL="1s",
-                    SYNAPSE_METRICS_UNIX_SOCKETS="1" if request.param == "unix" else "0")
+                    SYNAPSE_METRICS_UNIX_SOCKETS="1" if request.param == "unix" else "0",
+                    SYNAPSE_ENABLE_REDIS_METRIC_EXPORT="1")
     base = int(env["SYNAPSE_INTERNAL_PORT_BASE"])
     while base <= port < base + 120 or str(port) == env["SYNAPSE_HTTP_PORT"]:
         port = free_port()
@@ -96,6 +97,15 @@ def test_nginx_through_its_exporter(stack: Stack):
     assert "Active connections" in httpx.get(stub, timeout=10).text
     public = httpx.get(f"{stack.base_url}/stub_status", timeout=10)  # the public server: Synapse's 404
     assert public.status_code == 404 and "Active connections" not in public.text
+
+
+def test_redis_through_its_exporter(stack: Stack):
+    def redis_up() -> list[str]:
+        return [r["value"][1] for r in query(stack, 'redis_up{job="redis_exporter"}')]
+
+    assert wait_for(lambda: redis_up() == ["1"], 30, 1), redis_up()
+    assert query(stack, 'up{job="redis_exporter"} == 1')
+    assert query(stack, "redis_connected_clients > 0")  # Synapse's processes
 
 
 def test_rules_are_loaded(stack: Stack):

@@ -179,3 +179,24 @@ def test_nginx_exporter_row(env):
     assert row.command == ("/usr/bin/setpriv", "--reuid=103", "--regid=106", "--clear-groups", "--",
                            "/usr/bin/prometheus-nginx-exporter", "-nginx.scrape-uri=http://127.0.0.1:30005/stub_status",
                            "-nginx.retries=30", "-nginx.retry-interval=1s", "-web.listen-address=127.0.0.1:30006")
+
+
+def test_redis_exporter(env):
+    plan = load_plan({**env, **METRICS, "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT": "1"})
+    assert plan.as_json()["services"]["redis_exporter"]["port"] == 30007
+    jobs = {j["job_name"]: j for j in config(plan)["scrape_configs"]}
+    assert jobs["redis_exporter"]["static_configs"] == [{"targets": ["127.0.0.1:30007"]}]
+    rows = programs(plan, True, {**BINARIES, "prometheus-redis-exporter": "/usr/bin/prometheus-redis-exporter"},
+                    postgres_user=("postgres", 1, 1), prometheus_user=(103, 106))
+    row = next(p for p in rows if p.name == "redis_exporter")
+    uid, gid = plan.settings.core.uid, plan.settings.core.gid  # Synapse's: the only user Redis's socket admits
+    assert row.command == ("/usr/bin/setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--",
+                           "/usr/bin/prometheus-redis-exporter", f"-redis.addr=unix://{plan.redis.path}",
+                           "-web.listen-address=127.0.0.1:30007")
+    assert not row.critical and row.health == Health("http", "http://127.0.0.1:30007/metrics")
+
+
+@pytest.mark.parametrize("extra", [{}, {"SYNAPSE_METRICS": "0"}, {"SYNAPSE_WORKER_TYPES": ""}])
+def test_no_redis_exporter_without_metrics_or_our_redis(env, extra):
+    plan = load_plan({**env, **METRICS, "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT": "1" if extra else "0", **extra})
+    assert plan.service("redis_exporter") is None
