@@ -32,7 +32,7 @@ SECTION_TITLES: dict[str, tuple[str, str]] = {
     "database": ("Database", "the database of a generated homeserver.yaml"),
     "listen": ("Processes, ports and sockets", "nginx's public side and how the processes reach each other"),
     "logging": ("Logging", ""),
-    "metrics": ("Metrics and add-ons", "the PostgreSQL exporter is not implemented yet: validated only"),
+    "metrics": ("Metrics and add-ons", "the built-in Prometheus and its exporters: see *Metrics (Prometheus)*"),
     "turn": ("TURN", "Synapse's TURN settings, written on every start, and the built-in coturn"),
     "compressor": ("State compressor", "not implemented yet: validated only"),
     "nginx": ("nginx tuning", "P = NGINX_GENERAL_PAGE_SIZE_BYTES"),

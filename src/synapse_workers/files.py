@@ -18,7 +18,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from .layout import RUNTIME_MARKER
-from .plan import Plan
+from .plan import POSTGRES_EXPORTER, Plan
 from .render import FileSet, PrivateFile
 
 SECRET_MODE = 0o600
@@ -152,6 +152,13 @@ def ensure_secrets(plan: Plan) -> list[str]:
         # libpq passfile: host:port:db:user:password; the password itself is random.
         _write_new(paths.postgres, f"*:*:*:synapse:{pysecrets.token_hex(24)}\n", SECRET_MODE)
         written.append(paths.postgres)
+    if plan.service(POSTGRES_EXPORTER) is not None:
+        # The exporter's lib/pq reads no libpq passfile: it gets the password alone (DATA_SOURCE_PASS_FILE).
+        password = Path(paths.postgres).read_text().strip().rsplit(":", 1)[1]
+        current = Path(paths.postgres_password).read_text() if os.path.exists(paths.postgres_password) else None
+        if current != password:
+            _write_new(paths.postgres_password, password, SECRET_MODE)
+            written.append(paths.postgres_password)
     external = plan.settings.database.password if plan.settings.database.kind == "postgres" else None
     if external is not None and (not plan.homeserver.exists or os.path.exists(paths.external_postgres)):
         # libpq passfile (host:port:db:user:password, ':' and '\\' escaped); only our generated file names it.

@@ -119,6 +119,7 @@ class SecretPaths:
     replication: str
     turn: str
     postgres: str  # embedded PostgreSQL: libpq passfile holding the synapse role's password
+    postgres_password: str  # the same password alone, for prometheus-postgres-exporter (DATA_SOURCE_PASS_FILE)
     external_postgres: str  # external PostgreSQL: libpq passfile with POSTGRES_PASSWORD (rewritten from the env)
 
 
@@ -131,5 +132,6 @@ def secret_paths(data_dir: str, server_name: str) -> SecretPaths:
         replication=f"{data_dir}/worker_replication.key",
         turn=f"{data_dir}/{server_name}.turn.key",
         postgres=f"{data_dir}/embedded_postgres.pgpass",
+        postgres_password=f"{data_dir}/embedded_postgres.password",
         external_postgres=f"{data_dir}/external_postgres.pgpass",
     )

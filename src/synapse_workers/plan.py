@@ -28,12 +28,19 @@ TURN = "turn"  # a TURN/STUN listener (coturn's)
 # Ports from SYNAPSE_INTERNAL_PORT_BASE: main takes base+0..4, workers count up from base+WORKER_OFFSET.
 MAIN_PORT_OFFSETS = {PUBLIC: 0, REPLICATION: 1, HEALTH: 2, METRICS: 3, "aggregate": 4}
 # base+5..9 are the add-ons' loopback endpoints (one fixed port each, so scrape configs are stable).
-ADDON_PORT_OFFSETS = {"metrics_proxy": 5, "nginx_exporter": 6, "redis_exporter": 7, "coturn_metrics": 9}
+ADDON_PORT_OFFSETS = {
+    "metrics_proxy": 5,
+    "nginx_exporter": 6,
+    "redis_exporter": 7,
+    "postgres_exporter": 8,
+    "coturn_metrics": 9,
+}
 WORKER_OFFSET = 10
 COTURN = "coturn"
 PROMETHEUS = "prometheus"
 NGINX_EXPORTER = "nginx_exporter"
 REDIS_EXPORTER = "redis_exporter"
+POSTGRES_EXPORTER = "postgres_exporter"
 HTTP = "http"  # an add-on's own HTTP listener (Prometheus's web UI and API)
 
 
@@ -305,6 +312,10 @@ def make_plan(
     if settings.metrics.enabled and settings.metrics.redis_export and redis is not None and not redis.external:
         listener = Listener(METRICS, ("metrics",), host=LOOPBACK, port=ports.addon(REDIS_EXPORTER))
         services = (*services, Service(REDIS_EXPORTER, (listener,)))
+    postgres = _embedded_postgres(settings, homeserver, layout, len(workers))
+    if settings.metrics.enabled and settings.metrics.postgres_export and postgres is not None:
+        listener = Listener(METRICS, ("metrics",), host=LOOPBACK, port=ports.addon(POSTGRES_EXPORTER))
+        services = (*services, Service(POSTGRES_EXPORTER, (listener,)))
 
     _check_socket_paths(settings, layout, (main, *worker_procs))
     upstreams, routes = _routing(main, worker_procs)
@@ -324,7 +335,7 @@ def make_plan(
         routes=routes,
         layout=layout,
         app_service_config_files=appservices,
-        postgres=_embedded_postgres(settings, homeserver, layout, len(workers)),
+        postgres=postgres,
         health_port=health_port,
         metrics_proxy_port=metrics_proxy_port,
         services=services,

@@ -13,12 +13,14 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+from urllib.parse import quote
 
 from .plan import (
     COTURN,
     HEALTH,
     METRICS,
     NGINX_EXPORTER,
+    POSTGRES_EXPORTER,
     PROMETHEUS,
     REDIS_EXPORTER,
     TURN,
@@ -231,6 +233,7 @@ def programs(
     result += prometheus_programs(plan, binaries, metrics_user, disk_logs)
     result += nginx_exporter_programs(plan, binaries, metrics_user, disk_logs)
     result += redis_exporter_programs(plan, binaries, synapse_user, disk_logs)
+    result += postgres_exporter_programs(plan, binaries, synapse_user, disk_logs)
     if as_root:
         result = [_drop_privileges(p, binaries["setpriv"]) for p in result]
     return result
@@ -388,5 +391,40 @@ def redis_exporter_programs(
             start_secs=2,
             critical=False,
             log_file=disk_logs and f"{disk_logs}/redis_exporter.log",
+        )
+    ]
+
+
+def postgres_exporter_programs(
+    plan: Plan, binaries: dict[str, str], user: tuple[int, int] | None, disk_logs: str | None
+) -> list[Program]:
+    """prometheus-postgres-exporter (SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT, with SYNAPSE_METRICS and the embedded
+    cluster): as Synapse's user, connecting like Synapse over the cluster's socket; the password from a 0600 file of
+    Synapse's user (`files.ensure_secrets` copies it from the libpq passfile), never in an argument or environment."""
+    service = plan.service(POSTGRES_EXPORTER)
+    if service is None:
+        return []
+    listener = service.listener(METRICS)
+    assert listener is not None and plan.postgres is not None
+    # postgresql://synapse:<password from the file>@/synapse?host=<socket dir>: with no host in the URL, lib/pq
+    # takes the socket dir from the query. Only the file's path is in this program's environment.
+    env = {
+        "DATA_SOURCE_URI": f"/synapse?host={quote(plan.postgres.socket_dir, safe='/')}&sslmode=disable",
+        "DATA_SOURCE_USER": "synapse",
+        "DATA_SOURCE_PASS_FILE": plan.secrets.postgres_password,
+    }
+    return [
+        Program(
+            name=POSTGRES_EXPORTER,
+            command=(binaries["prometheus-postgres-exporter"], f"--web.listen-address={listener.host}:{listener.port}"),
+            stage=STAGE_NGINX,
+            health=Health("http", f"http://{listener.host}:{listener.port}/metrics"),
+            user=user,
+            env=env,
+            stop_signal="TERM",
+            stop_wait=10,
+            start_secs=2,
+            critical=False,
+            log_file=disk_logs and f"{disk_logs}/postgres_exporter.log",
         )
     ]

@@ -514,7 +514,9 @@ class MetricsSettings(Section):
         help="With SYNAPSE_METRICS and the stack's own Redis (workers): prometheus-redis-exporter on base+7",
     )
     postgres_export: Bool = var(
-        "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT", False, help="PostgreSQL exporter (not implemented yet; validated only)"
+        "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT",
+        False,
+        help="With SYNAPSE_METRICS and the embedded cluster: prometheus-postgres-exporter on base+8",
     )
     scrape_interval: PromDuration = var(
         "PROMETHEUS_SCRAPE_INTERVAL", "15s", help="How often the built-in Prometheus scrapes every target"

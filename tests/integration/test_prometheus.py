@@ -1,6 +1,7 @@
 """The built-in Prometheus for real: a stack with workers and SYNAPSE_METRICS=1 runs Debian's prometheus as its
 own user; within a bounded time it reports `up == 1` for every Synapse process nginx (stub_status through
-prometheus-nginx-exporter) and Redis (prometheus-redis-exporter) (labels process, worker_type), with
+prometheus-nginx-exporter) Redis and PostgreSQL (their
+exporters; PostgreSQL's password from the 0600 passfile only) (labels process, worker_type), with
 the metrics listeners on loopback TCP and on unix sockets (through nginx's loopback metrics server), and
 holds a Synapse series per process; `status` lists it; its storage is created owned by its user; it stops with
 the stack. Loopback only, free ports, temp dirs removed."""
@@ -35,7 +36,7 @@ def stack(request):
     port = free_port()
     env = stack_env(root, WORKERS, SYNAPSE_METRICS="1", PROMETHEUS_PORT=str(port), PROMETHEUS_SCRAPE_INTERVAL="1s",
                     SYNAPSE_METRICS_UNIX_SOCKETS="1" if request.param == "unix" else "0",
-                    SYNAPSE_ENABLE_REDIS_METRIC_EXPORT="1")
+                    SYNAPSE_ENABLE_REDIS_METRIC_EXPORT="1", SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT="1")
     base = int(env["SYNAPSE_INTERNAL_PORT_BASE"])
     while base <= port < base + 120 or str(port) == env["SYNAPSE_HTTP_PORT"]:
         port = free_port()
@@ -106,6 +107,25 @@ def test_redis_through_its_exporter(stack: Stack):
     assert wait_for(lambda: redis_up() == ["1"], 30, 1), redis_up()
     assert query(stack, 'up{job="redis_exporter"} == 1')
     assert query(stack, "redis_connected_clients > 0")  # Synapse's processes
+
+
+def test_postgres_through_its_exporter(stack: Stack):
+    def pg_up() -> list[str]:
+        return [r["value"][1] for r in query(stack, 'pg_up{job="postgres_exporter"}')]
+
+    assert wait_for(lambda: pg_up() == ["1"], 30, 1), pg_up()
+    assert query(stack, 'pg_stat_database_numbackends{datname="synapse"} > 0')
+    # the password is in 0600 files of Synapse's user only: not in any process's arguments or environment
+    password = Path(stack.env["SYNAPSE_DATA_DIR"], "embedded_postgres.pgpass").read_text().strip().rsplit(":", 1)[1]
+    alone = Path(stack.env["SYNAPSE_DATA_DIR"], "embedded_postgres.password")
+    assert alone.read_text() == password
+    assert (alone.stat().st_mode & 0o777, alone.stat().st_uid) == (0o600, 991)
+    for pid in stack.leftovers():
+        for what in ("cmdline", "environ"):
+            try:
+                assert password.encode() not in Path(f"/proc/{pid}/{what}").read_bytes(), (pid, what)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
 
 
 def test_rules_are_loaded(stack: Stack):

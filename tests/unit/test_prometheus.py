@@ -200,3 +200,26 @@ def test_redis_exporter(env):
 def test_no_redis_exporter_without_metrics_or_our_redis(env, extra):
     plan = load_plan({**env, **METRICS, "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT": "1" if extra else "0", **extra})
     assert plan.service("redis_exporter") is None
+
+
+def test_postgres_exporter_reads_the_password_from_a_file(env):
+    env = {k: v for k, v in env.items() if k != "POSTGRES_PASSWORD"}  # the embedded cluster
+    plan = load_plan({**env, **METRICS, "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT": "1"})
+    assert plan.postgres is not None and plan.as_json()["services"]["postgres_exporter"]["port"] == 30008
+    rows = programs(plan, False, {**BINARIES, "prometheus-postgres-exporter": "/usr/bin/prometheus-postgres-exporter"},
+                    postgres_user=("postgres", 1, 1))
+    row = next(p for p in rows if p.name == "postgres_exporter")
+    assert row.command == ("/usr/bin/prometheus-postgres-exporter", "--web.listen-address=127.0.0.1:30008")
+    assert row.env == {
+        "DATA_SOURCE_URI": f"/synapse?host={plan.postgres.socket_dir}&sslmode=disable",
+        "DATA_SOURCE_USER": "synapse",
+        "DATA_SOURCE_PASS_FILE": plan.secrets.postgres_password,
+    }
+    assert not row.critical
+    # only this program is told where the password is
+    assert all("DATA_SOURCE_PASS_FILE" not in p.env for p in rows if p is not row)
+
+
+def test_no_postgres_exporter_for_an_external_database(env):
+    plan = load_plan({**env, **METRICS, "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT": "1"})
+    assert plan.postgres is None and plan.service("postgres_exporter") is None
