@@ -147,6 +147,9 @@ def test_plan_status_and_storage(stack: Stack):
 
     assert wait_for(lambda: status().get("prometheus", {}).get("state") == "RUNNING", 15), status()
     rows = status()
+    health = stack.cli("health")  # the add-ons are checked too, and healthy
+    assert health.returncode == 0 and "prometheus: OK" in health.stdout, health.stdout + health.stderr
+    assert "nginx_exporter: OK" in health.stdout and "postgres_exporter: OK" in health.stdout, health.stdout
     storage = Path(stack.env["SYNAPSE_DATA_DIR"]) / "prometheus"
     owner = pwd.getpwnam("prometheus")
     assert storage.stat().st_uid == owner.pw_uid and (storage / "wal").is_dir()

@@ -94,3 +94,64 @@ def test_unknown_variables_are_warned_about_with_the_closest_name(base_env):
     # The original image's documentation spells this one without UPSTREAM_.
     assert "Did you mean NGINX_UPSTREAM_KEEPALIVE_CONNECTION_MULTIPLIER?" in text
     assert "Did you mean POSTGRES_PASSWORD?" in text and "'x'" not in text  # names only, never values
+
+
+def test_health_reports_a_down_add_on_without_failing(tmp_root):
+    """A non-critical program (Prometheus, an exporter) that is down is printed, but the exit code (the
+    container's HEALTHCHECK) follows the critical ones only."""
+    import fcntl
+    import http.server
+    import threading
+
+    class Ok(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"OK")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    ok = f"http://127.0.0.1:{server.server_address[1]}/health"
+    with socket_closed_port() as dead:
+        layout = make_layout(str(tmp_root), "/data")
+        Path(layout.state_dir).mkdir()
+
+        def status(add_on_critical: bool) -> None:
+            write_status(layout, StackStatus(
+                launcher_pid=1, server_name="example.test", public_health=Health("http", ok),
+                processes=(
+                    ProcessStatus("main", 1, "RUNNING", time.time(), 0, "", Health("http", ok)),
+                    ProcessStatus("prometheus", 0, "FATAL", 0, 3, "crash loop",
+                                  Health("http", f"http://127.0.0.1:{dead}/-/ready"), critical=add_on_critical),
+                ),
+            ))
+
+        with open(layout.lock_file, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a launcher holds the runtime dir: the stack counts as running
+            try:
+                status(add_on_critical=False)
+                result = run({"SYNAPSE_RUNTIME_DIR": str(tmp_root)}, "health")
+                assert result.returncode == 0, result.stdout + result.stderr
+                assert "main: OK" in result.stdout and "prometheus: FAILED" in result.stdout
+                assert "(not essential)" in result.stdout
+                status(add_on_critical=True)
+                assert run({"SYNAPSE_RUNTIME_DIR": str(tmp_root)}, "health").returncode == 1
+            finally:
+                server.shutdown()
+
+
+class socket_closed_port:
+    """A loopback port nothing listens on (bound, then closed)."""
+
+    def __enter__(self) -> int:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    def __exit__(self, *exc) -> None:
+        pass
