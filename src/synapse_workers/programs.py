@@ -24,6 +24,7 @@ from .plan import (
     PROMETHEUS,
     REDIS_EXPORTER,
     TURN,
+    Listener,
     Plan,
     Process,
     local_host,
@@ -348,20 +349,7 @@ def nginx_exporter_programs(
         "-nginx.retry-interval=1s",
         f"-web.listen-address={listener.host}:{listener.port}",
     )
-    return [
-        Program(
-            name=NGINX_EXPORTER,
-            command=command,
-            stage=STAGE_NGINX,
-            health=Health("http", f"http://{listener.host}:{listener.port}/metrics"),
-            user=user,
-            stop_signal="TERM",
-            stop_wait=10,
-            start_secs=2,
-            critical=False,
-            log_file=disk_logs and f"{disk_logs}/nginx_exporter.log",
-        )
-    ]
+    return [_exporter(NGINX_EXPORTER, command, listener, user, disk_logs and f"{disk_logs}/nginx_exporter.log")]
 
 
 def redis_exporter_programs(
@@ -379,20 +367,7 @@ def redis_exporter_programs(
         f"-redis.addr=unix://{plan.redis.path}",
         f"-web.listen-address={listener.host}:{listener.port}",
     )
-    return [
-        Program(
-            name=REDIS_EXPORTER,
-            command=command,
-            stage=STAGE_NGINX,
-            health=Health("http", f"http://{listener.host}:{listener.port}/metrics"),
-            user=user,
-            stop_signal="TERM",
-            stop_wait=10,
-            start_secs=2,
-            critical=False,
-            log_file=disk_logs and f"{disk_logs}/redis_exporter.log",
-        )
-    ]
+    return [_exporter(REDIS_EXPORTER, command, listener, user, disk_logs and f"{disk_logs}/redis_exporter.log")]
 
 
 def postgres_exporter_programs(
@@ -413,18 +388,30 @@ def postgres_exporter_programs(
         "DATA_SOURCE_USER": "synapse",
         "DATA_SOURCE_PASS_FILE": plan.secrets.postgres_password,
     }
-    return [
-        Program(
-            name=POSTGRES_EXPORTER,
-            command=(binaries["prometheus-postgres-exporter"], f"--web.listen-address={listener.host}:{listener.port}"),
-            stage=STAGE_NGINX,
-            health=Health("http", f"http://{listener.host}:{listener.port}/metrics"),
-            user=user,
-            env=env,
-            stop_signal="TERM",
-            stop_wait=10,
-            start_secs=2,
-            critical=False,
-            log_file=disk_logs and f"{disk_logs}/postgres_exporter.log",
-        )
-    ]
+    command = (binaries["prometheus-postgres-exporter"], f"--web.listen-address={listener.host}:{listener.port}")
+    log_file = disk_logs and f"{disk_logs}/postgres_exporter.log"
+    return [_exporter(POSTGRES_EXPORTER, command, listener, user, log_file, env)]
+
+
+def _exporter(
+    name: str,
+    command: tuple[str, ...],
+    listener: Listener,
+    user: tuple[int, int] | None,
+    log_file: str | None,
+    env: dict[str, str] | None = None,
+) -> Program:
+    """A Prometheus exporter: started with nginx, healthy when its /metrics answers, not critical."""
+    return Program(
+        name=name,
+        command=command,
+        stage=STAGE_NGINX,
+        health=Health("http", f"http://{listener.host}:{listener.port}/metrics"),
+        user=user,
+        env=env or {},
+        stop_signal="TERM",
+        stop_wait=10,
+        start_secs=2,
+        critical=False,
+        log_file=log_file,
+    )
