@@ -200,7 +200,7 @@ def cmd_health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     checks = {"nginx": status.public_health}
     checks.update({p.name: p.health for p in status.processes if p.health.kind == "http" and p.name != "nginx"})
     # An add-on that is down (Prometheus, an exporter) is reported, but the stack serves without it.
-    optional = {p.name for p in status.processes if not p.critical}
+    optional = {p.name for p in status.processes if p.addon}
     results = check_all(checks)
     for name, problem in results.items():
         note = " (not essential)" if name in optional else ""

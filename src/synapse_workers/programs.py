@@ -53,6 +53,7 @@ class Program:
     stop_wait: int = 10
     start_secs: int = 3
     critical: bool = True  # the stack cannot serve without it
+    addon: bool = False  # beside Synapse (coturn, Prometheus, an exporter): `health` shows it, never fails on it
     log_file: str | None = None  # rotated copy of its output (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK)
     # Processes this program forks and supervises itself (fork mode: the Synapse processes). supervisord
     # knows only this program; the launcher starts, stops and watches the children through it.
@@ -289,6 +290,7 @@ def coturn_programs(
             stop_wait=10,
             start_secs=2,
             critical=False,
+            addon=True,
             log_file=disk_logs and f"{disk_logs}/coturn.log",
         )
     ]
@@ -327,6 +329,7 @@ def prometheus_programs(
             stop_wait=20,  # it writes its head block out on the way down
             start_secs=2,
             critical=False,
+            addon=True,
             log_file=disk_logs and f"{disk_logs}/prometheus.log",
         )
     ]
@@ -413,5 +416,6 @@ def _exporter(
         stop_wait=10,
         start_secs=2,
         critical=False,
+        addon=True,
         log_file=log_file,
     )

@@ -251,7 +251,7 @@ def test_program_row(env):
     plan = plan_for(env, **COTURN, SYNAPSE_LAUNCH_MODE="process")
     rows = {p.name: p for p in programs(plan, as_root=True, binaries=BINARIES, coturn_user=(104, 107))}
     coturn = rows["coturn"]
-    assert STAGE_NAMES[coturn.stage] == "nginx" and not coturn.critical and coturn.stop_signal == "TERM"
+    assert STAGE_NAMES[coturn.stage] == "nginx" and not coturn.critical and coturn.addon and coturn.stop_signal == "TERM"
     assert coturn.health == Health("stun", "127.0.0.1:3478")
     # setpriv to coturn's own user; the secret is never in the command line or the environment
     assert coturn.command == ("/usr/bin/setpriv", "--reuid=104", "--regid=107", "--clear-groups", "--",

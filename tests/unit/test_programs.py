@@ -39,6 +39,7 @@ def test_stages_and_order(base_env):
         "workers": ["synchrotron1", "synchrotron2", "event_persister1"],
         "nginx": ["nginx"],
     }
+    assert not [p.name for p in progs if p.addon]  # only coturn, Prometheus and exporters are add-ons
     critical = {p.name for p in progs if p.critical}
     assert critical == {"postgres", "redis", "main", "nginx"}
 

@@ -113,7 +113,7 @@ def test_port_collisions_refused(env, port):
 def test_program_row(env):
     plan = load_plan({**env, **METRICS, "PROMETHEUS_STORAGE_RETENTION_TIME": "30d"})
     row = prometheus_row(plan)
-    assert STAGE_NAMES[row.stage] == "nginx" and not row.critical
+    assert STAGE_NAMES[row.stage] == "nginx" and not row.critical and row.addon
     assert row.health == Health("http", "http://127.0.0.1:9090/-/ready")
     assert row.command == (
         "/usr/bin/prometheus",
@@ -174,7 +174,7 @@ def test_nginx_exporter_row(env):
     assert plan.as_json()["services"]["nginx_exporter"]["port"] == 30006
     rows = programs(plan, True, BINARIES, postgres_user=("postgres", 1, 1), prometheus_user=(103, 106))
     row = next(p for p in rows if p.name == "nginx_exporter")
-    assert STAGE_NAMES[row.stage] == "nginx" and not row.critical
+    assert STAGE_NAMES[row.stage] == "nginx" and not row.critical and row.addon
     assert row.health == Health("http", "http://127.0.0.1:30006/metrics")
     assert row.command == ("/usr/bin/setpriv", "--reuid=103", "--regid=106", "--clear-groups", "--",
                            "/usr/bin/prometheus-nginx-exporter", "-nginx.scrape-uri=http://127.0.0.1:30005/stub_status",
@@ -193,7 +193,7 @@ def test_redis_exporter(env):
     assert row.command == ("/usr/bin/setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--",
                            "/usr/bin/prometheus-redis-exporter", f"-redis.addr=unix://{plan.redis.path}",
                            "-web.listen-address=127.0.0.1:30007")
-    assert not row.critical and row.health == Health("http", "http://127.0.0.1:30007/metrics")
+    assert not row.critical and row.addon and row.health == Health("http", "http://127.0.0.1:30007/metrics")
 
 
 @pytest.mark.parametrize("extra", [{}, {"SYNAPSE_METRICS": "0"}, {"SYNAPSE_WORKER_TYPES": ""}])
@@ -215,7 +215,7 @@ def test_postgres_exporter_reads_the_password_from_a_file(env):
         "DATA_SOURCE_USER": "synapse",
         "DATA_SOURCE_PASS_FILE": plan.secrets.postgres_password,
     }
-    assert not row.critical
+    assert not row.critical and row.addon
     # only this program is told where the password is
     assert all("DATA_SOURCE_PASS_FILE" not in p.env for p in rows if p is not row)
 

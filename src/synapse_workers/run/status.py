@@ -31,7 +31,7 @@ class ProcessStatus:
     restarts: int
     last_error: str
     health: Health
-    critical: bool = True  # False: an add-on (Prometheus, an exporter) the stack serves without
+    addon: bool = False  # coturn, Prometheus, an exporter: the stack serves without it (health shows, never fails)
 
     def as_json(self, now: float) -> dict[str, Any]:
         uptime = round(now - self.started, 1) if self.pid and self.started else 0.0

@@ -373,7 +373,7 @@ class Stack:
                 restarts=self.watch.restarts.get(p.name, 0),
                 last_error=self.last_error.get(p.name, ""),
                 health=p.health,
-                critical=p.critical,
+                addon=p.addon,
             )
             for p in self.shown
         )
