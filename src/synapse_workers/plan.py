@@ -142,7 +142,7 @@ class Public:
     @property
     def local_url(self) -> str:
         """How a process on this host reaches nginx's public listener."""
-        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.bind_address, self.bind_address)
+        host = local_host(self.bind_address)
         return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     def as_json(self) -> dict[str, Any]:

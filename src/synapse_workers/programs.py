@@ -277,23 +277,10 @@ def coturn_programs(
         return []
     listener = service.listener(TURN)
     assert listener is not None and listener.port is not None
-    host = {None: "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(listener.host, listener.host)
+    host = local_host(listener.host)
     command = (binaries["turnserver"], "--log-file", "stdout", "--simple-log", "-c", plan.layout.coturn_conf)
-    return [
-        Program(
-            name=COTURN,
-            command=command,
-            stage=STAGE_NGINX,
-            health=Health("stun", f"{host}:{listener.port}"),  # a STUN binding request over UDP
-            user=user,
-            stop_signal="TERM",
-            stop_wait=10,
-            start_secs=2,
-            critical=False,
-            addon=True,
-            log_file=disk_logs and f"{disk_logs}/coturn.log",
-        )
-    ]
+    health = Health("stun", f"{host}:{listener.port}")  # a STUN binding request over UDP
+    return [_addon(COTURN, command, health, user, disk_logs and f"{disk_logs}/coturn.log")]
 
 
 def prometheus_programs(
@@ -318,21 +305,10 @@ def prometheus_programs(
         f"--storage.tsdb.retention.time={metrics.retention}",
         f"--web.listen-address={bind}:{listener.port}",
     )
-    return [
-        Program(
-            name=PROMETHEUS,
-            command=command,
-            stage=STAGE_NGINX,
-            health=Health("http", f"http://{url_host}:{listener.port}/-/ready"),
-            user=user,
-            stop_signal="TERM",
-            stop_wait=20,  # it writes its head block out on the way down
-            start_secs=2,
-            critical=False,
-            addon=True,
-            log_file=disk_logs and f"{disk_logs}/prometheus.log",
-        )
-    ]
+    health = Health("http", f"http://{url_host}:{listener.port}/-/ready")
+    log_file = disk_logs and f"{disk_logs}/prometheus.log"
+    # stop_wait 20: it writes its head block out on the way down
+    return [_addon(PROMETHEUS, command, health, user, log_file, stop_wait=20)]
 
 
 def nginx_exporter_programs(
@@ -404,16 +380,31 @@ def _exporter(
     log_file: str | None,
     env: dict[str, str] | None = None,
 ) -> Program:
-    """A Prometheus exporter: started with nginx, healthy when its /metrics answers, not critical."""
+    """A Prometheus exporter: healthy when its /metrics answers."""
+    health = Health("http", f"http://{listener.host}:{listener.port}/metrics")
+    return _addon(name, command, health, user, log_file, env=env)
+
+
+def _addon(
+    name: str,
+    command: tuple[str, ...],
+    health: Health,
+    user: tuple[int, int] | None,
+    log_file: str | None,
+    env: dict[str, str] | None = None,
+    stop_wait: int = 10,
+) -> Program:
+    """A program beside Synapse (coturn, Prometheus, an exporter): started with nginx, not critical (a crash
+    loop stops it alone), shown by `health` but never deciding it."""
     return Program(
         name=name,
         command=command,
         stage=STAGE_NGINX,
-        health=Health("http", f"http://{listener.host}:{listener.port}/metrics"),
+        health=health,
         user=user,
         env=env or {},
         stop_signal="TERM",
-        stop_wait=10,
+        stop_wait=stop_wait,
         start_secs=2,
         critical=False,
         addon=True,

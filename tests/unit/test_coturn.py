@@ -17,17 +17,13 @@ from synapse_workers.files import write_files
 from synapse_workers.load import load_plan
 from synapse_workers.programs import STAGE_NAMES, Health, programs
 from synapse_workers.render import render_all
+from tests.unit.test_programs import BINARIES as PROGRAM_BINARIES
 from synapse_workers.render.coturn import DENIED_PEERS, SECRET_KEY, peer_range
 from synapse_workers.render.synapse import shared_config
 from synapse_workers.run.health import check, stun_binding
 
 COTURN = {"SYNAPSE_ENABLE_BUILTIN_COTURN": "1"}
-BINARIES = {
-    "nginx": "/usr/sbin/nginx",
-    "setpriv": "/usr/bin/setpriv",
-    "redis-server": "/usr/bin/redis-server",
-    "turnserver": "/usr/bin/turnserver",
-}
+BINARIES = {**PROGRAM_BINARIES, "turnserver": "/usr/bin/turnserver"}
 
 
 @pytest.fixture

@@ -14,19 +14,16 @@ from synapse_workers.errors import UserError
 from synapse_workers.load import load_plan
 from synapse_workers.programs import STAGE_NAMES, Health, programs
 from synapse_workers.render import render_all
+from tests.unit.test_programs import BINARIES as PROGRAM_BINARIES
 
 REPO = Path(__file__).resolve().parents[2]
 PROMTOOL = "/usr/bin/promtool"
 WORKERS = "synchrotron, event_persister, stream_writers=typing+to_device+receipts"
 METRICS = {"SYNAPSE_METRICS": "1"}
 BINARIES = {
-    "nginx": "/usr/sbin/nginx",
-    "setpriv": "/usr/bin/setpriv",
-    "redis-server": "/usr/bin/redis-server",
+    **PROGRAM_BINARIES,
     "prometheus": "/usr/bin/prometheus",
     "prometheus-nginx-exporter": "/usr/bin/prometheus-nginx-exporter",
-    "postgres": "/usr/lib/postgresql/bin/postgres",
-    "pg_isready": "/usr/lib/postgresql/bin/pg_isready",
 }
 
 

@@ -137,18 +137,24 @@ def control_socket(sockets_dir: str) -> str:
     return f"{sockets_dir}/{NAME}.control.sock"
 
 
+def _read_line(conn: socket.socket) -> bytes:
+    """One JSON line of the control protocol (without a final newline if the peer closed first)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def call(path: str, request: dict[str, Any], timeout: float = 5.0) -> Any:
     """One request, one answer (JSON lines). OSError/ValueError when the zygote does not answer."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(timeout)
         conn.connect(path)
         conn.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = conn.recv(65536)
-            if not chunk:
-                break
-            data += chunk
+        data = _read_line(conn)
     answer = json.loads(data)
     if "error" in answer:
         raise ValueError(answer["error"])
@@ -267,12 +273,9 @@ class Zygote:
         with conn:
             conn.settimeout(2)
             try:
-                data = b""
-                while not data.endswith(b"\n"):
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    data += chunk
+                data = _read_line(conn)
+                if not data.endswith(b"\n"):
+                    return  # the caller went away mid-request
                 request = json.loads(data)
                 op, names = request.get("op"), request.get("names") or []
                 unknown = [n for n in names if n not in self.children]
