@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "unraid-template", help="print the Unraid Community Applications template (contrib/unraid/synapse-workers.xml)"
     ).set_defaults(func=cmd_unraid_template)
+    export = sub.add_parser(
+        "export", help="write the plan as Kubernetes manifests or a Compose project (one Synapse process per pod)"
+    )
+    export.add_argument("target", choices=("kubernetes", "compose"))
+    export.add_argument("-o", "--output", required=True, metavar="DIR", help="a new or empty directory, or our own")
+    export.add_argument("--image", default="synapse-workers:latest", help="the image built from this repository")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -283,6 +290,27 @@ def cmd_unraid_template(args: argparse.Namespace, env: Mapping[str, str]) -> int
     from .export_env import unraid_template
 
     sys.stdout.write(unraid_template())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .files import check_export_dir, export_secrets, write_export
+    from .render.compose import render_compose
+    from .render.export import make_export
+    from .render.kubernetes import render_kubernetes
+
+    if not args.image or any(c.isspace() for c in args.image):
+        raise UserError(f"export --image {args.image!r}: expected an image reference such as synapse-workers:latest.")
+    plan = load_plan(env)
+    check_export_dir(args.output, args.target)  # before anything is read from it
+    export = make_export(plan, args.target)
+    secrets, password = export_secrets(plan, args.target, args.output, export.secret_files())
+    if args.target == "kubernetes":
+        files = render_kubernetes(plan, secrets, args.image)
+    else:
+        files = render_compose(plan, secrets, password, args.image)
+    written = write_export(args.output, args.target, files)
+    print(f"synapse-workers: wrote {len(written)} files for main + {len(plan.workers)} workers to {args.output}")
     return 0
 
 
