@@ -79,6 +79,10 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="every process of the running stack: PID, state, uptime, restarts")
     status.add_argument("--json", action="store_true", help="a list of objects (name, pid, state, uptime_s, ...)")
     status.set_defaults(func=cmd_status)
+    sub.add_parser(
+        "compress-state",
+        help="run synapse_auto_compressor once, now, against the running stack's PostgreSQL; exit with its status",
+    ).set_defaults(func=cmd_compress_state)
     env = sub.add_parser(
         "env", help="every variable: meaning, default and the value set here (secrets masked), as an env file"
     )
@@ -190,6 +194,29 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return Stack(plan, progs, binaries, as_root).run()
     finally:
         lock.close()
+
+
+def cmd_compress_state(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """The scheduled job's command, now (SYNAPSE_COMPRESSOR_* tune it; SYNAPSE_ENABLE_COMPRESSOR need not be on)."""
+    from .plan import COMPRESS_STATE, Job
+    from .programs import child_environment, job_command
+
+    plan = load_plan(env)
+    if plan.homeserver.database == "sqlite":
+        raise UserError(
+            f"compress-state needs PostgreSQL, but {plan.homeserver.path} uses SQLite: synapse_auto_compressor works "
+            "on PostgreSQL only."
+        )
+    if not os.path.isdir(plan.layout.state_dir):
+        print(
+            f"synapse-workers: compress-state: {plan.layout.state_dir} does not exist: start the stack first "
+            "(synapse-workers run), or point SYNAPSE_RUNTIME_DIR at the running stack's.",
+            file=sys.stderr,
+        )
+        return 1
+    job = next((j for j in plan.jobs if j.name == COMPRESS_STATE), Job(COMPRESS_STATE, ""))
+    sys.stdout.flush()
+    return subprocess.run(job_command(plan, job), env=child_environment(env), cwd="/", check=False).returncode
 
 
 def _running_status(env: Mapping[str, str]) -> StackStatus:

@@ -12,6 +12,7 @@ from .coturn import SECRET_KEY, render_coturn
 from .nginx import render_nginx
 from .prometheus import render_prometheus
 from .redis import render_redis
+from .scheduler import render_scheduler
 from .supervisor import render_supervisor
 from .synapse import dump, log_config, render_synapse
 
@@ -43,6 +44,7 @@ def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = Fal
     managed.update(render_nginx(plan))
     managed.update(render_redis(plan))
     managed.update(render_prometheus(plan))
+    managed.update(render_scheduler(plan))
     if programs:
         managed.update(render_supervisor(plan.layout, programs, as_root))
     private: dict[str, PrivateFile] = {}
