@@ -191,3 +191,13 @@ def test_service_config_equals_generate_apart_from_names_and_addresses(env, tmp_
             assert _normalise(generated, names) == _normalise(ours, {}), exported_path
             compared += 1
     assert compared == 4 * len(plan.processes)
+
+
+def test_logs_on_disk(env, tmp_root):
+    out = tmp_root / "compose"
+    export({**env, "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK": "1"}, out, "synchrotron")
+    config = normalised(out)
+    logs = load_plan({**env, "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK": "1"}).layout.logs_on_disk
+    nginx = config["services"]["synapse-nginx"]
+    assert logs in nginx["tmpfs"]
+    assert f"install -d -o 991 -g 991 {logs}" in config["services"]["synapse-init"]["entrypoint"][-1]

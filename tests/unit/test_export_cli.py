@@ -147,6 +147,12 @@ def test_refuses_what_the_export_cannot_carry(env, tmp_root):
     tls = {**env, "SYNAPSE_TLS_CERT": str(cert), "SYNAPSE_TLS_KEY": str(cert)}
     refused(tls, tmp_root, "kubernetes", "SYNAPSE_TLS_CERT")
     refused({**env, "SYNAPSE_ENABLE_BUILTIN_COTURN": "1"}, tmp_root, "compose", "SYNAPSE_ENABLE_BUILTIN_COTURN")
+    log_config = tmp_root / "log.yaml"
+    log_config.write_text("version: 1\n")
+    refused({**env, "SYNAPSE_LOG_CONFIG": str(log_config)}, tmp_root, "kubernetes", "SYNAPSE_LOG_CONFIG")
+    registration = tmp_root / "bridge.yaml"
+    registration.write_text("id: bridge\nas_token: a\nhs_token: b\n")
+    refused({**env, "SYNAPSE_APPSERVICES": str(registration)}, tmp_root, "compose", "SYNAPSE_APPSERVICES")
     data = Path(env["SYNAPSE_DATA_DIR"])
     data.mkdir(parents=True)
     (data / "homeserver.yaml").write_text("server_name: example.test\ndatabase: {name: psycopg2}\n")

@@ -379,3 +379,31 @@ def test_secrets_only_in_the_secret(env):
         volume = next(v for v in sts["spec"]["template"]["spec"]["volumes"] if v["name"] == "secrets")
         paths = {i["path"] for i in volume["secret"]["items"]}
         assert paths == {os.path.basename(p) for p in export.secret_files()}
+
+
+def test_unix_socket_and_log_switches_become_pod_settings(env):
+    """Unix-socket listeners are a single-host optimisation: in pods every listener is TCP. Logs on disk get a
+    directory in every pod that writes them."""
+    extra = {
+        "SYNAPSE_PUBLIC_UNIX_SOCKETS": "1",
+        "SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS": "1",
+        "SYNAPSE_METRICS": "1",
+        "SYNAPSE_METRICS_UNIX_SOCKETS": "1",
+        "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK": "1",
+    }
+    objects, plan = objects_for(env, "synchrotron, event_persister", **extra)
+    assert check_manifests(objects) == []
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+    for name, data in by(objects, "ConfigMap").items():
+        for key, text in data["data"].items():
+            doc = yaml.safe_load(text) if key.endswith(".yaml") and key != "homeserver.yaml" else None
+            for listener in (doc or {}).get("listeners", []) + (doc or {}).get("worker_listeners", []):
+                assert "path" not in listener and listener["bind_addresses"] == ["0.0.0.0"], (name, key)
+            assert "unix:" not in text or key != "nginx.conf"
+    logs = plan.layout.logs_on_disk
+    nginx = by(objects, "Deployment")["synapse-nginx"]["spec"]["template"]["spec"]
+    assert logs in {m["mountPath"] for m in nginx["containers"][0]["volumeMounts"]}
+    for sts in by(objects, "StatefulSet").values():
+        init = sts["spec"]["template"]["spec"]["initContainers"][0]
+        assert f"mkdir -p {logs}" in init["command"][-1]

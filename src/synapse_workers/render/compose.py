@@ -154,7 +154,9 @@ def render_compose(
         "user": user,
         "entrypoint": ["nginx", "-e", "stderr", "-c", layout.nginx_conf, "-g", flags],
         "configs": [{"source": config("nginx", text, "config/nginx.conf"), "target": layout.nginx_conf}],
-        "tmpfs": [layout.nginx_dir, f"{layout.nginx_dir}/tmp"],
+        # Scratch space; with SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK also its access log (not kept).
+        "tmpfs": [layout.nginx_dir, f"{layout.nginx_dir}/tmp"]
+        + ([layout.logs_on_disk] if settings.logging.to_disk else []),
         "ports": [f"{port}:{port}"],
         # nginx resolves its upstream servers (the services' names) when it starts.
         "depends_on": {m.unit: ready for m in export.members},

@@ -240,6 +240,17 @@ def _refuse_unsupported(plan: Plan, target: str) -> None:
             f"export {target}: SYNAPSE_ENABLE_BUILTIN_COTURN is on, but coturn is not exported: expected it off "
             "(run a TURN server of your own and set SYNAPSE_TURN_URIS and TURN_SHARED_SECRET)."
         )
+    if plan.homeserver.user_log_config:
+        problems.append(
+            f"export {target}: SYNAPSE_LOG_CONFIG names your own file {plan.homeserver.user_log_config!r}, which the "
+            "export does not carry: expected it unset (each process gets its generated log config)."
+        )
+    if plan.app_service_config_files:
+        problems.append(
+            f"export {target}: application services ({', '.join(plan.app_service_config_files)}) are not exported "
+            "(their registration files hold tokens): expected SYNAPSE_APPSERVICES and SYNAPSE_AS_REGISTRATION_DIR "
+            "unset."
+        )
     if problems:
         raise UserError(*problems)
 

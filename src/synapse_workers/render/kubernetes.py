@@ -400,6 +400,19 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
     labels = {**_labels(NGINX, "nginx"), "app.kubernetes.io/component": "router"}
     flags = "daemon off;" + (" worker_processes auto;" if settings.nginx.worker_processes == "auto" else "")
     port = plan.public.port
+    mounts: list[dict[str, Any]] = [
+        {"name": "run", "mountPath": layout.nginx_dir},
+        {"name": "tmp", "mountPath": f"{layout.nginx_dir}/tmp"},
+        {"name": "config", "mountPath": layout.nginx_conf, "subPath": "nginx.conf", "readOnly": True},
+    ]
+    volumes: list[dict[str, Any]] = [
+        {"name": "run", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "config", "configMap": {"name": f"{NGINX}-config"}},
+    ]
+    if settings.logging.to_disk:  # its access log (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK): the pod's, not kept
+        mounts.append({"name": "logs", "mountPath": layout.logs_on_disk})
+        volumes.append({"name": "logs", "emptyDir": {}})
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -422,24 +435,11 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
                             # /health: main's; nginx itself is alive while it accepts connections.
                             "readinessProbe": _probe("/health", "http", 10, 3, 5),
                             "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 30, "timeoutSeconds": 5},
-                            "volumeMounts": [
-                                {"name": "run", "mountPath": layout.nginx_dir},
-                                {"name": "tmp", "mountPath": f"{layout.nginx_dir}/tmp"},
-                                {
-                                    "name": "config",
-                                    "mountPath": layout.nginx_conf,
-                                    "subPath": "nginx.conf",
-                                    "readOnly": True,
-                                },
-                            ],
+                            "volumeMounts": mounts,
                             "securityContext": CONTAINER_SECURITY,
                         }
                     ],
-                    "volumes": [
-                        {"name": "run", "emptyDir": {}},
-                        {"name": "tmp", "emptyDir": {}},
-                        {"name": "config", "configMap": {"name": f"{NGINX}-config"}},
-                    ],
+                    "volumes": volumes,
                 },
             },
         },
