@@ -1,11 +1,12 @@
-"""The exported Kubernetes deployment actually works: each pod of `export kubernetes` becomes a network namespace
-with an address of its own (no cluster here), its DNS names (`<pod>.<headless service>`, the per-pod Services,
-`synapse-redis`, the database host) in that namespace's /etc/hosts, and runs exactly the container command of its
-StatefulSet/Deployment on the files the pod would mount. PostgreSQL and Redis run in namespaces of their own.
+"""The exported deployments actually work. No cluster or Docker engine here, so each pod of `export kubernetes` (each
+Synapse service of `export compose`) becomes a network namespace with an address of its own, its peers' DNS names
+(`<pod>.<headless service>`, the per-pod Services, `synapse-redis`, the database host; Compose: the service names)
+in that namespace's /etc/hosts, and runs exactly its container command on the files it would mount.
+PostgreSQL and Redis run in namespaces of their own (Debian's, standing in for the official images).
 
 A client in another namespace talks to nginx only: registers, creates a room, sends, syncs. Proven from outside:
-events are written by the event persister pod (`events.instance_name`), /sync is served by the synchrotron pod,
-replication is refused at nginx, and every process listens on its own pod's ports.
+events are written by the event persister (`events.instance_name`), /sync is served by the synchrotron, never by
+main, replication is refused at nginx, and every process listens on its own namespace's fixed ports.
 
 Root only (network namespaces); everything is torn down by PID and name even when the test fails. Traffic goes
 only to 10.x addresses inside our own namespaces, which have no route anywhere else.
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -257,37 +259,91 @@ def start_postgres(net: Network, procs: Processes, root: Path, password: str) ->
     return sockets
 
 
-def test_exported_pods_serve_a_client(base_env, root):
-    password = "pw" + os.urandom(8).hex()
+@dataclass
+class Deployment:
+    processes: dict[str, dict]  # pod/service → {app, config_files}, main first
+    main: str
+    synchrotron: str
+    persister: str
+    nginx_command: list[str]
+    registration: str
+    aliases: dict[str, str]  # DNS name → the pod (namespace) it names; the infrastructure's are added later
+
+
+def kubernetes(env: dict[str, str], root: Path) -> Deployment:
     out = root / "k8s"
-    env = {
-        **base_env,
-        "SYNAPSE_HTTP_PORT": "8008",
-        "POSTGRES_HOST": DB_HOST,
-        "POSTGRES_PORT": "5432",
-        "POSTGRES_PASSWORD": password,
-    }
     export(env, out, SPEC)
     processes = {p["name"]: p for p in materialise(out)}  # the files every pod mounts, at their paths
     docs = [d for d in yaml.safe_load_all((out / "synapse-workers.yaml").read_text()) if d]
     config_maps = {d["metadata"]["name"]: d["data"] for d in docs if d["kind"] == "ConfigMap"}
     nginx = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "synapse-nginx")
-    nginx_command = nginx["spec"]["template"]["spec"]["containers"][0]["command"]
-    nginx_conf = Path(nginx_command[nginx_command.index("-c") + 1])
-    nginx_conf.parent.mkdir(parents=True, exist_ok=True)
-    (nginx_conf.parent / "tmp").mkdir(exist_ok=True)
-    nginx_conf.write_text(config_maps["synapse-nginx-config"]["nginx.conf"])
+    command = nginx["spec"]["template"]["spec"]["containers"][0]["command"]
+    _nginx_files(command, config_maps["synapse-nginx-config"]["nginx.conf"])
     secret = yaml.safe_load((out / "secret.yaml").read_text())["stringData"]
-    registration = secret["example.test.registration.key"].strip()
-
-    pods = list(processes)  # synapse-main-0, synapse-synchrotron-0, synapse-event-persister-0
-    assert pods == ["synapse-main-0", "synapse-synchrotron-0", "synapse-event-persister-0"]
-    net = Network([*pods, "nginx", "redis", "db", "client"])
-    aliases = {DB_HOST: "db", "synapse-redis": "redis", "synapse-nginx": "nginx"}
-    for pod in pods:
+    aliases = {"synapse-redis": "redis", "synapse-nginx": "nginx"}
+    for pod in processes:
         workload = pod.rsplit("-", 1)[0]
         aliases[f"{pod}.{workload}"] = pod  # the headless Service's per-pod name
         aliases[pod] = pod  # the per-pod ClusterIP Service
+    return Deployment(
+        processes,
+        "synapse-main-0",
+        "synapse-synchrotron-0",
+        "synapse-event-persister-0",
+        command,
+        secret["example.test.registration.key"].strip(),
+        aliases,
+    )
+
+
+def compose(env: dict[str, str], root: Path) -> Deployment:
+    from .test_export_compose import export as compose_export
+    from .test_export_compose import materialise as compose_materialise
+    from .test_export_compose import normalised
+
+    out = root / "compose"
+    compose_export(env, out, SPEC)
+    config = normalised(out)  # as Compose v2 reads it
+    processes = {p["name"]: p for p in compose_materialise(out, config)}
+    nginx = config["services"]["synapse-nginx"]
+    mount = nginx["configs"][0]
+    _nginx_files(nginx["entrypoint"], Path(config["configs"][mount["source"]]["file"]).read_text())
+    aliases = {"synapse-redis": "redis", "synapse-nginx": "nginx", "synapse-postgres": "db"}
+    aliases.update({service: service for service in processes})
+    return Deployment(
+        processes,
+        "synapse-main",
+        "synapse-synchrotron-0",
+        "synapse-event-persister-0",
+        nginx["entrypoint"],
+        (out / "secrets/example.test.registration.key").read_text().strip(),
+        aliases,
+    )
+
+
+def _nginx_files(command: list[str], text: str) -> None:
+    conf = Path(command[command.index("-c") + 1])
+    (conf.parent / "tmp").mkdir(parents=True, exist_ok=True)  # an emptyDir / tmpfs there
+    conf.write_text(text)
+
+
+@pytest.mark.parametrize("target", ["kubernetes", "compose"])
+def test_exported_deployment_serves_a_client(base_env, root, target):
+    password = "pw" + os.urandom(8).hex()
+    env = {
+        **base_env,
+        "SYNAPSE_HTTP_PORT": "8008",
+        "POSTGRES_HOST": DB_HOST,  # Compose has its own: synapse-postgres
+        "POSTGRES_PORT": "5432",
+        "POSTGRES_PASSWORD": password,
+    }
+    deployment = (kubernetes if target == "kubernetes" else compose)(env, root)
+    processes, registration = deployment.processes, deployment.registration
+    nginx_command = deployment.nginx_command
+    pods = list(processes)
+    assert sorted(pods) == sorted([deployment.main, deployment.synchrotron, deployment.persister])
+    net = Network([*pods, "nginx", "redis", "db", "client"])
+    aliases = {DB_HOST: "db", **deployment.aliases}
     logs = root / "logs"
     logs.mkdir()
     procs = Processes(logs)
@@ -341,10 +397,10 @@ def test_exported_pods_serve_a_client(base_env, root):
                 argv += ["--config-path", path]
             procs.start(pod, [*net.exec(pod), *argv])
 
-        synapse("synapse-main-0")  # main migrates the schema first (in Kubernetes the workers crash-loop meanwhile)
-        client("wait", "http://synapse-main-0.synapse-main:8080/health")
-        synapse("synapse-synchrotron-0")
-        synapse("synapse-event-persister-0")
+        synapse(deployment.main)  # main migrates the schema first (in Kubernetes the workers crash-loop meanwhile)
+        client("wait", f"http://{deployment.main}:8080/health")
+        synapse(deployment.synchrotron)
+        synapse(deployment.persister)
         procs.start("nginx", [*net.exec("nginx"), *nginx_command])
         client("wait", *(f"http://{pod}:8080/health" for pod in pods), "http://synapse-nginx:8008/health")
         result = client("scenario")
@@ -375,10 +431,10 @@ def test_exported_pods_serve_a_client(base_env, root):
             "SELECT instance_name, count(*) FROM events GROUP BY 1",
             cwd="/",
         ).stdout
-        assert counts.split("|")[0] == "synapse-event-persister-0" and len(counts.splitlines()) == 1, counts
+        assert counts.split("|")[0] == deployment.persister and len(counts.splitlines()) == 1, counts
         # /sync went to the synchrotron pod, never to main.
-        assert "/_matrix/client/v3/sync" in procs.log("synapse-synchrotron-0")
-        assert "/_matrix/client/v3/sync" not in procs.log("synapse-main-0")
+        assert "/_matrix/client/v3/sync" in procs.log(deployment.synchrotron)
+        assert "/_matrix/client/v3/sync" not in procs.log(deployment.main)
         # Each Synapse process listens on its own pod's fixed ports, on the pod's address.
         for pod in pods:
             listening = _run(*net.exec(pod), "ss", "-Hltn").stdout
