@@ -201,3 +201,12 @@ def test_logs_on_disk(env, tmp_root):
     nginx = config["services"]["synapse-nginx"]
     assert logs in nginx["tmpfs"]
     assert f"install -d -o 991 -g 991 {logs}" in config["services"]["synapse-init"]["entrypoint"][-1]
+
+
+def test_low_public_port(env, tmp_root):
+    """nginx runs as UID: a public port below 1024 needs the unprivileged-port sysctl (Docker sets it anyway)."""
+    out = tmp_root / "compose"
+    export({**env, "SYNAPSE_HTTP_PORT": "80"}, out, "synchrotron")
+    nginx = normalised(out)["services"]["synapse-nginx"]
+    assert nginx["sysctls"] == {"net.ipv4.ip_unprivileged_port_start": "0"}
+    assert [(p["target"], p["published"]) for p in nginx["ports"]] == [(80, "80")]

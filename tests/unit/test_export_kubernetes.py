@@ -407,3 +407,20 @@ def test_unix_socket_and_log_switches_become_pod_settings(env):
     for sts in by(objects, "StatefulSet").values():
         init = sts["spec"]["template"]["spec"]["initContainers"][0]
         assert f"mkdir -p {logs}" in init["command"][-1]
+
+
+def test_a_low_public_port_and_root(env):
+    """nginx runs as UID, so a public port below 1024 needs the unprivileged-port sysctl; UID=0 is not non-root."""
+    objects, _ = objects_for(env, "synchrotron", SYNAPSE_HTTP_PORT="80", UID="0", GID="0")
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+    assert check_manifests(objects) == []
+    nginx = by(objects, "Deployment")["synapse-nginx"]["spec"]["template"]["spec"]
+    assert nginx["securityContext"]["sysctls"] == [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]
+    assert nginx["containers"][0]["ports"][0]["containerPort"] == 80
+    for sts in by(objects, "StatefulSet").values():
+        context = sts["spec"]["template"]["spec"]["securityContext"]
+        assert context["runAsUser"] == 0 and context["runAsNonRoot"] is False and "sysctls" not in context
+    objects, _ = objects_for(env, "synchrotron")  # the defaults: 8008, 991
+    nginx = by(objects, "Deployment")["synapse-nginx"]["spec"]["template"]["spec"]
+    assert "sysctls" not in nginx["securityContext"] and nginx["securityContext"]["runAsNonRoot"] is True

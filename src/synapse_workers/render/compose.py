@@ -158,6 +158,7 @@ def render_compose(
         "tmpfs": [layout.nginx_dir, f"{layout.nginx_dir}/tmp"]
         + ([layout.logs_on_disk] if settings.logging.to_disk else []),
         "ports": [f"{port}:{port}"],
+        **({"sysctls": {"net.ipv4.ip_unprivileged_port_start": 0}} if port < 1024 else {}),  # nginx is not root
         # nginx resolves its upstream servers (the services' names) when it starts.
         "depends_on": {m.unit: ready for m in export.members},
         "healthcheck": _health(port, "30s"),

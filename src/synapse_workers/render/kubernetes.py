@@ -204,14 +204,18 @@ def _synapse_services(group: Group) -> list[dict[str, Any]]:
     return result
 
 
-def _security(uid: int, gid: int) -> dict[str, Any]:
-    return {
+def _security(uid: int, gid: int, low_port: bool = False) -> dict[str, Any]:
+    """The pod runs as UID:GID (never root unless UID=0 says so); `low_port`: it may bind a port below 1024."""
+    context: dict[str, Any] = {
         "runAsUser": uid,
         "runAsGroup": gid,
         "fsGroup": gid,
-        "runAsNonRoot": True,
+        "runAsNonRoot": uid != 0,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
+    if low_port:  # a namespaced sysctl Kubernetes counts as safe (1.22+)
+        context["sysctls"] = [{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]
+    return context
 
 
 CONTAINER_SECURITY = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
@@ -424,7 +428,7 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
                 "metadata": {"labels": labels, "annotations": {HASH_ANNOTATION: config_hash}},
                 "spec": {
                     "enableServiceLinks": False,
-                    "securityContext": _security(settings.core.uid, settings.core.gid),
+                    "securityContext": _security(settings.core.uid, settings.core.gid, port < 1024),
                     "containers": [
                         {
                             "name": "nginx",
