@@ -455,5 +455,8 @@ def job_command(plan: Plan, job: Job) -> tuple[str, ...]:
         )
     if job.name == ROTATE_LOGS:
         # logrotate from PATH (Debian: /usr/sbin, in every child's PATH); `run` checked that it is installed.
-        return ("logrotate", "--state", layout.logrotate_state, layout.logrotate_conf)
+        # --force: the schedule decides when (daily); logrotate's own `daily` would only record a log it sees for
+        # the first time, and its state file is new whenever the runtime dir is (a container recreated daily
+        # would never rotate). notifempty still holds under --force.
+        return ("logrotate", "--force", "--state", layout.logrotate_state, layout.logrotate_conf)
     raise ValueError(f"unknown job {job.name}")

@@ -208,7 +208,7 @@ def test_logrotate_rules(base_env):
     assert job == {
         "name": "rotate-logs",
         "schedule": "0 0 * * *",
-        "command": ["logrotate", "--state", plan.layout.logrotate_state, plan.layout.logrotate_conf],
+        "command": ["logrotate", "--force", "--state", plan.layout.logrotate_state, plan.layout.logrotate_conf],
     }
     assert plan.layout.logrotate_state.startswith(plan.layout.state_dir + "/")  # kept across starts
 

@@ -6,9 +6,12 @@
    (exit 75) instead of compressing the same rooms twice.
 2. Connects as Synapse does: the `database` section of homeserver.yaml (psycopg2 arguments; libpq reads the
    password from the passfile we wrote, or takes the user's own `password`). SQLite: refused (exit 2).
-3. Removes the state groups of rooms that are provably gone (no row in `rooms`, no event left in `events`): what
-   older Synapse versions left behind when a room was purged, on which the compressor panics ("Missing <group>",
-   rust-synapse-compress-state issues #78/#79). Their compressor progress rows go too. One transaction; counted.
+3. Cleans up before the run, in one transaction, counting what it removes: the state groups of rooms that are
+   provably gone (no row in `rooms`, no event left in `events`: what Synapse left behind when a room was purged,
+   before element-hq/synapse#18024), and the compressor's own saved progress for rooms where it names a state
+   group that no longer exists (Synapse deleted it: a purged room or purged history). Resuming from such a group
+   is the compressor's known panic ("Missing <group>", rust-synapse-compress-state issues #78, #79); without its
+   progress the compressor starts that room over.
 4. Calls the library (`synapse_auto_compressor.compress_state_events_table`, the PyPI wheel's pyo3 module: it
    ships no binary) with a URL built in memory; the password never reaches an argument, the environment, a file
    or a log line (every log line and error message is filtered for it).
@@ -48,13 +51,18 @@ DELETES = (
     ("state_group_edges", "DELETE FROM state_group_edges WHERE state_group IN (SELECT id FROM sw_orphaned_groups)"),
     ("state_groups", "DELETE FROM state_groups WHERE id IN (SELECT id FROM sw_orphaned_groups)"),
 )
-# The compressor's own saved state for a room that no longer exists (its level heads may be gone).
-COMPRESSOR_TABLES = ("state_compressor_state", "state_compressor_progress")
-STALE_PROGRESS = """
-DELETE FROM {table} AS t
-WHERE NOT EXISTS (SELECT 1 FROM rooms AS r WHERE r.room_id = t.room_id)
-  AND NOT EXISTS (SELECT 1 FROM state_groups AS sg WHERE sg.room_id = t.room_id)
+# The compressor's own saved state for rooms where a state group it saved (the last one it compressed, a level's
+# head) no longer exists: Synapse deleted it (room purged, history purged). Resuming from it is the known panic
+# ("Missing <group>", issue #78); without it the compressor starts that room over.
+STALE_ROOMS = """
+CREATE TEMP TABLE sw_stale_rooms ON COMMIT DROP AS
+    SELECT p.room_id FROM state_compressor_progress AS p
+    WHERE NOT EXISTS (SELECT 1 FROM state_groups AS sg WHERE sg.id = p.last_compressed)
+    UNION
+    SELECT s.room_id FROM state_compressor_state AS s
+    WHERE s.current_head IS NOT NULL AND NOT EXISTS (SELECT 1 FROM state_groups AS sg WHERE sg.id = s.current_head)
 """
+COMPRESSOR_TABLES = ("state_compressor_state", "state_compressor_progress")
 
 
 class Redact(logging.Filter):
@@ -131,8 +139,9 @@ def compressor_url(user: str, password: str | None, host: str, port: int, dbname
     return url
 
 
-def remove_orphans(conn: Any) -> tuple[int, dict[str, int]]:
-    """Delete the state groups of rooms that are gone, in one transaction: (rooms, rows deleted per table)."""
+def remove_orphans(conn: Any) -> tuple[int, dict[str, int], int]:
+    """In one transaction: delete the state groups of rooms that are gone, then the compressor's saved state that
+    names deleted state groups. Returns (gone rooms, rows deleted per table, rooms the compressor starts over)."""
     counts: dict[str, int] = {}
     with conn, conn.cursor() as cur:
         cur.execute(GONE_ROOMS)
@@ -142,12 +151,15 @@ def remove_orphans(conn: Any) -> tuple[int, dict[str, int]]:
         for table, sql in DELETES:
             cur.execute(sql)
             counts[table] = cur.rowcount
+        cur.execute("SELECT to_regclass('state_compressor_state'), to_regclass('state_compressor_progress')")
+        if None in cur.fetchone():  # the compressor has never run here
+            return rooms, counts, 0
+        cur.execute(STALE_ROOMS)
+        cur.execute("SELECT count(*) FROM sw_stale_rooms")
+        restarted = int(cur.fetchone()[0])
         for table in COMPRESSOR_TABLES:
-            cur.execute("SELECT to_regclass(%s)", (table,))
-            if cur.fetchone()[0] is not None:
-                cur.execute(STALE_PROGRESS.format(table=table))
-                counts[table] = cur.rowcount
-    return rooms, counts
+            cur.execute(f"DELETE FROM {table} WHERE room_id IN (SELECT room_id FROM sw_stale_rooms)")
+    return rooms, counts, restarted
 
 
 def progress(conn: Any) -> str:
@@ -178,9 +190,10 @@ def compress(config: str, chunk_size: int, chunks: int, levels: str) -> None:
     args = database_args(config)
     conn = connect(args)
     try:
-        rooms, counts = remove_orphans(conn)
+        rooms, counts, restarted = remove_orphans(conn)
         removed = ", ".join(f"{n} from {t}" for t, n in counts.items())
         log.info("purged rooms: %d left state groups behind; removed %s", rooms, removed)
+        log.info("deleted state groups: %d rooms' saved compressor progress named one; they start over", restarted)
         info = conn.info
         password = info.password
         REDACT.hide(password)
@@ -217,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, handlers=[handler])
     try:
         with exclusive(args.lock):
+            log.info("lock taken (%s); connecting to the database", args.lock)
             compress(args.config, args.chunk_size, args.chunks, args.levels)
     except CompressorError as exc:
         log.error("%s", exc)
