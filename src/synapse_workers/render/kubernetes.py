@@ -104,7 +104,7 @@ def manifests(export: Export, secrets: Mapping[str, str], image: str) -> tuple[l
     workloads: list[dict[str, Any]] = []
     services: list[dict[str, Any]] = []
     for group in export.groups:
-        config = _config_map(f"{group.workload}-config", _group_files(export, group, files), "synapse")
+        config = _config_map(f"{group.workload}-config", _group_files(group, files), "synapse")
         objects.append(config)
         services += _synapse_services(group)
         workloads.append(_statefulset(export, group, image, _hash(shared, config)))
@@ -118,11 +118,8 @@ def manifests(export: Export, secrets: Mapping[str, str], image: str) -> tuple[l
     objects += _redis()
     objects += workloads
     objects += _nginx(export, image, _hash(nginx_config))
-    objects += _network_policies(export)
+    objects += _network_policies()
     return objects, secret
-
-
-# ---- YAML ------------------------------------------------------------------------------------------------
 
 
 # ---- objects ---------------------------------------------------------------------------------------------
@@ -160,7 +157,7 @@ def _hash(*config_maps: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _group_files(export: Export, group: Group, files: dict[str, str]) -> dict[str, str]:
+def _group_files(group: Group, files: dict[str, str]) -> dict[str, str]:
     data = {}
     for member in group.members:
         proc = member.process
@@ -461,7 +458,7 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
     return [service, deployment]
 
 
-def _network_policies(export: Export) -> list[dict[str, Any]]:
+def _network_policies() -> list[dict[str, Any]]:
     synapse, nginx, redis = _role("synapse"), _role("nginx"), _role("redis")
     public = [{"port": PORTS[PUBLIC], "protocol": "TCP"}, {"port": PORTS[HEALTH], "protocol": "TCP"}]
     return [
