@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -251,6 +252,32 @@ def test_outcome_lines():
     assert "FAILED with exit 1" in scheduler.outcome("compress-state", 1, 3)
     assert "holds its lock" in scheduler.outcome("compress-state", compressor.LOCKED, 0)
     assert "killed by signal 9" in scheduler.outcome("rotate-logs", -9, 0)
+
+
+def test_tick_starts_due_jobs_once_and_never_twice_at_once():
+    every_minute = scheduler.Job("a", parse("* * * * *"), ("true",))
+    sunday = scheduler.Job("b", parse("0 1 * * 0"), ("true",))
+    jobs = [every_minute, sunday]
+    due = {"a": D(2026, 11, 27, 10, 1), "b": D(2026, 11, 29, 1, 0)}
+    # not yet due
+    assert scheduler.tick(jobs, due, set(), D(2026, 11, 27, 10, 0, 59)) == ([], [], due)
+    # due: started once, next due the following minute
+    start, skipped, new_due = scheduler.tick(jobs, due, set(), D(2026, 11, 27, 10, 1, 0, 500))
+    assert start == [(every_minute, D(2026, 11, 27, 10, 1))] and skipped == []
+    assert new_due == {"a": D(2026, 11, 27, 10, 2), "b": D(2026, 11, 29, 1, 0)}
+    # due again while the previous run still goes: skipped, and the next due time still moves on
+    start, skipped, newer = scheduler.tick(jobs, new_due, {"a"}, D(2026, 11, 27, 10, 2, 1))
+    assert start == [] and skipped == ["a"] and newer["a"] == D(2026, 11, 27, 10, 3)
+    # the clock jumped two days (a suspended machine): each job runs once, nothing is made up
+    start, _, later = scheduler.tick(jobs, newer, set(), D(2026, 11, 29, 12, 0))
+    assert [j.name for j, _ in start] == ["a", "b"]
+    assert later == {"a": D(2026, 11, 29, 12, 1), "b": D(2026, 12, 6, 1, 0)}
+
+
+def test_alive_is_a_light_import():
+    code = "import sys, synapse_workers.run.scheduler; print('synapse_workers.plan' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_alive_reads_the_heartbeat_age(tmp_root):

@@ -21,7 +21,6 @@ from datetime import datetime
 from pathlib import Path
 
 from ..cron import Cron, next_due, parse
-from ..programs import child_environment
 
 POLL_SECONDS = 1.0  # how often the loop looks at the clock and its children (and touches the heartbeat)
 ALIVE_SECONDS = 30.0  # a heartbeat older than this: the loop is stuck
@@ -70,7 +69,28 @@ def _relay(name: str, stream: object) -> None:
         log(f"{name}: {text}")
 
 
+def tick(
+    jobs: list[Job], due: dict[str, datetime | None], running: set[str], now: datetime
+) -> tuple[list[tuple[Job, datetime]], list[str], dict[str, datetime | None]]:
+    """The scheduling decision, pure: at `now`, given each job's next due time and the jobs still running, which
+    jobs start (with the time they were due), which are skipped (still running), and the next due times. A job
+    that was due several times meanwhile (a suspended machine) runs once; the next due time is after `now`."""
+    start, skipped, new_due = [], [], dict(due)
+    for job in jobs:
+        when = due[job.name]
+        if when is None or now < when:
+            continue
+        new_due[job.name] = next_due(job.cron, now)
+        if job.name in running:
+            skipped.append(job.name)
+        else:
+            start.append((job, when))
+    return start, skipped, new_due
+
+
 def start(job: Job) -> Running:
+    from ..programs import child_environment  # here: `--alive` (the health check) stays a light import
+
     proc = subprocess.Popen(
         job.command,
         stdin=subprocess.DEVNULL,
@@ -99,15 +119,10 @@ def run(jobs_file: str) -> int:
     while not stopping.is_set():
         os.utime(heartbeat)
         _reap(running)
-        now = datetime.now()
-        for job in jobs:
-            when = due[job.name]
-            if when is None or now < when:
-                continue
-            due[job.name] = next_due(job.cron, now)
-            if job.name in running:
-                log(f"{job.name}: due, but its previous run is still going: skipped; next {_when(due[job.name])}")
-                continue
+        starting, skipped, due = tick(jobs, due, set(running), datetime.now())
+        for name in skipped:
+            log(f"{name}: due, but its previous run is still going: skipped; next {_when(due[name])}")
+        for job, when in starting:
             log(f"{job.name}: started (due {when:%Y-%m-%d %H:%M})")
             running[job.name] = start(job)
         stopping.wait(POLL_SECONDS)
