@@ -153,7 +153,7 @@ def ensure_secrets(plan: Plan) -> list[str]:
         # libpq passfile: host:port:db:user:password; the password itself is random.
         _write_new(paths.postgres, f"*:*:*:synapse:{pysecrets.token_hex(24)}\n", SECRET_MODE)
         written.append(paths.postgres)
-    if plan.service(POSTGRES_EXPORTER) is not None:
+    if plan.service(POSTGRES_EXPORTER) is not None and plan.postgres is not None:
         # The exporter's lib/pq reads no libpq passfile: it gets the password alone (DATA_SOURCE_PASS_FILE).
         password = Path(paths.postgres).read_text().strip().rsplit(":", 1)[1]
         current = Path(paths.postgres_password).read_text() if os.path.exists(paths.postgres_password) else None
@@ -168,6 +168,12 @@ def ensure_secrets(plan: Plan) -> list[str]:
         if current != line:
             _write_new(paths.external_postgres, line, SECRET_MODE)
             written.append(paths.external_postgres)
+    if external is not None and plan.postgres is None and plan.service(POSTGRES_EXPORTER) is not None:
+        alone = external.get_secret_value()
+        path = paths.external_postgres_password
+        if (Path(path).read_text() if os.path.exists(path) else None) != alone:
+            _write_new(path, alone, SECRET_MODE)
+            written.append(path)
     for path, given in wanted:
         current = Path(path).read_text().strip() if os.path.exists(path) else None
         if current is not None and (given is None or given == current):

@@ -135,6 +135,7 @@ class SecretPaths:
     postgres: str  # embedded PostgreSQL: libpq passfile holding the synapse role's password
     postgres_password: str  # the same password alone, for prometheus-postgres-exporter (DATA_SOURCE_PASS_FILE)
     external_postgres: str  # external PostgreSQL: libpq passfile with POSTGRES_PASSWORD (rewritten from the env)
+    external_postgres_password: str  # POSTGRES_PASSWORD alone, for prometheus-postgres-exporter (external database)
 
 
 def secret_paths(data_dir: str, server_name: str) -> SecretPaths:
@@ -148,4 +149,5 @@ def secret_paths(data_dir: str, server_name: str) -> SecretPaths:
         postgres=f"{data_dir}/embedded_postgres.pgpass",
         postgres_password=f"{data_dir}/embedded_postgres.password",
         external_postgres=f"{data_dir}/external_postgres.pgpass",
+        external_postgres_password=f"{data_dir}/external_postgres.password",
     )

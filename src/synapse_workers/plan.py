@@ -332,7 +332,9 @@ def make_plan(
         listener = Listener(METRICS, ("metrics",), host=LOOPBACK, port=ports.addon(REDIS_EXPORTER))
         services = (*services, Service(REDIS_EXPORTER, (listener,)))
     postgres = _embedded_postgres(settings, homeserver, layout, len(workers))
-    if settings.metrics.enabled and settings.metrics.postgres_export and postgres is not None:
+    # The embedded cluster, or an external one given by POSTGRES_* (its password known: POSTGRES_PASSWORD).
+    external_postgres = postgres is None and settings.database.password is not None
+    if settings.metrics.enabled and settings.metrics.postgres_export and (postgres is not None or external_postgres):
         listener = Listener(METRICS, ("metrics",), host=LOOPBACK, port=ports.addon(POSTGRES_EXPORTER))
         services = (*services, Service(POSTGRES_EXPORTER, (listener,)))
 

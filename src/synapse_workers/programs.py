@@ -356,21 +356,31 @@ def redis_exporter_programs(
 def postgres_exporter_programs(
     plan: Plan, binaries: dict[str, str], user: tuple[int, int] | None, disk_logs: str | None
 ) -> list[Program]:
-    """prometheus-postgres-exporter (SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT, with SYNAPSE_METRICS and the embedded
-    cluster): as Synapse's user, connecting like Synapse over the cluster's socket; the password from a 0600 file of
-    Synapse's user (`files.ensure_secrets` copies it from the libpq passfile), never in an argument or environment."""
+    """prometheus-postgres-exporter (SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT, with SYNAPSE_METRICS): as Synapse's user,
+    connecting like Synapse, to the embedded cluster's socket or to the external POSTGRES_HOST:POSTGRES_PORT; the
+    password from a 0600 file of Synapse's user (`files.ensure_secrets` writes it alone: the exporter's lib/pq
+    reads no libpq passfile), never in an argument or environment."""
     service = plan.service(POSTGRES_EXPORTER)
     if service is None:
         return []
     listener = service.listener(METRICS)
-    assert listener is not None and plan.postgres is not None
-    # postgresql://synapse:<password from the file>@/synapse?host=<socket dir>: with no host in the URL, lib/pq
-    # takes the socket dir from the query. Only the file's path is in this program's environment.
-    env = {
-        "DATA_SOURCE_URI": f"/synapse?host={quote(plan.postgres.socket_dir, safe='/')}&sslmode=disable",
-        "DATA_SOURCE_USER": "synapse",
-        "DATA_SOURCE_PASS_FILE": plan.secrets.postgres_password,
-    }
+    assert listener is not None
+    # postgresql://USER:<password from the file>@HOST/DB: with no host in the URL, lib/pq takes a socket dir from
+    # the query. Only the file's path is in this program's environment.
+    if plan.postgres is not None:
+        uri = f"/synapse?host={quote(plan.postgres.socket_dir, safe='/')}&sslmode=disable"
+        role, password_file = "synapse", plan.secrets.postgres_password
+    else:
+        db = plan.settings.database
+        sslmode = plan.settings.metrics.postgres_export_sslmode
+        name = quote(db.name, safe="")
+        if db.host.startswith("/"):
+            uri = f"/{name}?host={quote(db.host, safe='/')}&port={db.port}&sslmode=disable"
+        else:
+            host = f"[{db.host}]" if ":" in db.host else db.host
+            uri = f"{host}:{db.port}/{name}?sslmode={sslmode}"
+        role, password_file = db.user, plan.secrets.external_postgres_password
+    env = {"DATA_SOURCE_URI": uri, "DATA_SOURCE_USER": role, "DATA_SOURCE_PASS_FILE": password_file}
     command = (binaries["prometheus-postgres-exporter"], f"--web.listen-address={listener.host}:{listener.port}")
     log_file = disk_logs and f"{disk_logs}/postgres_exporter.log"
     return [_exporter(POSTGRES_EXPORTER, command, listener, user, log_file, env)]

@@ -517,7 +517,17 @@ class MetricsSettings(Section):
     postgres_export: Bool = var(
         "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT",
         False,
-        help="With SYNAPSE_METRICS and the embedded cluster: prometheus-postgres-exporter on base+8",
+        help="With SYNAPSE_METRICS and the embedded cluster or POSTGRES_PASSWORD's external one: "
+        "prometheus-postgres-exporter on base+8",
+    )
+    postgres_export_sslmode: Annotated[
+        Literal["disable", "require", "verify-ca", "verify-full"],
+        _choice("disable", "require", "verify-ca", "verify-full"),
+    ] = var(
+        "POSTGRES_EXPORTER_SSLMODE",
+        "disable",
+        help="How prometheus-postgres-exporter reaches an external PostgreSQL: disable, require, verify-ca or "
+        "verify-full (its driver has no 'prefer')",
     )
     scrape_interval: PromDuration = var(
         "PROMETHEUS_SCRAPE_INTERVAL", "15s", help="How often the built-in Prometheus scrapes every target"

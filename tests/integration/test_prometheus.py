@@ -175,3 +175,47 @@ def test_stops_cleanly(stack: Stack):
     code, _took = stack.stop(timeout=60)
     assert code == 0, stack.tail()
     assert wait_for(lambda: not stack.leftovers(), 10), stack.leftovers()
+
+
+def test_postgres_exporter_for_an_external_database():
+    """POSTGRES_PASSWORD's external database (a real cluster on loopback TCP, password auth): the exporter connects
+    with POSTGRES_USER/DB/HOST/PORT and the password from its own 0600 file, and reports pg_up 1 and the database's
+    own statistics; the password is in no process's arguments or environment."""
+    from tests.support.pgcluster import PgCluster
+
+    root = make_root("sw-pgexp-")
+    with PgCluster(user="mx_user", database="mx_db") as pg:
+        env = stack_env(root, "", SYNAPSE_METRICS="1", SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT="1", **pg.env())
+        port = free_port()
+        base = int(env["SYNAPSE_INTERNAL_PORT_BASE"])
+        while base <= port < base + 120 or str(port) == env["SYNAPSE_HTTP_PORT"]:
+            port = free_port()
+        env["PROMETHEUS_PORT"] = str(port)
+        stack = Stack(env)
+        try:
+            stack.start(300)
+            exporter = json.loads(stack.cli("plan", "--json").stdout)["services"]["postgres_exporter"]
+            url = f"http://{exporter['host']}:{exporter['port']}/metrics"
+
+            def metrics() -> str:
+                try:
+                    return httpx.get(url, timeout=10).text
+                except httpx.HTTPError:
+                    return ""
+
+            assert wait_for(lambda: "\npg_up 1" in metrics(), 30, 1), metrics()[-2000:]
+            text = metrics()
+            assert 'pg_stat_database_numbackends{datid=' in text and 'datname="mx_db"' in text
+            alone = Path(env["SYNAPSE_DATA_DIR"], "external_postgres.password")
+            assert alone.read_text() == pg.password
+            assert (alone.stat().st_mode & 0o777, alone.stat().st_uid) == (0o600, 991)
+            for pid in stack.leftovers():  # every process the launcher started (the test gave it the variable)
+                if pid == stack.proc.pid:
+                    continue
+                for what in ("cmdline", "environ"):
+                    try:
+                        assert pg.password.encode() not in Path(f"/proc/{pid}/{what}").read_bytes(), (pid, what)
+                    except (FileNotFoundError, ProcessLookupError):
+                        continue
+        finally:
+            stack.close(root)

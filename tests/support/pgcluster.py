@@ -23,7 +23,7 @@ BIN = "/usr/lib/postgresql/15/bin"
 
 HBA = """\
 local   all   {admin}   peer
-host    all   synapse   127.0.0.1/32   scram-sha-256
+host    all   {user}   127.0.0.1/32   scram-sha-256
 """
 
 
@@ -95,7 +95,7 @@ class PgCluster:
         if result.returncode:
             raise RuntimeError(f"initdb failed: {result.stdout}{result.stderr}")
         hba = self.data_dir / "pg_hba.conf"
-        hba.write_text(HBA.format(admin=self.owner.pw_name))
+        hba.write_text(HBA.format(admin=self.owner.pw_name, user=self.user))
         os.chown(hba, self.owner.pw_uid, self.owner.pw_gid)
         for _ in range(5):  # the port may be taken between free_port() and bind: retry with another
             self.port = free_port()

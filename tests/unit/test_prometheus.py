@@ -217,6 +217,32 @@ def test_postgres_exporter_reads_the_password_from_a_file(env):
     assert all("DATA_SOURCE_PASS_FILE" not in p.env for p in rows if p is not row)
 
 
-def test_no_postgres_exporter_for_an_external_database(env):
-    plan = load_plan({**env, **METRICS, "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT": "1"})
-    assert plan.postgres is None and plan.service("postgres_exporter") is None
+@pytest.mark.parametrize(
+    ("extra", "uri"),
+    [
+        ({"POSTGRES_HOST": "db.example.test", "POSTGRES_PORT": "5433", "POSTGRES_DB": "matrix db"},
+         "db.example.test:5433/matrix%20db?sslmode=disable"),
+        ({"POSTGRES_HOST": "10.0.0.5", "POSTGRES_EXPORTER_SSLMODE": "verify-full"},
+         "10.0.0.5:5432/synapse?sslmode=verify-full"),
+        ({"POSTGRES_HOST": "fd00::5"}, "[fd00::5]:5432/synapse?sslmode=disable"),
+        ({"POSTGRES_HOST": "/run/postgresql"}, "/synapse?host=/run/postgresql&port=5432&sslmode=disable"),
+    ],
+)
+def test_postgres_exporter_for_an_external_database(env, extra, uri):
+    """POSTGRES_PASSWORD's external database: POSTGRES_HOST/PORT/DB/USER, the password alone in its own file."""
+    plan = load_plan({**env, **METRICS, "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT": "1", "POSTGRES_USER": "mx", **extra})
+    assert plan.postgres is None and plan.service("postgres_exporter") is not None
+    rows = programs(plan, False, {**BINARIES, "prometheus-postgres-exporter": "/usr/bin/prometheus-postgres-exporter"})
+    row = next(p for p in rows if p.name == "postgres_exporter")
+    assert row.env == {
+        "DATA_SOURCE_URI": uri,
+        "DATA_SOURCE_USER": "mx",
+        "DATA_SOURCE_PASS_FILE": f"{env['SYNAPSE_DATA_DIR']}/external_postgres.password",
+    }
+
+
+def test_postgres_exporter_sslmode_is_checked(env):
+    with pytest.raises(UserError) as caught:
+        load_plan({**env, **METRICS, "POSTGRES_EXPORTER_SSLMODE": "prefer"})
+    message = "\n".join(caught.value.problems)
+    assert "POSTGRES_EXPORTER_SSLMODE" in message and "verify-full" in message, message
