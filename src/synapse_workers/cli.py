@@ -131,8 +131,27 @@ def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     write_files(plan, render_all(plan))
     ok = _nginx_test(plan)
     ok = _synapse_test(plan) and ok
+    ok = _logrotate_test(plan) and ok
     print("check: OK" if ok else "check: FAILED")
     return 0 if ok else 1
+
+
+def _logrotate_test(plan: Plan) -> bool:
+    """`logrotate -d` on the generated rules (debug mode: nothing is rotated, no state is written)."""
+    from .plan import ROTATE_LOGS
+    from .run.binaries import find
+
+    if not any(job.name == ROTATE_LOGS for job in plan.jobs):
+        return True
+    layout = plan.layout
+    command = [find("logrotate"), "-d", "--state", layout.logrotate_state, layout.logrotate_conf]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode == 0 and "error:" not in result.stderr:
+        print(f"logrotate: OK ({layout.logrotate_conf})")
+        return True
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    print("logrotate: FAILED\n" + "\n".join(errors or result.stderr.splitlines()[-5:]))
+    return False
 
 
 def _nginx_test(plan: Plan) -> bool:

@@ -336,3 +336,34 @@ def test_unknown_job_is_a_bug(base_env):
 
     with pytest.raises(ValueError):
         job_command(plan_for(base_env), Job("nope", "* * * * *"))
+
+
+def test_check_runs_logrotate_on_the_rules(base_env, capsys):
+    from synapse_workers.cli import _logrotate_test
+    from synapse_workers.files import write_files
+
+    plan = logrotate_plan(base_env)
+    write_files(plan, render_all(plan))
+    assert _logrotate_test(plan) is True
+    assert f"logrotate: OK ({plan.layout.logrotate_conf})" in capsys.readouterr().out
+    Path(plan.layout.logrotate_conf).write_text(Path(plan.layout.logrotate_conf).read_text() + "bogus_directive\n")
+    assert _logrotate_test(plan) is False
+    assert "logrotate: FAILED" in capsys.readouterr().out
+
+
+def test_compress_state_says_when_the_database_is_unreachable(base_env, capfd):
+    """The real child, the real libpq: a closed port is a clear error (exit 1), and the password is not in it."""
+    from tests.conftest import free_port
+
+    env = {**base_env, "POSTGRES_HOST": "127.0.0.1", "POSTGRES_PORT": str(free_port())}
+    assert cli_main(["generate"], env) == 0
+    capfd.readouterr()
+    assert cli_main(["compress-state"], env) == 1  # no state dir: the stack never ran here
+    assert "start the stack first" in capfd.readouterr().err
+    Path(env["SYNAPSE_RUNTIME_DIR"], "state").mkdir(mode=0o700)
+    assert cli_main(["compress-state"], env) == 1
+    out, err = capfd.readouterr()
+    assert f"cannot connect to the database (127.0.0.1:{env['POSTGRES_PORT']}/synapse)" in out, out + err
+    assert "Connection refused" in out
+    assert env["POSTGRES_PASSWORD"] not in out + err
+    assert "Traceback" not in out + err
