@@ -46,6 +46,7 @@ class Layout:
     prometheus_conf: str
     prometheus_rules: str
     prometheus_data: str  # its database unless PROMETHEUS_STORAGE_PATH says otherwise
+    nftables_conf: str  # several hosts: this host's ruleset for the internal ports (applying it is the admin's call)
 
     def worker_config(self, name: str) -> str:
         return f"{self.workers_dir}/{name}.yaml"
@@ -105,6 +106,7 @@ def make_layout(runtime_dir: str, data_dir: str) -> Layout:
         prometheus_conf=f"{r}/prometheus/prometheus.yml",
         prometheus_rules=f"{r}/prometheus/synapse-workers.rules.yml",
         prometheus_data=f"{data_dir}/prometheus",
+        nftables_conf=f"{r}/nftables/synapse-workers.nft",
     )
 
 
@@ -121,6 +123,8 @@ class SecretPaths:
     postgres: str  # embedded PostgreSQL: libpq passfile holding the synapse role's password
     postgres_password: str  # the same password alone, for prometheus-postgres-exporter (DATA_SOURCE_PASS_FILE)
     external_postgres: str  # external PostgreSQL: libpq passfile with POSTGRES_PASSWORD (rewritten from the env)
+    redis: str  # several hosts: the Redis password alone (Synapse's redis.password_path)
+    redis_conf: str  # ... and as Redis reads it (`requirepass`, included by redis.conf), derived from it
 
 
 def secret_paths(data_dir: str, server_name: str) -> SecretPaths:
@@ -134,4 +138,6 @@ def secret_paths(data_dir: str, server_name: str) -> SecretPaths:
         postgres=f"{data_dir}/embedded_postgres.pgpass",
         postgres_password=f"{data_dir}/embedded_postgres.password",
         external_postgres=f"{data_dir}/external_postgres.pgpass",
+        redis=f"{data_dir}/redis.key",
+        redis_conf=f"{data_dir}/redis.auth.conf",
     )

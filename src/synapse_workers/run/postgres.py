@@ -83,7 +83,10 @@ def prepare_cluster(plan: Plan, as_root: bool, setpriv: str) -> pwd.struct_passw
             env=child_environment(os.environ),
         )
     hba = data / "pg_hba.conf"
-    hba.write_text(HBA.format(admin=owner.pw_name))
+    text = HBA.format(admin=owner.pw_name)
+    for address in plan.postgres.clients:  # several hosts: the deployment's hosts, by password, nobody else
+        text += f"host    synapse   synapse   {address}/{32 if ':' not in address else 128}   scram-sha-256\n"
+    hba.write_text(text)
     if as_root:
         os.chown(hba, owner.pw_uid, owner.pw_gid)
     return owner
