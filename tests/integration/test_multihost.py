@@ -414,6 +414,18 @@ def test_public_health_asks_the_processes_on_other_hosts(sim):
     assert wait_for(lambda: public_health()[0] == 200, 30, 1)
 
 
+def test_health_on_a_host_covers_its_slice(sim):
+    w1 = sim.sw("w1", "health")
+    assert w1.returncode == 0, w1.stdout + w1.stderr
+    assert {line.split(":")[0] for line in w1.stdout.splitlines()} == {"event_persister1"}
+    db = sim.sw("db", "status")
+    assert db.returncode == 0, db.stdout + db.stderr
+    assert {line.split()[0] for line in db.stdout.splitlines()[2:]} == {"postgres", "redis"}
+    front = sim.sw("front", "health")
+    assert front.returncode == 0, front.stdout + front.stderr
+    assert {line.split(":")[0] for line in front.stdout.splitlines()} == {"nginx", "main"}
+
+
 def test_teardown_leaves_nothing(sim):
     namespaces = list(sim.namespaces)
     root = sim.root
