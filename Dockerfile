@@ -38,12 +38,15 @@ ENV PATH=/opt/synapse-workers/venv/bin:$PATH \
     LANG=C.UTF-8 \
     PYTHONUNBUFFERED=1 \
     SYNAPSE_CONFIG_DIR=/data \
-    SYNAPSE_DATA_DIR=/data
+    SYNAPSE_DATA_DIR=/data \
+    PROMETHEUS_STORAGE_PATH=/var/lib/prometheus
 
 # homeserver.yaml, signing key, secrets, media store and the embedded PostgreSQL cluster all live in /data
 # (owned by UID:GID: 991:991 unless `-e UID=... -e GID=...` say otherwise; the embedded PostgreSQL cluster
 # by the image's postgres user). Not set here as ENV: bash treats UID as its own read-only variable.
-VOLUME ["/data"]
+# /var/lib/prometheus: the built-in Prometheus's database (SYNAPSE_METRICS), owned by Debian's prometheus user in
+# the image, so a new volume there starts out usable. PROMETHEUS_STORAGE_PATH=/data/prometheus keeps it in /data.
+VOLUME ["/data", "/var/lib/prometheus"]
 # 8008: the public client/federation port (nginx); 8448: the optional TLS listener (SYNAPSE_TLS_CERT/KEY).
 # 3478 (udp+tcp) and 49153-49173/udp: the built-in coturn (SYNAPSE_ENABLE_BUILTIN_COTURN, off by default) at its
 # default COTURN_PORT and COTURN_MIN_PORT..COTURN_MAX_PORT.

@@ -80,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="every process of the running stack: PID, state, uptime, restarts")
     status.add_argument("--json", action="store_true", help="a list of objects (name, pid, state, uptime_s, ...)")
     status.set_defaults(func=cmd_status)
+    sub.add_parser(
+        "compress-state",
+        help="run synapse_auto_compressor once, now, against the running stack's PostgreSQL; exit with its status",
+    ).set_defaults(func=cmd_compress_state)
     env = sub.add_parser(
         "env", help="every variable: meaning, default and the value set here (secrets masked), as an env file"
     )
@@ -88,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "unraid-template", help="print the Unraid Community Applications template (contrib/unraid/synapse-workers.xml)"
     ).set_defaults(func=cmd_unraid_template)
+    export = sub.add_parser(
+        "export", help="write the plan as Kubernetes manifests or a Compose project (one Synapse process per pod)"
+    )
+    export.add_argument("target", choices=("kubernetes", "compose"))
+    export.add_argument("-o", "--output", required=True, metavar="DIR", help="a new or empty directory, or our own")
+    export.add_argument("--image", default="synapse-workers:latest", help="the image built from this repository")
+    export.set_defaults(func=cmd_export)
     return parser
 
 
@@ -220,6 +231,29 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         lock.close()
 
 
+def cmd_compress_state(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """The scheduled job's command, now (SYNAPSE_COMPRESSOR_* tune it; SYNAPSE_ENABLE_COMPRESSOR need not be on)."""
+    from .plan import COMPRESS_STATE, Job
+    from .programs import child_environment, job_command
+
+    plan = load_plan(env)
+    if plan.homeserver.database == "sqlite":
+        raise UserError(
+            f"compress-state needs PostgreSQL, but {plan.homeserver.path} uses SQLite: synapse_auto_compressor works "
+            "on PostgreSQL only."
+        )
+    if not os.path.isdir(plan.layout.state_dir):
+        print(
+            f"synapse-workers: compress-state: {plan.layout.state_dir} does not exist: start the stack first "
+            "(synapse-workers run), or point SYNAPSE_RUNTIME_DIR at the running stack's.",
+            file=sys.stderr,
+        )
+        return 1
+    job = next((j for j in plan.jobs if j.name == COMPRESS_STATE), Job(COMPRESS_STATE, ""))
+    sys.stdout.flush()
+    return subprocess.run(job_command(plan, job), env=child_environment(env), cwd="/", check=False).returncode
+
+
 def _running_status(env: Mapping[str, str]) -> StackStatus:
     from .run.status import read_status
 
@@ -320,6 +354,27 @@ def cmd_unraid_template(args: argparse.Namespace, env: Mapping[str, str]) -> int
     from .export_env import unraid_template
 
     sys.stdout.write(unraid_template())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .files import check_export_dir, export_secrets, write_export
+    from .render.compose import render_compose
+    from .render.export import make_export
+    from .render.kubernetes import render_kubernetes
+
+    if not args.image or any(c.isspace() for c in args.image):
+        raise UserError(f"export --image {args.image!r}: expected an image reference such as synapse-workers:latest.")
+    plan = load_plan(env)
+    check_export_dir(args.output, args.target)  # before anything is read from it
+    export = make_export(plan, args.target)
+    secrets, password = export_secrets(plan, args.target, args.output, export.secret_files())
+    if args.target == "kubernetes":
+        files = render_kubernetes(plan, secrets, args.image)
+    else:
+        files = render_compose(plan, secrets, password, args.image)
+    written = write_export(args.output, args.target, files)
+    print(f"synapse-workers: wrote {len(written)} files for main + {len(plan.workers)} workers to {args.output}")
     return 0
 
 

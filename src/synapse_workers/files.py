@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
+from .errors import UserError
 from .layout import RUNTIME_MARKER
 from .plan import POSTGRES_EXPORTER, Plan
 from .render import FileSet, PrivateFile
@@ -223,3 +224,108 @@ def _chown_for_synapse(plan: Plan, created: list[str]) -> None:
                 os.chown(os.path.join(root, name), uid, gid)
     for path in created:
         os.chown(path, uid, gid)
+
+
+# ---- exports (`synapse-workers export kubernetes|compose -o DIR`) ------------------------------------------
+
+EXPORT_MARKER = ".synapse-workers-export"  # first line: the target; then every file the export wrote
+
+
+def export_secrets(plan: Plan, target: str, directory: str, paths: tuple[str, ...]) -> tuple[dict[str, str], str]:
+    """(each secret file of `paths` → its content, PostgreSQL's password) for an export. Each secret is, first
+    found: its variable, the data dir's key file (a running server keeps its signing key), the previous export
+    in `directory` (so exporting again changes nothing), else new. Reads only."""
+    from .render.export import passfile, secret_key
+
+    previous = _previous_secrets(directory, target)
+    hs, paths_of = plan.settings.homeserver, plan.secrets
+    given = {
+        paths_of.registration: _secret(hs.registration_shared_secret),
+        paths_of.macaroon: _secret(hs.macaroon_secret_key),
+        paths_of.form: _secret(hs.form_secret),
+        paths_of.turn: _secret(plan.settings.turn.secret),
+    }
+    password = _secret(plan.settings.database.password) or previous.get("postgres.password") or pysecrets.token_hex(24)
+    result = {}
+    for path in paths:
+        if path in (paths_of.external_postgres, paths_of.postgres):
+            result[path] = passfile(password)
+            continue
+        value = given.get(path)
+        if value is not None:
+            result[path] = value + "\n"
+        elif os.path.isfile(path):
+            result[path] = Path(path).read_text()
+        elif secret_key(path) in previous:
+            result[path] = previous[secret_key(path)]
+        elif path == paths_of.signing_key:
+            result[path] = _signing_key()
+        else:
+            result[path] = pysecrets.token_hex(32) + "\n"
+    return result, password
+
+
+def _previous_secrets(directory: str, target: str) -> dict[str, str]:
+    """Secret name → content, from an earlier export of ours in `directory` (checked by `check_export_dir`)."""
+    import yaml
+
+    from .render.kubernetes import SECRET_FILE
+
+    root = Path(directory)
+    if not (root / EXPORT_MARKER).is_file():
+        return {}
+    if target == "kubernetes":
+        if not (root / SECRET_FILE).is_file():
+            return {}
+        for doc in yaml.safe_load_all((root / SECRET_FILE).read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == "Secret":
+                return {str(k): str(v) for k, v in (doc.get("stringData") or {}).items()}
+        return {}
+    folder = root / "secrets"
+    return {p.name: p.read_text() for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
+
+
+def check_export_dir(directory: str, target: str) -> None:
+    """UserError unless `directory` is new, empty, or an earlier `export <target>` of ours."""
+    root = Path(directory)
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise UserError(f"export {target} -o {directory}: it exists and is not a directory: expected a directory.")
+    marker = root / EXPORT_MARKER
+    if marker.is_file() and marker.read_text().split("\n", 1)[0] == target:
+        return
+    if any(root.iterdir()):
+        shown = ", ".join(sorted(p.name for p in root.iterdir())[:5])
+        raise UserError(
+            f"export {target} -o {directory}: it holds files synapse-workers did not write for `export {target}` "
+            f"({shown}): expected a new or empty directory, or an earlier `export {target}` output (which is "
+            "replaced)."
+        )
+
+
+def write_export(directory: str, target: str, files: dict[str, tuple[str, int]]) -> list[str]:
+    """Write an export (relative name → (text, mode)) into `directory`, each file atomically; files an earlier
+    export of ours wrote there and this one does not are removed, nothing else. Directories holding a 0600 file
+    are 0700. Returns the names written."""
+    check_export_dir(directory, target)
+    root = Path(directory)
+    marker = root / EXPORT_MARKER
+    before = marker.read_text().splitlines()[1:] if marker.is_file() else []
+    root.mkdir(parents=True, exist_ok=True)
+    for name, (text, mode) in sorted(files.items()):
+        path = root / name
+        if path.parent != root:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if mode & 0o077 == 0:
+                os.chmod(path.parent, 0o700)
+        _write_new(str(path), text, mode)
+    for name in before:
+        if name not in files and ".." not in Path(name).parts and (root / name).is_file():
+            (root / name).unlink()
+            parent = (root / name).parent
+            while parent != root and not any(parent.iterdir()):
+                parent.rmdir()
+                parent = parent.parent
+    _write_new(str(marker), "\n".join([target, *sorted(files)]) + "\n", 0o644)
+    return sorted(files)

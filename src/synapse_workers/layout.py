@@ -47,6 +47,13 @@ class Layout:
     prometheus_rules: str
     prometheus_data: str  # its database unless PROMETHEUS_STORAGE_PATH says otherwise
     nftables_conf: str  # several hosts: this host's ruleset for the internal ports (applying it is the admin's call)
+    nginx_pid: str  # nginx's master (reopens its logs on SIGUSR1)
+    scheduler_dir: str  # the scheduler's generated files: jobs.json, logrotate.conf
+    jobs_file: str  # what the `scheduler` program runs and when (no secrets)
+    logrotate_conf: str  # rules for the log files nginx writes itself (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK)
+    logrotate_state: str  # logrotate's own state file (in state/: kept across starts)
+    scheduler_heartbeat: str  # touched by the scheduler's loop: its health check reads the time
+    compressor_lock: str  # flock held by a running compressor (scheduled or `compress-state`)
 
     def worker_config(self, name: str) -> str:
         return f"{self.workers_dir}/{name}.yaml"
@@ -107,6 +114,13 @@ def make_layout(runtime_dir: str, data_dir: str) -> Layout:
         prometheus_rules=f"{r}/prometheus/synapse-workers.rules.yml",
         prometheus_data=f"{data_dir}/prometheus",
         nftables_conf=f"{r}/nftables/synapse-workers.nft",
+        nginx_pid=f"{r}/nginx/nginx.pid",
+        scheduler_dir=f"{r}/scheduler",
+        jobs_file=f"{r}/scheduler/jobs.json",
+        logrotate_conf=f"{r}/scheduler/logrotate.conf",
+        logrotate_state=f"{r}/state/logrotate.status",
+        scheduler_heartbeat=f"{r}/state/scheduler.alive",
+        compressor_lock=f"{r}/state/compressor.lock",
     )
 
 

@@ -189,6 +189,23 @@ class Service:
         return data
 
 
+# Scheduled jobs (run by the `scheduler` program, or now by `synapse-workers <name>`).
+COMPRESS_STATE = "compress-state"  # synapse_auto_compressor (SYNAPSE_ENABLE_COMPRESSOR)
+ROTATE_LOGS = "rotate-logs"  # logrotate on the log files nginx writes itself
+ROTATE_LOGS_SCHEDULE = "0 0 * * *"  # daily at midnight, when Synapse's own log files roll over too
+
+
+@dataclass(frozen=True)
+class Job:
+    """Something the stack runs on a schedule: a name (also what it runs) and a 5-field cron expression."""
+
+    name: str
+    schedule: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"schedule": self.schedule}
+
+
 @dataclass(frozen=True)
 class Redis:
     external: bool  # configured in homeserver.yaml by the user: we neither start nor configure it
@@ -269,6 +286,7 @@ class Plan:
     metrics_proxy_port: int | None = None
     # What Synapse hands to clients (SYNAPSE_TURN_URIS, or the built-in coturn's); empty: no TURN settings at all.
     turn_uris: tuple[str, ...] = ()
+    jobs: tuple[Job, ...] = ()  # scheduled maintenance (the `scheduler` program runs when there is one)
     placement: Placement | None = None  # several hosts (SYNAPSE_HOSTS); None: everything here
 
     def local(self, name: str) -> bool:
@@ -318,6 +336,7 @@ class Plan:
             "metrics_proxy_port": self.metrics_proxy_port,
             "services": {s.name: s.as_json() for s in self.services},
             "turn_uris": list(self.turn_uris),
+            "jobs": {j.name: j.as_json() for j in self.jobs},
             "instance_map": {k: v.as_json() for k, v in self.instance_map.items()},
             "stream_writers": {k: list(v) for k, v in self.stream_writers.items()},
             "duties": self.duties,
@@ -421,8 +440,24 @@ def make_plan(
         metrics_proxy_port=metrics_proxy_port,
         services=services,
         turn_uris=_turn_uris(settings, homeserver.server_name),
+        jobs=_jobs(settings, homeserver),
         placement=placement,
     )
+
+
+def _jobs(settings: Settings, homeserver: HomeserverInfo) -> tuple[Job, ...]:
+    jobs = []
+    if settings.compressor.enabled:
+        if homeserver.database == "sqlite":
+            where = f"{homeserver.path} uses SQLite" if homeserver.exists else "the database is SQLite"
+            raise UserError(
+                f"SYNAPSE_ENABLE_COMPRESSOR=on needs PostgreSQL, but {where}: synapse_auto_compressor works on "
+                "PostgreSQL only. Unset SYNAPSE_ENABLE_COMPRESSOR or port the database (synapse_port_db)."
+            )
+        jobs.append(Job(COMPRESS_STATE, settings.compressor.schedule))
+    if settings.logging.to_disk and not settings.nginx.disable_logrotate:
+        jobs.append(Job(ROTATE_LOGS, ROTATE_LOGS_SCHEDULE))
+    return tuple(jobs)
 
 
 PLACEMENT_VAR = "SYNAPSE_PLACEMENT"

@@ -16,6 +16,7 @@ from typing import Protocol
 from urllib.parse import quote
 
 from .plan import (
+    COMPRESS_STATE,
     COTURN,
     HEALTH,
     MAIN,
@@ -27,7 +28,9 @@ from .plan import (
     PROMETHEUS,
     REDIS,
     REDIS_EXPORTER,
+    ROTATE_LOGS,
     TURN,
+    Job,
     Listener,
     Plan,
     Process,
@@ -220,6 +223,8 @@ def programs(
         result += _front(plan, binaries, as_root, synapse_user, disk_logs, coturn_user, prometheus_user)
     result += redis_exporter_programs(plan, binaries, synapse_user, disk_logs)
     result += postgres_exporter_programs(plan, binaries, synapse_user, disk_logs)
+    if plan.local(NGINX):  # several hosts: it rotates nginx's logs
+        result += scheduler_programs(plan, disk_logs)
     if as_root:
         result = [_drop_privileges(p, binaries["setpriv"]) for p in result]
     return result
@@ -452,3 +457,46 @@ def _addon(
         addon=True,
         log_file=log_file,
     )
+
+
+SCHEDULER = "scheduler"
+
+
+def scheduler_programs(plan: Plan, disk_logs: str | None) -> list[Program]:
+    """The stack's scheduler (`run/scheduler.py`), when the plan has jobs: it runs each job's command (`job_command`)
+    when its cron expression is due, one instance of a job at a time, and logs one line per run. As the launcher's
+    user (root in a container): it signals nginx's master to reopen its logs and reads the database password file.
+    Not critical; healthy while its loop keeps touching its heartbeat file."""
+    if not plan.jobs:
+        return []
+    python = sys.executable
+    command = (python, "-m", "synapse_workers.run.scheduler", plan.layout.jobs_file)
+    alive = shlex.join([python, "-m", "synapse_workers.run.scheduler", "--alive", plan.layout.scheduler_heartbeat])
+    log_file = disk_logs and f"{disk_logs}/scheduler.log"
+    return [_addon(SCHEDULER, command, Health("command", alive), None, log_file, env={"PYTHONUNBUFFERED": "1"})]
+
+
+def job_command(plan: Plan, job: Job) -> tuple[str, ...]:
+    """What a job runs (the scheduler, or `synapse-workers compress-state` now): no secret in it."""
+    layout = plan.layout
+    if job.name == COMPRESS_STATE:
+        c = plan.settings.compressor
+        return (
+            sys.executable,
+            "-m",
+            "synapse_workers.run.compressor",
+            "--config",
+            plan.homeserver.path,
+            "--chunk-size",
+            str(c.chunk_size),
+            "--chunks",
+            str(c.chunks),
+            "--levels",
+            c.levels,
+            "--lock",
+            layout.compressor_lock,
+        )
+    if job.name == ROTATE_LOGS:
+        # logrotate from PATH (Debian: /usr/sbin, in every child's PATH); `run` checked that it is installed.
+        return ("logrotate", "--state", layout.logrotate_state, layout.logrotate_conf)
+    raise ValueError(f"unknown job {job.name}")

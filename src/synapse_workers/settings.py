@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.json_schema import JsonDict
 
+from .cron import parse as parse_cron
 from .errors import UserError
 
 TRUTHY = ("yes", "y", "true", "t", "1", "on")
@@ -642,6 +643,20 @@ class TurnSettings(Section):
     )
 
 
+def _cron(value: Any) -> str:
+    return parse_cron(str(value)).text
+
+
+def _levels(value: Any) -> str:
+    text = str(value).strip().replace(" ", "")
+    if not re.fullmatch(r"[1-9][0-9]{0,5}(,[1-9][0-9]{0,5}){0,9}", text):
+        raise ValueError("a comma-separated list of level sizes, largest first, such as 100,50,25")
+    return text
+
+
+CronText = Annotated[str, BeforeValidator(_passthrough(_cron))]
+
+
 class PlacementSettings(Section):
     """Several hosts: where each Synapse process, PostgreSQL, Redis and nginx run (unset: one host, as always)."""
 
@@ -665,8 +680,28 @@ class PlacementSettings(Section):
 
 
 class CompressorSettings(Section):
+    """synapse_auto_compressor, run by the stack's scheduler (PostgreSQL only)."""
+
     enabled: Bool = var(
-        "SYNAPSE_ENABLE_COMPRESSOR", False, help="Synapse's state compressor (not implemented yet; validated only)"
+        "SYNAPSE_ENABLE_COMPRESSOR",
+        False,
+        help="Run synapse_auto_compressor (state compression, PostgreSQL only) on SYNAPSE_COMPRESSOR_SCHEDULE",
+    )
+    schedule: CronText = var(
+        "SYNAPSE_COMPRESSOR_SCHEDULE",
+        "0 1 * * 0",
+        help="When the compressor runs: a 5-field cron expression in the container's local time (TZ)",
+    )
+    chunk_size: Annotated[int, _int(1, 1_000_000)] = var(
+        "SYNAPSE_COMPRESSOR_CHUNK_SIZE",
+        500,
+        help="State groups the compressor works on at once (-c; at least the first level size)",
+    )
+    chunks: Annotated[int, _int(1, 1_000_000)] = var(
+        "SYNAPSE_COMPRESSOR_CHUNKS", 100, help="Chunks compressed per run (-n): how long one run lasts"
+    )
+    levels: Annotated[str, BeforeValidator(_passthrough(_levels))] = var(
+        "SYNAPSE_COMPRESSOR_LEVELS", "100,50,25", help="The compressor's level sizes (its -l default: 100,50,25)"
     )
 
 
@@ -677,7 +712,9 @@ class NginxSettings(Section):
     """How the internal nginx is tuned (what it routes comes from the plan)."""
 
     worker_processes: Annotated[str, BeforeValidator(_passthrough(_workers_processes))] = var(
-        "NGINX_WORKER_PROCESSES", "auto", help="nginx worker processes: auto (one per core) or a number"
+        "NGINX_WORKER_PROCESSES",
+        "auto",
+        help="nginx worker processes: auto (one per CPU usable, a container's CPU quota honoured) or a number",
     )
     worker_connections: Annotated[int, _int(16, 1 << 20)] = var(
         "NGINX_WORKER_CONNECTIONS", 2048, help="Connections per nginx worker"
@@ -744,7 +781,12 @@ class NginxSettings(Section):
         "NGINX_PROXY_READ_TIMEOUT", "60s", help="How long nginx waits for Synapse's answer, such as 60s"
     )
     disable_logrotate: Bool = var(
-        "NGINX_DISABLE_LOGROTATE", False, help="Disable log rotation (logrotate is not implemented yet; validated only)"
+        "NGINX_DISABLE_LOGROTATE",
+        False,
+        help="Do not rotate nginx's access log (<data dir>/logs/nginx-access.log, daily with logrotate)",
+    )
+    logrotate_keep: Annotated[int, _int(1, 366)] = var(
+        "NGINX_LOGROTATE_KEEP", 7, help="Rotated nginx access logs kept (one per day; older ones are deleted)"
     )
 
     # ---- derived values ----
@@ -955,6 +997,13 @@ def _check_combinations(s: Settings) -> None:
             f"({s.turn.min_port}-{s.turn.max_port}): expected a port outside it (coturn relays on those)."
         )
     problems += _check_placement(s)
+    compressor = s.compressor
+    if compressor.chunk_size < int(compressor.levels.split(",")[0]):
+        problems.append(
+            f"SYNAPSE_COMPRESSOR_CHUNK_SIZE={compressor.chunk_size} is below the first level size of "
+            f"SYNAPSE_COMPRESSOR_LEVELS={compressor.levels!r}: expected at least {compressor.levels.split(',')[0]} "
+            "(the compressor skips chunks smaller than its first level)."
+        )
     if s.database.database == "postgres" and s.database.password is None:
         problems.append("SYNAPSE_DATABASE=postgres needs POSTGRES_PASSWORD (the external database's password).")
     buffers_total = PROXY_BUFFER_COUNT * nginx.proxy_buffer_size
@@ -1008,6 +1057,7 @@ def _check_placement(s: Settings) -> list[str]:
     for variable, on in (
         ("SYNAPSE_ENABLE_REDIS_METRIC_EXPORT", s.metrics.redis_export),
         ("SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT", s.metrics.postgres_export),
+        ("SYNAPSE_ENABLE_COMPRESSOR", s.compressor.enabled),
     ):
         if on:
             problems.append(f"{variable} is not supported with SYNAPSE_HOSTS yet: expected it unset.")

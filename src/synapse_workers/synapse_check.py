@@ -2,7 +2,9 @@
 
 Used by `synapse-workers check` in a child process (importing Synapse costs a second or two and
 registers global metrics, so it stays out of the CLI process). Input: JSON on stdin,
-[{"name": ..., "app": ..., "config_files": [...]}, ...]; output: one JSON line per process.
+[{"name": ..., "app": ..., "config_files": [...]}, ...]; output: one JSON line per process. With arguments,
+`python -m synapse_workers.synapse_check APP CONFIG...` checks one process (the exported Kubernetes pods'
+init step) and prints its error, if any.
 Mirrors synapse/app/homeserver.py and generic_worker.py (1.163.2) up to the point where they would
 open the database, plus the listener checks start_listening() makes.
 """
@@ -61,7 +63,15 @@ def check_process(app: str, config_files: list[str]) -> str | None:
     return None
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args:
+        if len(args) < 2:
+            print("usage: python -m synapse_workers.synapse_check APP CONFIG [CONFIG...]", file=sys.stderr)
+            return 2
+        error = check_process(args[0], args[1:])
+        print(f"{args[0]}: OK" if error is None else f"{args[0]}: {error}", file=sys.stderr)
+        return 0 if error is None else 1
     processes = json.load(sys.stdin)
     failed = 0
     for proc in processes:

@@ -160,6 +160,7 @@ def test_image_metadata(podman):
     assert config["Cmd"] == ["run"]
     assert "8008/tcp" in config["ExposedPorts"] and "8448/tcp" in config["ExposedPorts"]
     assert "/data" in config["Volumes"]
+    assert "/var/lib/prometheus" in config["Volumes"]  # the built-in Prometheus's database, a volume of its own
     assert inspect["Healthcheck"]["Test"] == ["CMD", "synapse-workers", "health"]  # kept by --format docker
     # No compilers, headers or package lists in the final stage.
     probe = podman(
@@ -168,6 +169,10 @@ def test_image_metadata(podman):
         " ls /root/.cache/pip 2>/dev/null || true",
     )
     assert probe.stdout.strip() == "", probe.stdout
+    # Prometheus's storage default in the image: a directory its own user (Debian's `prometheus`) owns.
+    storage = podman("run", "--rm", "--entrypoint", "bash", IMAGE, "-c",
+                     'echo "$PROMETHEUS_STORAGE_PATH"; stat -c %U "$PROMETHEUS_STORAGE_PATH"').stdout.split()
+    assert storage == ["/var/lib/prometheus", "prometheus"]
     # `docker run IMAGE env` works through the entrypoint (secrets masked).
     out = podman("run", "--rm", "-e", "POSTGRES_PASSWORD=hunter2", IMAGE, "env").stdout
     assert "POSTGRES_PASSWORD=<hidden>" in out and "hunter2" not in out and "#SYNAPSE_WORKER_TYPES=" in out

@@ -124,9 +124,11 @@ def _unavailable(dep: Deployment, method: str, path: str, content: bytes | None 
 def test_sync_goes_to_main_while_the_synchrotron_pool_is_down(pools_down):
     dep = pools_down
     token = access_token("alice")
-    for path in ("/_matrix/client/v3/sync?since=s72594_4483_1934&timeout=0",
-                 "/_matrix/client/r0/initialSync",
-                 f"/_matrix/client/v3/rooms/{ROOM}/initialSync"):
+    for path in (
+        "/_matrix/client/v3/sync?since=s72594_4483_1934&timeout=0",
+        "/_matrix/client/r0/initialSync",
+        f"/_matrix/client/v3/rooms/{ROOM}/initialSync",
+    ):
         resp = dep.send("GET", path, headers={"Authorization": f"Bearer {token}"})
         assert resp.status_code == 200, f"{path}: {resp.status_code}\n{dep.nginx.log()[-2000:]}"
         body = resp.json()
@@ -144,12 +146,15 @@ def test_typing_fails_fast_with_retry_after_while_the_typing_writer_is_down(pool
     _unavailable(pools_down, "PUT", f"/_matrix/client/v3/rooms/{ROOM}/typing/%40alice%3Aexample.test")
 
 
-@pytest.mark.parametrize("method, path", [
-    ("GET", "/_matrix/client/v1/media/download/example.test/abcdef"),
-    ("GET", "/_matrix/media/v3/thumbnail/example.test/abcdef?width=32&height=32"),
-    ("HEAD", "/_matrix/client/v1/media/download/example.test/abcdef"),
-    ("POST", "/_matrix/media/v3/upload"),
-])
+@pytest.mark.parametrize(
+    "method, path",
+    [
+        ("GET", "/_matrix/client/v1/media/download/example.test/abcdef"),
+        ("GET", "/_matrix/media/v3/thumbnail/example.test/abcdef?width=32&height=32"),
+        ("HEAD", "/_matrix/client/v1/media/download/example.test/abcdef"),
+        ("POST", "/_matrix/media/v3/upload"),
+    ],
+)
 def test_media_fails_fast_with_retry_after_while_the_media_worker_is_down(pools_down, method, path):
     """main has enable_media_repo off when a media worker exists: it cannot stand in."""
     _unavailable(pools_down, method, path)
@@ -178,11 +183,14 @@ def test_unbuffered_request_bodies_are_not_resent():
     try:
         _down(dep, "synchrotron")
         assert dep.answer("GET", "/_matrix/client/v3/sync")["process"] == "main"
-        assert dep.answer("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
-                          content=b"")["process"] == "main"
+        assert (
+            dep.answer("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", content=b"")["process"]
+            == "main"
+        )
         for size in (2, 300_000):
-            _unavailable(dep, "POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
-                         content=b"x" * size)
+            _unavailable(
+                dep, "POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", content=b"x" * size
+            )
     finally:
         dep.close()
 
@@ -326,8 +334,11 @@ def test_the_start_step_clears_a_killed_master_and_serves(generated):
     old, workers = generated.killed_master()
     new = generated.spawn((*START_STEP, *generated.nginx_command()), "nginx-new.log")
     _wait(lambda: not any(_alive(pid) for pid in workers), 10, "the old workers to be killed")
-    _wait(lambda: bool(process_group(new.pid)) and new.pid != old and generated.serves(), 10,
-          f"the new nginx to serve\n{generated.log('nginx-new.log')}")
+    _wait(
+        lambda: bool(process_group(new.pid)) and new.pid != old and generated.serves(),
+        10,
+        f"the new nginx to serve\n{generated.log('nginx-new.log')}",
+    )
     assert new.poll() is None
     title = Path(f"/proc/{new.pid}/cmdline").read_bytes()
     assert title.startswith(b"nginx: master process"), "the start step execs nginx in its own place"
@@ -354,11 +365,12 @@ def test_supervised_nginx_comes_back_after_its_master_is_killed(generated):
     binaries = {"nginx": NGINX, "setpriv": "/usr/bin/setpriv", "redis-server": "/usr/bin/redis-server"}
     (nginx,) = [p for p in programs(plan, as_root=False, binaries=binaries) if p.name == "nginx"]
     os.makedirs(plan.layout.state_dir, exist_ok=True)
-    (conf_path, text), = render_supervisor(plan.layout, [nginx], as_root=os.geteuid() == 0).items()
+    ((conf_path, text),) = render_supervisor(plan.layout, [nginx], as_root=os.geteuid() == 0).items()
     Path(conf_path).parent.mkdir(parents=True, exist_ok=True)
     Path(conf_path).write_text(text)
-    supervisord = generated.spawn((sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf_path),
-                                  "supervisord.out")
+    supervisord = generated.spawn(
+        (sys.executable, "-m", "supervisor.supervisord", "-n", "-c", conf_path), "supervisord.out"
+    )
 
     from supervisor.xmlrpc import SupervisorTransport
 
@@ -399,3 +411,73 @@ def test_supervised_nginx_comes_back_after_its_master_is_killed(generated):
     finally:
         supervisord.terminate()
         supervisord.wait(15)
+
+
+# ------------------------------------------------------------------------------------------------------
+# 3. NGINX_WORKER_PROCESSES=auto under a CPU quota
+# ------------------------------------------------------------------------------------------------------
+
+
+def _quota_cgroup(name: str, cpus: float) -> Path | None:
+    """A new cgroup limited to `cpus` CPUs of time (v2 cpu.max, else v1 cpu.cfs_quota_us); None if neither
+    can be made here."""
+    v2 = Path("/sys/fs/cgroup")
+    if "cpu" in (v2 / "cgroup.subtree_control").read_text().split() if (v2 / "cgroup.subtree_control").exists() else []:
+        folder = v2 / name
+        folder.mkdir()
+        (folder / "cpu.max").write_text(f"{int(cpus * 100000)} 100000\n")
+        return folder
+    for v1 in (Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct")):
+        if (v1 / "cpu.cfs_quota_us").exists():
+            folder = v1 / name
+            try:
+                folder.mkdir()
+            except OSError:
+                return None
+            (folder / "cpu.cfs_period_us").write_text("100000\n")
+            (folder / "cpu.cfs_quota_us").write_text(f"{int(cpus * 100000)}\n")
+            return folder
+    return None
+
+
+def _nginx_workers(master: int) -> list[int]:
+    found = []
+    for pid in process_group(master):
+        with suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"nginx: worker process"):
+                found.append(pid)
+    return found
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to tell a quota of 1 from the count")
+def test_auto_worker_processes_honour_the_cgroup_cpu_quota(generated):
+    """nginx's own `auto` counts online CPUs; under a 1-CPU quota (docker --cpus=1) we start one worker."""
+    assert "worker_processes" not in "".join(
+        line for line in Path(generated.conf).read_text().splitlines() if not line.startswith("#")
+    ), "with NGINX_WORKER_PROCESSES=auto (the default) the count is left to the start step"
+    folder = _quota_cgroup(f"sw-test-{os.getpid()}", 1.0)
+    if folder is None:
+        pytest.skip("no writable cgroup cpu controller here")
+    enter = ("sh", "-c", f'echo $$ > {folder}/cgroup.procs && exec "$@"', "sh")
+    try:
+        limited = generated.spawn((*enter, *START_STEP, *generated.nginx_command()), "nginx-limited.log")
+        _wait(generated.serves, 10, f"nginx to serve\n{generated.log('nginx-limited.log')}")
+        _wait(lambda: len(_nginx_workers(limited.pid)) >= 1, 10, "nginx workers")
+        time.sleep(0.5)  # all workers are forked at once; give a wrong count the time to show
+        assert len(_nginx_workers(limited.pid)) == 1
+        assert "worker_processes auto: 1" in generated.log("nginx-limited.log")
+        limited.send_signal(signal.SIGQUIT)
+        assert limited.wait(10) == 0
+        # Outside the quota: one per CPU we may run on (this machine's affinity mask).
+        free = generated.spawn((*START_STEP, *generated.nginx_command()), "nginx-free.log")
+        _wait(
+            lambda: len(_nginx_workers(free.pid)) == len(os.sched_getaffinity(0)),
+            10,
+            f"{len(os.sched_getaffinity(0))} workers\n{generated.log('nginx-free.log')}",
+        )
+        free.send_signal(signal.SIGQUIT)
+        assert free.wait(10) == 0
+    finally:
+        generated.close()
+        _wait(lambda: not (folder / "cgroup.procs").read_text().strip(), 10, "the cgroup to empty")
+        folder.rmdir()

@@ -317,6 +317,8 @@ def test_a_host_waits_for_what_runs_elsewhere(env, generated):
             "placed on w1 and w2 by its types",
         ),
         ({"POSTGRES_PASSWORD": "x"}, ["plan"], "places postgres, but the database is not the embedded one"),
+        ({"SYNAPSE_ENABLE_COMPRESSOR": "yes"}, ["plan"], "SYNAPSE_ENABLE_COMPRESSOR is not supported with"),
+        ({}, ["export", "compose", "-o", "/tmp/sw-never-written"], "export compose: SYNAPSE_HOSTS is set"),
         ({}, ["generate"], "expected --host NAME"),
         ({}, ["run"], "expected --host NAME"),
         ({}, ["generate", "--host", "w3"], "'w3' is not in SYNAPSE_HOSTS: expected one of db, front, w1, w2"),

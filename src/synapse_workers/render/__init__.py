@@ -13,6 +13,7 @@ from .nftables import render_nftables
 from .nginx import render_nginx
 from .prometheus import render_prometheus
 from .redis import render_redis
+from .scheduler import render_scheduler
 from .supervisor import render_supervisor
 from .synapse import dump, log_config, render_synapse
 
@@ -46,6 +47,8 @@ def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = Fal
     if plan.local(NGINX):  # several hosts: the add-ons run beside nginx
         managed.update(render_prometheus(plan))
     managed.update(render_nftables(plan))
+    if plan.local(NGINX):  # several hosts: the scheduler rotates nginx's logs, beside it
+        managed.update(render_scheduler(plan))
     if programs:
         managed.update(render_supervisor(plan.layout, programs, as_root))
     private: dict[str, PrivateFile] = {}

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 
 from ..errors import UserError
-from ..plan import COTURN, METRICS, NGINX_EXPORTER, POSTGRES_EXPORTER, PROMETHEUS, REDIS_EXPORTER, Plan
+from ..plan import COTURN, METRICS, NGINX_EXPORTER, POSTGRES_EXPORTER, PROMETHEUS, REDIS_EXPORTER, ROTATE_LOGS, Plan
 from . import postgres
 
 # name → (fallback path when not on PATH, the Debian package that ships it)
@@ -21,6 +21,7 @@ KNOWN = {
     "prometheus-nginx-exporter": ("/usr/bin/prometheus-nginx-exporter", "prometheus-nginx-exporter"),
     "prometheus-redis-exporter": ("/usr/bin/prometheus-redis-exporter", "prometheus-redis-exporter"),
     "prometheus-postgres-exporter": ("/usr/bin/prometheus-postgres-exporter", "prometheus-postgres-exporter"),
+    "logrotate": ("/usr/sbin/logrotate", "logrotate"),
 }
 COTURN_USER = "turnserver"  # created by Debian's coturn package
 PROMETHEUS_USER = "prometheus"  # created by Debian's prometheus package
@@ -50,6 +51,8 @@ def find_binaries(plan: Plan) -> dict[str, str]:
         wanted.append("prometheus-redis-exporter")
     if plan.service(POSTGRES_EXPORTER) is not None:
         wanted.append("prometheus-postgres-exporter")
+    if any(job.name == ROTATE_LOGS for job in plan.jobs):
+        wanted.append("logrotate")
     found = {name: find(name) for name in wanted}
     if coturn is not None and coturn.listener(METRICS) is not None:
         _check_coturn_prometheus(found["turnserver"])

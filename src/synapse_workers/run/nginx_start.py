@@ -17,6 +17,10 @@ Only nginx processes of ours are killed, found like this:
 - If P is alive, it must be an nginx master started with `-c CONF`; otherwise the pid file is stale, P is
   someone else's, and nothing is killed.
 Processes are pinned with pidfds and checked again before the signal, so a reused pid is never hit.
+
+`NGINX_WORKER_PROCESSES=auto` leaves `worker_processes` out of CONF; then this step counts the CPUs nginx may
+really use (`run/cpus.py`: affinity capped by the cgroup CPU quota, which nginx's own `auto` ignores) and
+adds `worker_processes N;` to the `-g` directives.
 """
 
 from __future__ import annotations
@@ -31,8 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from .cpus import usable_cpus
+
 PROC = Path("/proc")
 WAIT_SECONDS = 5.0  # SIGKILLed processes are gone at once; this bounds a start that cannot see them go
+_WORKERS_DIRECTIVE = re.compile(r"^\s*worker_processes\s", re.M)
 _PID_DIRECTIVE = re.compile(r"""^\s*pid\s+["']?([^"';\s]+)["']?\s*;""", re.M)
 
 
@@ -193,6 +200,31 @@ def clear_leftovers(nginx: str, args: list[str]) -> list[int]:
     return killed
 
 
+def with_worker_processes(args: list[str], conf_text: str, cpus: int) -> list[str]:
+    """nginx's arguments with `worker_processes CPUS;` among the -g directives when CONF sets none (nginx
+    reads a single -g: the directives are joined)."""
+    if _WORKERS_DIRECTIVE.search(conf_text):
+        return args
+    directive = f"worker_processes {cpus};"
+    if "-g" in args[:-1]:
+        at = len(args) - 1 - args[::-1].index("-g")
+        return [*args[: at + 1], f"{args[at + 1].rstrip()} {directive}".lstrip(), *args[at + 2 :]]
+    return [*args, "-g", directive]
+
+
+def _worker_processes(args: list[str]) -> list[str]:
+    conf = conf_argument(args[1:])
+    try:
+        text = Path(conf).read_text(errors="replace") if conf else ""
+    except OSError:
+        return args  # nginx will say what is wrong with its config
+    if _WORKERS_DIRECTIVE.search(text):
+        return args
+    cpus = usable_cpus()
+    print(f"nginx_start: worker_processes auto: {cpus} (CPUs usable here, cgroup quota included)", file=sys.stderr)
+    return with_worker_processes(args, text, cpus)
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
     args = sys.argv[1:] if argv is None else argv
     if not args:
@@ -202,6 +234,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         clear_leftovers(args[0], args[1:])
     except Exception as exc:  # never keep nginx from starting: at worst it reports the bind error itself
         print(f"nginx_start: could not look for a previous nginx's processes: {exc!r}", file=sys.stderr, flush=True)
+    args = _worker_processes(args)
+    sys.stderr.flush()
     os.execv(args[0], args)
 
 
