@@ -364,7 +364,8 @@ def test_a_partition_of_the_writer_host_loses_no_acknowledged_message(sim, room)
     # Not necessarily in sending order: one held up by the partition may be persisted after later ones.
     assert sorted(m["body"] for m in split) == [f"split-{i:03d}" for i in range(count)]
     assert {m["body"]: m["event_id"] for m in split} == sent["final"]
-    assert _events_by_writer(sim, room["room_id"]) == {"event_persister1": 5 + count}
+    writers = _events_by_writer(sim, room["room_id"])
+    assert list(writers) == ["event_persister1"] and sum(writers.values()) == len(seen["messages"])
 
 
 def test_replication_and_storage_are_unreachable_from_outside_the_deployment(sim):
