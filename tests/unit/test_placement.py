@@ -337,3 +337,17 @@ def test_bad_placement_exits_2_naming_the_variable(env, tmp_root, extra, argv, e
 def test_load_plan_raises_for_an_unknown_host(env):
     with pytest.raises(UserError, match="not in SYNAPSE_HOSTS"):
         load_plan(env, "nope")
+
+
+def test_prometheus_on_nginxs_host_scrapes_every_host(env, tmp_root):
+    metrics = {**env, "SYNAPSE_METRICS": "yes"}
+    run(metrics, "generate", "--host", "front")
+    front = slice_files(metrics, "front")
+    conf = yaml.safe_load(next(text for path, text in front.items() if path.endswith("prometheus.yml")))
+    targets = {t for job in conf["scrape_configs"] for group in job["static_configs"] for t in group["targets"]}
+    # metrics listeners: main base+3; synchrotron1 30010-30012 (public, health, metrics) -> 30012;
+    # event_persister1 30013-30015 -> 30015; client_reader1 30016-30018 -> 30018; client_reader2 -> 30021.
+    assert {"10.0.0.12:30003", "10.0.0.13:30012", "10.0.0.13:30015", "10.0.0.14:30018", "10.0.0.12:30021"} <= targets
+    assert not [path for path in slice_files(metrics, "w1") if path.endswith("prometheus.yml")]
+    ruleset = next(text for path, text in slice_files(metrics, "w1").items() if path.endswith(".nft"))
+    assert "tcp dport { 30010, 30011, 30012, 30013, 30014, 30015 } counter drop" in ruleset
