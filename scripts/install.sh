@@ -24,7 +24,8 @@ runtime_pkgs=(redis-server postgresql python3 util-linux ca-certificates coturn 
 # What building the venv needs (psycopg2 and friends compile against these).
 build_pkgs=(libpq-dev build-essential python3-dev python3-venv)
 case "$mode" in
-  host) apt_pkgs=("${runtime_pkgs[@]}" "${build_pkgs[@]}" openssl curl) ;;
+  # nftables, iproute2: the multi-host test (network namespaces, the generated ruleset applied with nft).
+  host) apt_pkgs=("${runtime_pkgs[@]}" "${build_pkgs[@]}" openssl curl nftables iproute2) ;;
   --image-build) apt_pkgs=("${build_pkgs[@]}") ;;
   --image-runtime) apt_pkgs=("${runtime_pkgs[@]}" tini) ;;
 esac

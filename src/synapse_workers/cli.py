@@ -57,22 +57,23 @@ def _parser() -> argparse.ArgumentParser:
         "--version", action="version", version=f"synapse-workers {__version__} (Synapse {catalog.SYNAPSE_VERSION})"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("generate", help="validate the environment and write every config file").set_defaults(
-        func=cmd_generate
-    )
+    generate = sub.add_parser("generate", help="validate the environment and write every config file")
+    _host_option(generate)
+    generate.set_defaults(func=cmd_generate)
     plan = sub.add_parser("plan", help="print the deployment plan; writes nothing")
     plan.add_argument("--json", action="store_true", help="machine-readable output")
+    _host_option(plan)
     plan.set_defaults(func=cmd_plan)
-    sub.add_parser("check", help="generate, then nginx -t and Synapse's config loader on every process").set_defaults(
-        func=cmd_check
-    )
+    check = sub.add_parser("check", help="generate, then nginx -t and Synapse's config loader on every process")
+    _host_option(check)
+    check.set_defaults(func=cmd_check)
     routes = sub.add_parser("routes", help="explain where a request goes: routes [METHOD] PATH")
     routes.add_argument("words", nargs="+", metavar="[METHOD] PATH")
     routes.add_argument("--json", action="store_true")
     routes.set_defaults(func=cmd_routes)
-    sub.add_parser(
-        "run", help="generate, then start and supervise the whole stack (container entrypoint)"
-    ).set_defaults(func=cmd_run)
+    run = sub.add_parser("run", help="generate, then start and supervise the whole stack (container entrypoint)")
+    _host_option(run)
+    run.set_defaults(func=cmd_run)
     sub.add_parser("health", help="exit 0 only when nginx, main and every worker answer /health").set_defaults(
         func=cmd_health
     )
@@ -101,9 +102,34 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _host_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--host",
+        metavar="NAME",
+        help="with SYNAPSE_HOSTS: the host (a name there) whose slice of the deployment to render and run",
+    )
+
+
+def _slice_plan(args: argparse.Namespace, env: Mapping[str, str]) -> Plan:
+    """The plan for the host this runs on: with SYNAPSE_HOSTS, --host NAME is required."""
+    plan = load_plan(env, args.host)
+    if plan.placement is not None and plan.placement.here is None:
+        hosts = ", ".join(plan.placement.hosts)
+        raise UserError(f"SYNAPSE_HOSTS is set: expected --host NAME, the host this runs on (one of {hosts}).")
+    return plan
+
+
 def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    plan = load_plan(env)
+    plan = _slice_plan(args, env)
     written = write_files(plan, render_all(plan))
+    if plan.placement is not None:
+        here = plan.placement.here
+        names = [p.name for p in plan.local_processes] + [s for s in ("nginx", "postgres", "redis") if _runs(plan, s)]
+        print(
+            f"synapse-workers: wrote {len(written)} files for host {here}: {', '.join(names) or 'nothing to run'} "
+            f"(firewall: {plan.layout.nftables_conf})"
+        )
+        return 0
     print(
         f"synapse-workers: wrote {len(written)} files for main + {len(plan.workers)} workers "
         f"(nginx: {plan.layout.nginx_conf})"
@@ -111,8 +137,13 @@ def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     return 0
 
 
+def _runs(plan: Plan, service: str) -> bool:
+    exists = {"nginx": True, "postgres": plan.postgres is not None, "redis": bool(plan.redis and plan.redis.host)}
+    return exists[service] and plan.local(service)
+
+
 def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    plan = load_plan(env)
+    plan = load_plan(env, args.host)
     if args.json:
         print(json.dumps(plan.as_json(), indent=2))
         return 0
@@ -122,14 +153,18 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for proc in plan.processes:
         listeners = ", ".join(f"{lst.kind}={lst.address}" for lst in proc.listeners)
         types = "+".join(proc.types) or "main"
-        print(f"  {proc.name:28} {types:40} {listeners}")
+        where = f"{plan.placement.where[proc.name]:10} " if plan.placement else ""
+        print(f"  {proc.name:28} {where}{types:40} {listeners}")
+    if plan.placement is not None:
+        for service in ("nginx", "postgres", "redis"):
+            print(f"  {service:28} {plan.placement.where[service]}")
     return 0
 
 
 def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    plan = load_plan(env)
+    plan = _slice_plan(args, env)
     write_files(plan, render_all(plan))
-    ok = _nginx_test(plan)
+    ok = _nginx_test(plan) if plan.local("nginx") else True
     ok = _synapse_test(plan) and ok
     ok = _logrotate_test(plan) and ok
     print("check: OK" if ok else "check: FAILED")
@@ -166,7 +201,7 @@ def _nginx_test(plan: Plan) -> bool:
 
 
 def _synapse_test(plan: Plan) -> bool:
-    procs = [{"name": p.name, "app": p.app, "config_files": list(p.config_files)} for p in plan.processes]
+    procs = [{"name": p.name, "app": p.app, "config_files": list(p.config_files)} for p in plan.local_processes]
     result = subprocess.run(
         [sys.executable, "-m", "synapse_workers.synapse_check"],
         input=json.dumps(procs),
@@ -191,7 +226,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .run.prepare import check_before_start
     from .run.supervise import Stack, lock_runtime_dir
 
-    plan = load_plan(env)
+    plan = _slice_plan(args, env)
     as_root = os.geteuid() == 0
     binaries = find_binaries(plan)
     pg_owner = postgres.cluster_owner(as_root) if plan.postgres else None
@@ -250,7 +285,9 @@ def cmd_health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .run.health import check_all
 
     status = _running_status(env)
-    checks = {"nginx": status.public_health}
+    # Several hosts: a host without nginx has no public side; its slice's own processes are checked.
+    front = any(p.name == "nginx" for p in status.processes) or not status.processes
+    checks = {"nginx": status.public_health} if front else {}
     checks.update({p.name: p.health for p in status.processes if p.health.kind == "http" and p.name != "nginx"})
     # An add-on that is down (Prometheus, an exporter) is reported, but the stack serves without it.
     optional = {p.name for p in status.processes if p.addon}

@@ -36,6 +36,7 @@ SECTION_TITLES: dict[str, tuple[str, str]] = {
     "turn": ("TURN", "Synapse's TURN settings, written on every start, and the built-in coturn"),
     "compressor": ("State compressor", "not implemented yet: validated only"),
     "nginx": ("nginx tuning", "P = NGINX_GENERAL_PAGE_SIZE_BYTES"),
+    "placement": ("Several hosts", "one deployment rendered per host with --host NAME: see *Several hosts*"),
 }
 
 

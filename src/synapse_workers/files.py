@@ -147,8 +147,10 @@ def ensure_secrets(plan: Plan) -> list[str]:
         ]
     if plan.turn_uris:  # Synapse reads it on every start (shared.yaml), and coturn's config is written from it
         wanted.append((paths.turn, _secret(turn.secret)))
-    if plan.workers:
+    if plan.workers or plan.multi_host:
         wanted.append((paths.replication, None))
+    if plan.redis is not None and plan.redis.host is not None:  # several hosts: Redis over TCP has a password
+        wanted.append((paths.redis, None))
     if plan.postgres and not os.path.exists(paths.postgres):
         # libpq passfile: host:port:db:user:password; the password itself is random.
         _write_new(paths.postgres, f"*:*:*:synapse:{pysecrets.token_hex(24)}\n", SECRET_MODE)
@@ -183,6 +185,13 @@ def ensure_secrets(plan: Plan) -> list[str]:
     if not plan.homeserver.exists and not os.path.exists(paths.signing_key):
         _write_new(paths.signing_key, _signing_key(), SECRET_MODE)
         written.append(paths.signing_key)
+    if plan.redis is not None and plan.redis.host is not None:
+        # What Redis includes (`requirepass`), derived from the key file Synapse reads: the two always agree.
+        line = f"requirepass {Path(paths.redis).read_text().strip()}\n"
+        current = Path(paths.redis_conf).read_text() if os.path.exists(paths.redis_conf) else None
+        if current != line:
+            _write_new(paths.redis_conf, line, SECRET_MODE)
+            written.append(paths.redis_conf)
     return written
 
 

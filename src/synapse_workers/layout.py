@@ -46,6 +46,7 @@ class Layout:
     prometheus_conf: str
     prometheus_rules: str
     prometheus_data: str  # its database unless PROMETHEUS_STORAGE_PATH says otherwise
+    nftables_conf: str  # several hosts: this host's ruleset for the internal ports (applying it is the admin's call)
     nginx_pid: str  # nginx's master (reopens its logs on SIGUSR1)
     scheduler_dir: str  # the scheduler's generated files: jobs.json, logrotate.conf
     jobs_file: str  # what the `scheduler` program runs and when (no secrets)
@@ -112,6 +113,7 @@ def make_layout(runtime_dir: str, data_dir: str) -> Layout:
         prometheus_conf=f"{r}/prometheus/prometheus.yml",
         prometheus_rules=f"{r}/prometheus/synapse-workers.rules.yml",
         prometheus_data=f"{data_dir}/prometheus",
+        nftables_conf=f"{r}/nftables/synapse-workers.nft",
         nginx_pid=f"{r}/nginx/nginx.pid",
         scheduler_dir=f"{r}/scheduler",
         jobs_file=f"{r}/scheduler/jobs.json",
@@ -136,6 +138,8 @@ class SecretPaths:
     postgres_password: str  # the same password alone, for prometheus-postgres-exporter (DATA_SOURCE_PASS_FILE)
     external_postgres: str  # external PostgreSQL: libpq passfile with POSTGRES_PASSWORD (rewritten from the env)
     external_postgres_password: str  # POSTGRES_PASSWORD alone, for prometheus-postgres-exporter (external database)
+    redis: str  # several hosts: the Redis password alone (Synapse's redis.password_path)
+    redis_conf: str  # ... and as Redis reads it (`requirepass`, included by redis.conf), derived from it
 
 
 def secret_paths(data_dir: str, server_name: str) -> SecretPaths:
@@ -150,4 +154,6 @@ def secret_paths(data_dir: str, server_name: str) -> SecretPaths:
         postgres_password=f"{data_dir}/embedded_postgres.password",
         external_postgres=f"{data_dir}/external_postgres.pgpass",
         external_postgres_password=f"{data_dir}/external_postgres.password",
+        redis=f"{data_dir}/redis.key",
+        redis_conf=f"{data_dir}/redis.auth.conf",
     )

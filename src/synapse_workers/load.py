@@ -22,7 +22,8 @@ from .workers import parse_workers
 T = TypeVar("T")
 
 
-def load_plan(env: Mapping[str, str]) -> Plan:
+def load_plan(env: Mapping[str, str], host: str | None = None) -> Plan:
+    """host: with SYNAPSE_HOSTS, the host whose slice is wanted (`--host NAME`)."""
     problems: list[str] = []
 
     def attempt(step: Callable[[], T]) -> T | None:
@@ -43,10 +44,38 @@ def load_plan(env: Mapping[str, str]) -> Plan:
     )
     if info is None or workers is None:
         raise UserError(*problems)
-    plan = attempt(lambda: make_plan(settings, info, workers, _appservices(settings)))
+    plan = attempt(lambda: make_plan(settings, info, workers, _appservices(settings), host))
+    if plan is not None:
+        attempt(lambda: _check_copied(plan))
     if plan is None or problems:
         raise UserError(*problems)
     return plan
+
+
+def _check_copied(plan: Plan) -> None:
+    """Several hosts: main's host creates homeserver.yaml and the secrets; every other host must have the same
+    files (copied by the admin), never its own: different secrets would split the deployment."""
+    placement = plan.placement
+    if placement is None or placement.here is None or placement.local("main"):
+        return
+    paths = plan.secrets
+    needed = []
+    if plan.local_processes:
+        needed += [plan.homeserver.path, plan.homeserver.signing_key_path or paths.signing_key, paths.replication]
+    if plan.postgres is not None and (plan.local_processes or plan.local("postgres")):
+        needed.append(paths.postgres)
+    if plan.redis is not None and plan.redis.host is not None and (plan.local_processes or plan.local("redis")):
+        needed.append(paths.redis)
+    if plan.turn_uris and plan.local_processes:
+        needed.append(paths.turn)
+    missing = [path for path in needed if not os.path.isfile(path)]
+    if missing:
+        main_host = placement.where["main"]
+        raise UserError(
+            f"--host {placement.here}: {', '.join(missing)} missing: on several hosts (SYNAPSE_HOSTS) main's host "
+            f"({main_host}) creates homeserver.yaml and the secrets. Expected them copied here (same paths, 0600) "
+            f"after `synapse-workers generate --host {main_host}` there."
+        )
 
 
 def _raw_workers(env: Mapping[str, str]) -> str:

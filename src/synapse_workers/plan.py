@@ -8,7 +8,7 @@ It says nothing about how processes are started, so other targets (compose, Kube
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import catalog
@@ -42,6 +42,11 @@ NGINX_EXPORTER = "nginx_exporter"
 REDIS_EXPORTER = "redis_exporter"
 POSTGRES_EXPORTER = "postgres_exporter"
 HTTP = "http"  # an add-on's own HTTP listener (Prometheus's web UI and API)
+# Several hosts (SYNAPSE_HOSTS): what can be placed besides Synapse processes, and the ports PostgreSQL and
+# Redis listen on at their host's address (their usual ones: each host has its own port space).
+NGINX, POSTGRES, REDIS = "nginx", "postgres", "redis"
+SERVICES_PLACED = (MAIN, NGINX, POSTGRES, REDIS)
+POSTGRES_PORT, REDIS_PORT = 5432, 6379
 
 
 @dataclass(frozen=True)
@@ -205,13 +210,56 @@ class Job:
 class Redis:
     external: bool  # configured in homeserver.yaml by the user: we neither start nor configure it
     path: str | None
+    # Several hosts: TCP on its host's address, with a password (requirepass; Synapse's redis.password_path).
+    host: str | None = None
+    port: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"external": self.external, "path": self.path}
+        if self.host is not None:
+            data.update(host=self.host, port=self.port)
+        return data
 
 
 @dataclass(frozen=True)
 class EmbeddedPostgres:
     data_dir: str  # PGDATA, under the data dir
-    socket_dir: str  # no TCP: Synapse connects over this unix socket directory
+    socket_dir: str  # one host: no TCP, Synapse connects over this unix socket directory
     max_connections: int
+    # Several hosts: also TCP on its host's address, password auth from the deployment's hosts only.
+    host: str | None = None
+    port: int | None = None
+    clients: tuple[str, ...] = ()  # the deployment's host addresses (pg_hba `host` lines)
+
+    def as_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "data_dir": self.data_dir,
+            "socket_dir": self.socket_dir,
+            "max_connections": self.max_connections,
+        }
+        if self.host is not None:
+            data.update(host=self.host, port=self.port, clients=list(self.clients))
+        return data
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Several hosts (SYNAPSE_HOSTS): the hosts, where each process and service runs, and which host's slice
+    this plan renders (`here`; None: the whole deployment, as `plan` shows it)."""
+
+    hosts: dict[str, str]  # name → address, in SYNAPSE_HOSTS order
+    where: dict[str, str]  # process name, nginx, postgres, redis → host name
+    here: str | None
+
+    def address(self, name: str) -> str:
+        """The address of the host `name` (a process or service) runs on."""
+        return self.hosts[self.where[name]]
+
+    def local(self, name: str) -> bool:
+        return self.here is None or self.where.get(name) == self.here
+
+    def as_json(self) -> dict[str, Any]:
+        return {"hosts": dict(self.hosts), "this_host": self.here, "where": dict(self.where)}
 
 
 @dataclass(frozen=True)
@@ -239,6 +287,19 @@ class Plan:
     # What Synapse hands to clients (SYNAPSE_TURN_URIS, or the built-in coturn's); empty: no TURN settings at all.
     turn_uris: tuple[str, ...] = ()
     jobs: tuple[Job, ...] = ()  # scheduled maintenance (the `scheduler` program runs when there is one)
+    placement: Placement | None = None  # several hosts (SYNAPSE_HOSTS); None: everything here
+
+    def local(self, name: str) -> bool:
+        """Does `name` (a Synapse process, nginx, postgres or redis) run on the host this plan is rendered for?"""
+        return self.placement is None or self.placement.local(name)
+
+    @property
+    def local_processes(self) -> tuple[Process, ...]:
+        return tuple(p for p in self.processes if self.local(p.name))
+
+    @property
+    def multi_host(self) -> bool:
+        return self.placement is not None
 
     @property
     def processes(self) -> tuple[Process, ...]:
@@ -254,6 +315,14 @@ class Plan:
         return next((s for s in self.services if s.name == name), None)
 
     def as_json(self) -> dict[str, Any]:
+        data = self._as_json()
+        if self.placement is not None:
+            data["placement"] = self.placement.as_json()
+            for proc in (data["main"], *data["workers"]):
+                proc["host"] = self.placement.where[proc["name"]]
+        return data
+
+    def _as_json(self) -> dict[str, Any]:
         return {
             "synapse_version": catalog.SYNAPSE_VERSION,
             "server_name": self.homeserver.server_name,
@@ -261,8 +330,8 @@ class Plan:
             "public": self.public.as_json(),
             "main": self.main.as_json(),
             "workers": [w.as_json() for w in self.workers],
-            "redis": None if self.redis is None else {"external": self.redis.external, "path": self.redis.path},
-            "postgres": None if self.postgres is None else vars(self.postgres),
+            "redis": None if self.redis is None else self.redis.as_json(),
+            "postgres": None if self.postgres is None else self.postgres.as_json(),
             "health_port": self.health_port,
             "metrics_proxy_port": self.metrics_proxy_port,
             "services": {s.name: s.as_json() for s in self.services},
@@ -299,15 +368,22 @@ def make_plan(
     homeserver: HomeserverInfo,
     workers: tuple[Worker, ...],
     app_service_files: tuple[str, ...] = (),
+    host: str | None = None,
 ) -> Plan:
+    """host: with SYNAPSE_HOSTS, the host whose slice is rendered (None: the whole deployment)."""
     layout = make_layout(settings.core.runtime_dir, settings.core.data_dir)
     has_workers = bool(workers)
     ports = _PortAllocator(settings.listen.internal_port_base)
+    embedded = _embedded_postgres(settings, homeserver, layout, len(workers)) is not None
+    placement = _placement(settings, homeserver, workers, host, embedded)
 
-    main = _main_process(settings, layout, has_workers, ports)
+    def bind(name: str) -> str:
+        return placement.address(name) if placement else LOOPBACK
+
+    main = _main_process(settings, layout, has_workers, ports, bind(MAIN))
     health_port = ports.main("aggregate")
     metrics_proxy_port = ports.addon("metrics_proxy") if settings.metrics.enabled else None
-    worker_procs = tuple(_worker_process(settings, layout, w, ports) for w in workers)
+    worker_procs = tuple(_worker_process(settings, layout, w, ports, bind(w.name)) for w in workers)
     addons = (_coturn(settings, ports), _prometheus(settings), _nginx_exporter(settings, ports))
     services = tuple(s for s in addons if s is not None)
     public = _public(settings, homeserver)
@@ -326,12 +402,17 @@ def make_plan(
     stream_writers = {s: tuple("master" if n == MAIN else n for n in names) for s, names in stream_writers.items()}
 
     redis = None
-    if has_workers:
+    if has_workers and placement is not None and not homeserver.has_redis:
+        redis = Redis(external=False, path=None, host=placement.address(REDIS), port=REDIS_PORT)
+    elif has_workers:
         redis = Redis(external=homeserver.has_redis, path=None if homeserver.has_redis else layout.redis_socket)
     if settings.metrics.enabled and settings.metrics.redis_export and redis is not None and not redis.external:
         listener = Listener(METRICS, ("metrics",), host=LOOPBACK, port=ports.addon(REDIS_EXPORTER))
         services = (*services, Service(REDIS_EXPORTER, (listener,)))
     postgres = _embedded_postgres(settings, homeserver, layout, len(workers))
+    if postgres is not None and placement is not None:
+        clients = tuple(placement.hosts.values())
+        postgres = replace(postgres, host=placement.address(POSTGRES), port=POSTGRES_PORT, clients=clients)
     # The embedded cluster, or an external one given by POSTGRES_* (its password known: POSTGRES_PASSWORD).
     external_postgres = postgres is None and settings.database.password is not None
     if settings.metrics.enabled and settings.metrics.postgres_export and (postgres is not None or external_postgres):
@@ -362,6 +443,7 @@ def make_plan(
         services=services,
         turn_uris=_turn_uris(settings, homeserver.server_name),
         jobs=_jobs(settings, homeserver),
+        placement=placement,
     )
 
 
@@ -378,6 +460,64 @@ def _jobs(settings: Settings, homeserver: HomeserverInfo) -> tuple[Job, ...]:
     if settings.logging.to_disk and not settings.nginx.disable_logrotate:
         jobs.append(Job(ROTATE_LOGS, ROTATE_LOGS_SCHEDULE))
     return tuple(jobs)
+
+
+PLACEMENT_VAR = "SYNAPSE_PLACEMENT"
+
+
+def _placement(
+    settings: Settings, homeserver: HomeserverInfo, workers: tuple[Worker, ...], host: str | None, embedded: bool
+) -> Placement | None:
+    """SYNAPSE_HOSTS + SYNAPSE_PLACEMENT → where every process and service runs. A worker's own name wins over
+    its types; unplaced workers, nginx, PostgreSQL and Redis run with main; main unplaced runs on the first host."""
+    hosts = dict(settings.placement.hosts)
+    if not hosts:
+        if host is not None:
+            raise UserError(f"--host {host}: SYNAPSE_HOSTS is not set: expected SYNAPSE_HOSTS naming the hosts.")
+        return None
+    if host is not None and host not in hosts:
+        raise UserError(f"--host {host}: {host!r} is not in SYNAPSE_HOSTS: expected one of {', '.join(hosts)}.")
+    given = dict(settings.placement.placement)
+    names = {w.name for w in workers}
+    types = {t for w in workers for t in w.types}
+    problems = []
+    for key in given:
+        if key in SERVICES_PLACED or key in names or key in types:
+            continue
+        if key in catalog.TYPE_NAMES:
+            continue  # a known type that is not deployed now: nothing to place
+        known = ", ".join([*SERVICES_PLACED, *sorted(types), *(w.name for w in workers)])
+        problems.append(
+            f"{PLACEMENT_VAR}: {key!r} is neither a worker type, a worker name from SYNAPSE_WORKER_TYPES, nor one "
+            f"of main, nginx, postgres, redis: expected one of {known}."
+        )
+    if POSTGRES in given and not embedded:
+        problems.append(
+            f"{PLACEMENT_VAR} places postgres, but the database is not the embedded one: expected no postgres key "
+            "(an external PostgreSQL is where POSTGRES_HOST or homeserver.yaml says)."
+        )
+    if REDIS in given and homeserver.has_redis:
+        problems.append(
+            f"{PLACEMENT_VAR} places redis, but homeserver.yaml configures its own Redis: expected no redis key."
+        )
+    main_host = given.get(MAIN, next(iter(hosts)))
+    where = {MAIN: main_host}
+    for worker in workers:
+        if worker.name in given:
+            where[worker.name] = given[worker.name]
+            continue
+        chosen = {given[t] for t in worker.types if t in given}
+        if len(chosen) > 1:
+            problems.append(
+                f"{PLACEMENT_VAR}: the worker {worker.name} ({'+'.join(worker.types)}) is placed on "
+                f"{' and '.join(sorted(chosen))} by its types: expected one host (place {worker.name} by name)."
+            )
+        where[worker.name] = chosen.pop() if len(chosen) == 1 else main_host
+    for service in (NGINX, POSTGRES, REDIS):
+        where[service] = given.get(service, main_host)
+    if problems:
+        raise UserError(*problems)
+    return Placement(hosts, where, host)
 
 
 def _embedded_postgres(
@@ -420,8 +560,10 @@ def _listeners(
     name: str,
     wanted: list[tuple[str, tuple[str, ...]]],
     port_for: Callable[[str], int],
+    bind: str = LOOPBACK,
 ) -> tuple[Listener, ...]:
-    """Internal listeners for one process: loopback TCP, or unix sockets where the switches ask for them."""
+    """Internal listeners for one process: TCP on `bind` (loopback; several hosts: the process's host's
+    address), or unix sockets where the switches ask for them."""
     sockets = {
         PUBLIC: settings.listen.public_unix_sockets,
         REPLICATION: settings.listen.replication_unix_sockets,
@@ -433,18 +575,20 @@ def _listeners(
         if sockets[kind]:
             result.append(Listener(kind, resources, path=layout.socket(name, kind)))
         else:
-            result.append(Listener(kind, resources, host=LOOPBACK, port=port_for(kind)))
+            result.append(Listener(kind, resources, host=bind, port=port_for(kind)))
     return tuple(result)
 
 
-def _main_process(settings: Settings, layout: Layout, has_workers: bool, ports: _PortAllocator) -> Process:
+def _main_process(
+    settings: Settings, layout: Layout, has_workers: bool, ports: _PortAllocator, bind: str = LOOPBACK
+) -> Process:
     wanted: list[tuple[str, tuple[str, ...]]] = [(PUBLIC, ("client", "federation"))]
     if has_workers:
         wanted.append((REPLICATION, ("replication",)))
     wanted.append((HEALTH, ()))
     if settings.metrics.enabled:
         wanted.append((METRICS, ("metrics",)))
-    listeners = _listeners(settings, layout, MAIN, wanted, ports.main)
+    listeners = _listeners(settings, layout, MAIN, wanted, ports.main, bind)
     return Process(
         name=MAIN,
         app=MAIN_APP,
@@ -456,7 +600,9 @@ def _main_process(settings: Settings, layout: Layout, has_workers: bool, ports: 
     )
 
 
-def _worker_process(settings: Settings, layout: Layout, worker: Worker, ports: _PortAllocator) -> Process:
+def _worker_process(
+    settings: Settings, layout: Layout, worker: Worker, ports: _PortAllocator, bind: str = LOOPBACK
+) -> Process:
     resources = sorted({res for r in worker.roles for res in catalog.ROLES[r].resources})
     wanted: list[tuple[str, tuple[str, ...]]] = []
     if resources:
@@ -466,7 +612,7 @@ def _worker_process(settings: Settings, layout: Layout, worker: Worker, ports: _
     wanted.append((HEALTH, ()))
     if settings.metrics.enabled:
         wanted.append((METRICS, ("metrics",)))
-    listeners = _listeners(settings, layout, worker.name, wanted, lambda _kind: ports.take())
+    listeners = _listeners(settings, layout, worker.name, wanted, lambda _kind: ports.take(), bind)
     duties = tuple(sorted({d for r in worker.roles if (d := catalog.ROLES[r].duty)}))
     return Process(
         name=worker.name,

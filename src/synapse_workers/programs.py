@@ -19,10 +19,14 @@ from .plan import (
     COMPRESS_STATE,
     COTURN,
     HEALTH,
+    MAIN,
     METRICS,
+    NGINX,
     NGINX_EXPORTER,
+    POSTGRES,
     POSTGRES_EXPORTER,
     PROMETHEUS,
+    REDIS,
     REDIS_EXPORTER,
     ROTATE_LOGS,
     TURN,
@@ -40,8 +44,10 @@ STAGE_NAMES = ("postgres", "redis", "main", "workers", "nginx")
 
 @dataclass(frozen=True)
 class Health:
-    kind: str  # http | redis | command
-    target: str  # URL, socket path, or a shell-quoted command that exits 0 when healthy
+    kind: str  # http | redis | tcp | command | stun
+    # URL, Redis's socket path or host:port, host:port (accepts a connection), or a shell-quoted command that
+    # exits 0 when healthy
+    target: str
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,7 @@ def programs(
     disk_logs = plan.layout.logs_on_disk if plan.settings.logging.to_disk else None
     result: list[Program] = []
 
-    if plan.postgres:
+    if plan.postgres and plan.local(POSTGRES):
         pg = plan.postgres
         assert postgres_user is not None, "the embedded cluster's owner is looked up by the caller"
         result.append(
@@ -169,7 +175,7 @@ def programs(
                     "-D",
                     pg.data_dir,
                     "-c",
-                    "listen_addresses=",
+                    f"listen_addresses={pg.host or ''}",  # several hosts: its host's address too
                     "-c",
                     f"unix_socket_directories={pg.socket_dir}",
                     "-c",
@@ -183,13 +189,14 @@ def programs(
                 log_file=disk_logs and f"{disk_logs}/postgres.log",
             )
         )
-    if plan.redis and not plan.redis.external:
+    if plan.redis and not plan.redis.external and plan.local(REDIS):
+        redis = plan.redis
         result.append(
             Program(
                 name="redis",
                 command=(binaries["redis-server"], plan.layout.redis_conf),
                 stage=STAGE_REDIS,
-                health=Health("redis", plan.redis.path or ""),
+                health=Health("redis", f"{redis.host}:{redis.port}" if redis.host else redis.path or ""),
                 user=synapse_user,
                 stop_wait=10,
                 log_file=disk_logs and f"{disk_logs}/redis.log",
@@ -197,7 +204,7 @@ def programs(
         )
     env = {"PYTHONUNBUFFERED": "1", "HOME": core.data_dir}
     synapse: list[Program] = []
-    for proc in plan.processes:
+    for proc in plan.local_processes:
         synapse.append(
             Program(
                 name=proc.name,
@@ -212,6 +219,28 @@ def programs(
             )
         )
     result += launcher.arrange(plan, synapse) if isinstance(launcher, ForkedProcesses) else synapse
+    if plan.local(NGINX):
+        result += _front(plan, binaries, as_root, synapse_user, disk_logs, coturn_user, prometheus_user)
+    result += redis_exporter_programs(plan, binaries, synapse_user, disk_logs)
+    result += postgres_exporter_programs(plan, binaries, synapse_user, disk_logs)
+    if plan.local(NGINX):  # several hosts: it rotates nginx's logs
+        result += scheduler_programs(plan, disk_logs)
+    if as_root:
+        result = [_drop_privileges(p, binaries["setpriv"]) for p in result]
+    return result
+
+
+def _front(
+    plan: Plan,
+    binaries: dict[str, str],
+    as_root: bool,
+    synapse_user: tuple[int, int] | None,
+    disk_logs: str | None,
+    coturn_user: tuple[int, int] | None,
+    prometheus_user: tuple[int, int] | None,
+) -> list[Program]:
+    """nginx and the add-ons that run beside it (several hosts: on nginx's host)."""
+    result: list[Program] = []
     result.append(
         Program(
             name="nginx",
@@ -237,12 +266,26 @@ def programs(
     metrics_user = (prometheus_user or synapse_user) if as_root else None
     result += prometheus_programs(plan, binaries, metrics_user, disk_logs)
     result += nginx_exporter_programs(plan, binaries, metrics_user, disk_logs)
-    result += redis_exporter_programs(plan, binaries, synapse_user, disk_logs)
-    result += postgres_exporter_programs(plan, binaries, synapse_user, disk_logs)
-    result += scheduler_programs(plan, disk_logs)
-    if as_root:
-        result = [_drop_privileges(p, binaries["setpriv"]) for p in result]
     return result
+
+
+def remote_waits(plan: Plan, stage: int) -> dict[str, Health]:
+    """Several hosts: what runs elsewhere that this host's stage needs first (its start waits for them):
+    PostgreSQL and Redis before Synapse starts here, main before this host's workers (it migrates the schema)."""
+    if plan.placement is None:
+        return {}
+    local = plan.local_processes
+    waits: dict[str, Health] = {}
+    if stage == STAGE_MAIN and local:
+        if plan.postgres is not None and not plan.local(POSTGRES):
+            waits["postgres"] = Health("tcp", f"{plan.postgres.host}:{plan.postgres.port}")
+        if plan.redis is not None and plan.redis.host is not None and not plan.local(REDIS):
+            waits["redis"] = Health("redis", f"{plan.redis.host}:{plan.redis.port}")
+    if stage == STAGE_WORKERS and any(not p.is_main for p in local) and not plan.local(MAIN):
+        waits[MAIN] = synapse_health(plan.main)
+    # nginx does not wait for workers elsewhere: a worker host that is down must not keep the front from serving
+    # (its routes fall back to main, or answer 503, as when a local worker is down).
+    return waits
 
 
 def _pg_isready(binaries: dict[str, str], socket_dir: str, owner: tuple[str, int, int], as_root: bool) -> str:

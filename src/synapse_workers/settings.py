@@ -268,6 +268,60 @@ def _secret_text(value: Any) -> Any:
     return text
 
 
+HOST_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
+PLACEMENT_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*")
+HOSTS_HELP = "comma-separated NAME=ADDRESS pairs (a lowercase name, an IPv4 or IPv6 address), such as db=10.0.0.11"
+PLACEMENT_HELP = (
+    "comma-separated KEY=HOST pairs: KEY a worker type, a worker name, main, nginx, postgres or redis; HOST a "
+    "name from SYNAPSE_HOSTS, such as main=front, synchrotron=w1"
+)
+
+
+def _pairs(value: Any, what: str) -> list[tuple[str, str]]:
+    pairs = []
+    for entry in (e.strip() for e in str(value).split(",")):
+        if not entry:
+            continue
+        key, sep, rest = entry.partition("=")
+        if not sep or not key.strip() or not rest.strip():
+            raise ValueError(f"{what}; {entry!r} is not one")
+        pairs.append((key.strip(), rest.strip()))
+    return pairs
+
+
+def _hosts(value: Any) -> tuple[tuple[str, str], ...]:
+    """SYNAPSE_HOSTS → ((name, address), ...) in the order given; names and addresses once each."""
+    found: dict[str, str] = {}
+    for name, address in _pairs(value, HOSTS_HELP):
+        if not HOST_NAME_RE.fullmatch(name):
+            raise ValueError(f"{HOSTS_HELP}; the host name {name!r} is not one (a-z, 0-9, -; a letter first)")
+        try:
+            ip = ipaddress.ip_address(address.removeprefix("[").removesuffix("]"))
+        except ValueError:
+            raise ValueError(f"{HOSTS_HELP}; {address!r} (host {name}) is not an IP address") from None
+        if ip.is_unspecified or ip.is_multicast:
+            raise ValueError(f"{HOSTS_HELP}; {address!r} (host {name}) is not an address other hosts can reach")
+        if name in found:
+            raise ValueError(f"{HOSTS_HELP}; the host {name!r} is named twice")
+        if str(ip) in found.values():
+            raise ValueError(f"{HOSTS_HELP}; the address {ip} is given twice")
+        found[name] = str(ip)
+    return tuple(found.items())
+
+
+def _placement(value: Any) -> tuple[tuple[str, str], ...]:
+    """SYNAPSE_PLACEMENT → ((key, host name), ...); whether keys and hosts exist is checked against the worker
+    list and SYNAPSE_HOSTS (plan.py, _check_combinations)."""
+    found: dict[str, str] = {}
+    for key, host in _pairs(value, PLACEMENT_HELP):
+        if not PLACEMENT_KEY_RE.fullmatch(key):
+            raise ValueError(f"{PLACEMENT_HELP}; {key!r} is not a worker type, worker name or service")
+        if key in found:
+            raise ValueError(f"{PLACEMENT_HELP}; {key!r} is placed twice")
+        found[key] = host
+    return tuple(found.items())
+
+
 Bool = Annotated[bool, BeforeValidator(_passthrough(_bool))]
 OnOff = Annotated[str, BeforeValidator(_passthrough(_on_off))]
 AbsPath = Annotated[str, BeforeValidator(_passthrough(_abs_path))]
@@ -613,6 +667,28 @@ def _levels(value: Any) -> str:
 CronText = Annotated[str, BeforeValidator(_passthrough(_cron))]
 
 
+class PlacementSettings(Section):
+    """Several hosts: where each Synapse process, PostgreSQL, Redis and nginx run (unset: one host, as always)."""
+
+    hosts: Annotated[tuple[tuple[str, str], ...], BeforeValidator(_passthrough(_hosts))] = var(
+        "SYNAPSE_HOSTS",
+        (),
+        help="Hosts of a deployment on several machines: NAME=ADDRESS pairs, such as db=10.0.0.11, front=10.0.0.12",
+        default_text="none (one host)",
+    )
+    placement: Annotated[tuple[tuple[str, str], ...], BeforeValidator(_passthrough(_placement))] = var(
+        "SYNAPSE_PLACEMENT",
+        (),
+        help="With SYNAPSE_HOSTS: KEY=HOST pairs, KEY a worker type or name, main, nginx, postgres or redis; "
+        "unplaced ones run with main (main: the first host)",
+        default_text="everything on the first host",
+    )
+
+    @property
+    def multi_host(self) -> bool:
+        return bool(self.hosts)
+
+
 class CompressorSettings(Section):
     """synapse_auto_compressor, run by the stack's scheduler (PostgreSQL only)."""
 
@@ -760,6 +836,7 @@ SECTIONS: dict[str, type[Section]] = {
     "turn": TurnSettings,
     "compressor": CompressorSettings,
     "nginx": NginxSettings,
+    "placement": PlacementSettings,
 }
 
 
@@ -776,6 +853,7 @@ class Settings:
     turn: TurnSettings
     compressor: CompressorSettings
     nginx: NginxSettings
+    placement: PlacementSettings
 
     def value(self, name: str) -> Any:
         """The parsed value of one environment variable."""
@@ -928,6 +1006,7 @@ def _check_combinations(s: Settings) -> None:
             f"COTURN_PORT={s.turn.port} is inside the relay range COTURN_MIN_PORT-COTURN_MAX_PORT "
             f"({s.turn.min_port}-{s.turn.max_port}): expected a port outside it (coturn relays on those)."
         )
+    problems += _check_placement(s)
     compressor = s.compressor
     if compressor.chunk_size < int(compressor.levels.split(",")[0]):
         problems.append(
@@ -956,3 +1035,40 @@ def _check_combinations(s: Settings) -> None:
         )
     if problems:
         raise UserError(*problems)
+
+
+def _check_placement(s: Settings) -> list[str]:
+    """SYNAPSE_HOSTS/SYNAPSE_PLACEMENT against each other and against what cannot cross hosts."""
+    placement = s.placement
+    if not placement.hosts:
+        if placement.placement:
+            return ["SYNAPSE_PLACEMENT is set without SYNAPSE_HOSTS: expected SYNAPSE_HOSTS naming the hosts it uses."]
+        return []
+    problems = []
+    names = [name for name, _ in placement.hosts]
+    for key, host in placement.placement:
+        if host not in names:
+            problems.append(
+                f"SYNAPSE_PLACEMENT places {key!r} on {host!r}, which is not in SYNAPSE_HOSTS: expected one of "
+                + ", ".join(names)
+                + "."
+            )
+    # Unix sockets cannot cross hosts: replication, nginx's upstreams and metrics scrapes all may.
+    for variable, on in (
+        ("SYNAPSE_PUBLIC_UNIX_SOCKETS", s.listen.public_unix_sockets),
+        ("SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS", s.listen.replication_unix_sockets),
+        ("SYNAPSE_METRICS_UNIX_SOCKETS", s.metrics.unix_sockets),
+    ):
+        if on:
+            problems.append(
+                f"{variable} is on, but SYNAPSE_HOSTS spreads the deployment over several hosts and unix sockets "
+                f"cannot cross hosts: expected {variable} unset (TCP on each host's address)."
+            )
+    for variable, on in (
+        ("SYNAPSE_ENABLE_REDIS_METRIC_EXPORT", s.metrics.redis_export),
+        ("SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT", s.metrics.postgres_export),
+        ("SYNAPSE_ENABLE_COMPRESSOR", s.compressor.enabled),
+    ):
+        if on:
+            problems.append(f"{variable} is not supported with SYNAPSE_HOSTS yet: expected it unset.")
+    return problems

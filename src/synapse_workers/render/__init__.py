@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..homeserver import GENERATED_LOG_CONFIG, generated_homeserver
-from ..plan import COTURN, Plan
+from ..plan import COTURN, MAIN, NGINX, Plan
 from ..programs import Program
 from .coturn import SECRET_KEY, render_coturn
+from .nftables import render_nftables
 from .nginx import render_nginx
 from .prometheus import render_prometheus
 from .redis import render_redis
@@ -43,18 +44,21 @@ def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = Fal
     managed.update(render_synapse(plan))
     managed.update(render_nginx(plan))
     managed.update(render_redis(plan))
-    managed.update(render_prometheus(plan))
-    managed.update(render_scheduler(plan))
+    if plan.local(NGINX):  # several hosts: the add-ons run beside nginx
+        managed.update(render_prometheus(plan))
+    managed.update(render_nftables(plan))
+    if plan.local(NGINX):  # several hosts: the scheduler rotates nginx's logs, beside it
+        managed.update(render_scheduler(plan))
     if programs:
         managed.update(render_supervisor(plan.layout, programs, as_root))
     private: dict[str, PrivateFile] = {}
-    coturn_conf = render_coturn(plan)
+    coturn_conf = render_coturn(plan) if plan.local(NGINX) else None
     if coturn_conf is not None:
         # Written for the user coturn runs as (its program row's, when `run` supervises it).
         owner = next((p.user for p in programs if p.name == COTURN), None) if as_root else None
         private[plan.layout.coturn_conf] = PrivateFile(coturn_conf, ((SECRET_KEY, plan.secrets.turn),), owner)
     once: dict[str, tuple[str, int]] = {}
-    if not plan.homeserver.exists:
+    if not plan.homeserver.exists and plan.local(MAIN):  # several hosts: main's host creates it, the rest copy it
         doc = generated_homeserver(plan.settings, plan.secrets, plan.layout.postgres_socket_dir, plan.public.port)
         text = (
             "# Generated once by synapse-workers from the environment; yours to edit from now on.\n"

@@ -230,6 +230,11 @@ def _refuse_unsupported(plan: Plan, target: str) -> None:
         )
     if target == COMPOSE and settings.database.kind == "sqlite":
         problems.append("export compose: SYNAPSE_DATABASE=sqlite is not exported: expected embedded or postgres.")
+    if settings.placement.hosts:
+        problems.append(
+            f"export {target}: SYNAPSE_HOSTS is set, but an export places every process itself (one per "
+            "pod/container): expected SYNAPSE_HOSTS and SYNAPSE_PLACEMENT unset."
+        )
     if settings.listen.tls_cert is not None:
         problems.append(
             f"export {target}: SYNAPSE_TLS_CERT is set, but the export carries no TLS files: expected it unset "

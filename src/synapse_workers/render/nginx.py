@@ -55,7 +55,11 @@ def nginx_single_quote(text: str) -> str:
 
 
 def render_nginx(plan: Plan) -> dict[str, str]:
-    """Topology (listeners, upstreams, routes) from the plan; tuning from the nginx settings section."""
+    """Topology (listeners, upstreams, routes) from the plan; tuning from the nginx settings section.
+
+    Several hosts: only on nginx's host; its upstreams are the processes' addresses on their hosts."""
+    if not plan.local("nginx"):
+        return {}
     tuning = plan.settings.nginx
     servers = {p.name: lst.address for p in plan.processes if (lst := p.listener(PUBLIC))}
     upstreams = []

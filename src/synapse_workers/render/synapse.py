@@ -26,23 +26,32 @@ def dump(doc: dict[str, Any]) -> str:
 
 
 def render_synapse(plan: Plan) -> dict[str, str]:
-    files = {
-        plan.layout.shared_config: dump(shared_config(plan)),
-        plan.layout.main_config: dump(main_config(plan)),
-    }
+    """Several hosts: shared.yaml on every host (the same everywhere), the rest for this host's processes."""
+    files = {plan.layout.shared_config: dump(shared_config(plan))}
+    if plan.local(plan.main.name):
+        files[plan.layout.main_config] = dump(main_config(plan))
     for proc in plan.workers:
-        files[proc.config_files[-1]] = dump(worker_config(plan, proc))
-    for proc in plan.processes:
+        if plan.local(proc.name):
+            files[proc.config_files[-1]] = dump(worker_config(plan, proc))
+    for proc in plan.local_processes:
         files[proc.log_config] = dump(log_config(plan, proc))
     return files
 
 
 def shared_config(plan: Plan) -> dict[str, Any]:
     doc: dict[str, Any] = {}
-    if plan.redis and not plan.redis.external:
+    if plan.redis and not plan.redis.external and plan.redis.host is not None:
+        # Several hosts: Redis on its host's address, with the password from the (copied) key file.
+        redis = {"host": plan.redis.host, "port": plan.redis.port, "password_path": plan.secrets.redis}
+        doc["redis"] = {"enabled": True, **redis}
+    elif plan.redis and not plan.redis.external:
         doc["redis"] = {"enabled": True, "path": plan.redis.path}
-    if plan.workers:
+    if plan.postgres is not None and plan.postgres.host is not None:
+        doc["database"] = remote_database(plan)
+    if plan.workers or plan.multi_host:
+        # Replication crosses hosts: always authenticated then, even before the first worker exists.
         doc["worker_replication_secret_path"] = plan.secrets.replication
+    if plan.workers:
         doc["instance_map"] = {name: _endpoint(lst) for name, lst in plan.instance_map.items()}
         if plan.stream_writers:
             doc["stream_writers"] = {k: list(v) for k, v in plan.stream_writers.items()}
@@ -61,6 +70,22 @@ def shared_config(plan: Plan) -> dict[str, Any]:
         doc["max_upload_size"] = size_text(plan.homeserver.max_upload_size)
     doc.update(turn_config(plan))
     return doc
+
+
+def remote_database(plan: Plan) -> dict[str, Any]:
+    """Several hosts: the embedded cluster over TCP on its host's address (password from the libpq passfile,
+    the same file on every host), over the generated homeserver.yaml's socket directory."""
+    assert plan.postgres is not None
+    args = {
+        "user": "synapse",
+        "dbname": "synapse",
+        "host": plan.postgres.host,
+        "port": plan.postgres.port,
+        "passfile": plan.secrets.postgres,
+        "cp_min": 1,
+        "cp_max": 5,
+    }
+    return {"name": "psycopg2", "txn_limit": 10000, "args": args}
 
 
 def turn_config(plan: Plan) -> dict[str, Any]:

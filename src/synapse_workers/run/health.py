@@ -41,12 +41,14 @@ def check(health: Health, timeout: float = TIMEOUT) -> str | None:
             response = _http().get(health.target, timeout=timeout)
             return None if response.status_code == 200 else f"HTTP {response.status_code}"
         if health.kind == "redis":
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(timeout)
-                sock.connect(health.target)
+            with _connect(health.target, timeout) as sock:
                 sock.sendall(b"PING\r\n")
                 reply = sock.recv(64)
-            return None if reply.startswith(b"+PONG") else f"unexpected reply {reply[:20]!r}"
+            # Several hosts: Redis has a password, and asks for it: it answers, which is all health asks.
+            return None if reply.startswith((b"+PONG", b"-NOAUTH")) else f"unexpected reply {reply[:20]!r}"
+        if health.kind == "tcp":
+            with _connect(health.target, timeout):
+                return None
         if health.kind == "stun":
             return stun_binding(health.target, timeout)
         if health.kind == "command":
@@ -58,6 +60,25 @@ def check(health: Health, timeout: float = TIMEOUT) -> str | None:
     except (OSError, httpx.HTTPError, subprocess.TimeoutExpired) as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return f"unknown health check {health.kind}"
+
+
+def _connect(target: str, timeout: float) -> socket.socket:
+    """A connected stream socket to a unix socket path or to host:port."""
+    if target.startswith("/"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address: str | tuple[str, int] = target
+    else:
+        host, port = target.rsplit(":", 1)
+        host = host.strip("[]")
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        address = (host, int(port))
+    try:
+        sock.settimeout(timeout)
+        sock.connect(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 STUN_MAGIC_COOKIE = 0x2112A442
@@ -92,7 +113,11 @@ def stun_binding(target: str, timeout: float = TIMEOUT) -> str | None:
 
 
 def synapse_checks(plan: Plan) -> dict[str, Health]:
-    return {proc.name: synapse_health(proc) for proc in plan.processes}
+    """What the launcher's /health asks: every Synapse process of this host's slice. On nginx's host, the public
+    /health, every process of the deployment: the remote ones are asked on their health listeners (reachable from
+    the deployment's hosts), never assumed healthy."""
+    procs = plan.processes if plan.local("nginx") else plan.local_processes
+    return {proc.name: synapse_health(proc) for proc in procs}
 
 
 def public_health(plan: Plan) -> Health:

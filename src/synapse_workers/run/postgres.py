@@ -2,7 +2,8 @@
 
 initdb refuses root, so as root the cluster belongs to the `postgres` system account (Debian's
 postgresql package creates it); otherwise to whoever runs synapse-workers. Synapse connects over a unix
-socket with a password kept in a libpq passfile, never in a config file or a process argument.
+socket with a password kept in a libpq passfile, never in a config file or a process argument. On several
+hosts (SYNAPSE_HOSTS) the cluster also listens on its host's address, for the deployment's hosts only.
 """
 
 from __future__ import annotations
@@ -23,6 +24,16 @@ HBA = """\
 local   all       synapse   scram-sha-256
 local   all       {admin}   peer
 """
+
+
+def hba_text(plan: Plan, admin: str) -> str:
+    """pg_hba.conf: the socket for Synapse (password) and the admin (peer); several hosts: the deployment's
+    hosts over TCP, by password, and no one else."""
+    assert plan.postgres is not None
+    text = HBA.format(admin=admin)
+    for address in plan.postgres.clients:
+        text += f"host    synapse   synapse   {address}/{32 if ':' not in address else 128}   scram-sha-256\n"
+    return text
 
 
 def postgres_bin() -> str:
@@ -83,7 +94,7 @@ def prepare_cluster(plan: Plan, as_root: bool, setpriv: str) -> pwd.struct_passw
             env=child_environment(os.environ),
         )
     hba = data / "pg_hba.conf"
-    hba.write_text(HBA.format(admin=owner.pw_name))
+    hba.write_text(hba_text(plan, owner.pw_name))
     if as_root:
         os.chown(hba, owner.pw_uid, owner.pw_gid)
     return owner

@@ -24,20 +24,25 @@ def check_ports(plan: Plan) -> list[str]:
     """Every TCP port the stack will listen on (and coturn's UDP port) must be free now."""
     listen, public = plan.settings.listen, plan.public
     source = "SYNAPSE_HTTP_PORT=" if listen.http_port else "The client port of homeserver.yaml, "
-    wanted: list[tuple[str, int, str]] = [(public.bind_address, public.port, f"{source}{public.port}")]
-    if public.tls_port:
+    front = plan.local("nginx")  # several hosts: nginx and its add-ons run on nginx's host only
+    wanted: list[tuple[str, int, str]] = [(public.bind_address, public.port, f"{source}{public.port}")] if front else []
+    if public.tls_port and front:
         wanted.append((public.bind_address, public.tls_port, f"SYNAPSE_TLS_PORT={public.tls_port}"))
     internal = f"SYNAPSE_INTERNAL_PORT_BASE={listen.internal_port_base}: port"
     wanted.append(("127.0.0.1", plan.health_port, f"{internal} {plan.health_port} (the launcher's /health)"))
     if plan.metrics_proxy_port is not None:
         port = plan.metrics_proxy_port
         wanted.append(("127.0.0.1", port, f"{internal} {port} (nginx's loopback metrics server)"))
-    for proc in plan.processes:
+    for proc in plan.local_processes:
         for lst in proc.listeners:
             if lst.port is not None and lst.host is not None:
                 wanted.append((lst.host, lst.port, f"{internal} {lst.port} ({proc.name}'s {lst.kind} listener)"))
+    if plan.postgres is not None and plan.postgres.host and plan.local("postgres"):
+        wanted.append((plan.postgres.host, plan.postgres.port or 0, "the embedded PostgreSQL (SYNAPSE_HOSTS)"))
+    if plan.redis is not None and plan.redis.host and plan.local("redis"):
+        wanted.append((plan.redis.host, plan.redis.port or 0, "Redis (SYNAPSE_HOSTS)"))
     udp: list[tuple[str, int, str]] = []
-    for service in plan.services:
+    for service in plan.services if front else ():
         for lst in service.listeners:
             if lst.port is None or lst.host is None:
                 continue

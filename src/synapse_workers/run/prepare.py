@@ -43,7 +43,7 @@ def prepare(plan: Plan, as_root: bool, setpriv: str, prometheus_user: tuple[int,
     if as_root:
         os.chown(layout.redis_dir, core.uid, core.gid)  # in our runtime dir
         _prepare_sockets_dir(plan)
-    if plan.postgres:
+    if plan.postgres and plan.local("postgres"):
         postgres.prepare_cluster(plan, as_root, setpriv)
     if plan.service(PROMETHEUS) is not None:
         _prepare_prometheus_storage(plan, prometheus_user if as_root else None)

@@ -26,7 +26,7 @@ from supervisor.xmlrpc import SupervisorTransport
 
 from ..errors import UserError
 from ..plan import PROMETHEUS, Plan
-from ..programs import STAGE_NAMES, Program, child_environment, flatten
+from ..programs import STAGE_NAMES, Health, Program, child_environment, flatten, remote_waits
 from ..render.supervisor import GROUP_NAME
 from . import postgres, preflight
 from .health import Aggregator, check, public_health, synapse_checks
@@ -48,6 +48,7 @@ from .zygote import call as zygote_call
 from .zygote import control_socket
 
 STAGE_TIMEOUT = {"postgres": 60, "redis": 15, "main": 300, "workers": 180, "nginx": 30}  # first start migrates
+REMOTE_TIMEOUT = 600  # several hosts: how long a stage waits for what it needs on another host (started later)
 GROUP = GROUP_NAME + ":"  # every program sits in one supervisor group (see render/supervisor.py)
 DONE_STATES = {"STOPPED", "EXITED", "FATAL", "UNKNOWN"}
 
@@ -142,6 +143,8 @@ class Stack:
         for zygote in early:
             self.rpc.supervisor.startProcess(GROUP + zygote, False)
         for stage, name in enumerate(STAGE_NAMES):
+            if not self._wait_remote(remote_waits(self.plan, stage)):
+                return False
             members = [p for p in self.programs if p.stage == stage]
             if not members:
                 continue
@@ -162,6 +165,37 @@ class Stack:
                 assert self.plan.postgres is not None
                 owner = postgres.cluster_owner(self.as_root)
                 postgres.ensure_database(self.plan, owner, self.as_root, self.binaries["setpriv"])
+        return True
+
+    def _wait_remote(self, waits: dict[str, Health]) -> bool:
+        """Several hosts: wait for what runs on another host (started there, maybe later)."""
+        if not waits:
+            return True
+        placement = self.plan.placement
+        assert placement is not None
+        started, said = time.monotonic(), False
+        pending = dict(waits)
+        while pending:
+            if self.stop_requested.is_set():
+                return False
+            for name in list(pending):
+                if check(pending[name], timeout=2) is None:
+                    del pending[name]
+            if not pending:
+                break
+            if not said:
+                where = ", ".join(f"{n} on {placement.where.get(n, '?')}" for n in pending)
+                log(f"waiting for {where}")
+                said = True
+            if time.monotonic() - started > REMOTE_TIMEOUT:
+                for name in pending:
+                    why = check(pending[name], timeout=2)
+                    log(f"{name} (host {placement.where.get(name)}) not reachable after {REMOTE_TIMEOUT}s: {why}.")
+                self.exit_code = 1
+                return False
+            time.sleep(0.5)
+        if said:
+            log(f"{', '.join(waits)} reachable after {time.monotonic() - started:.1f}s")
         return True
 
     def _fork(self, names: list[str], deadline: float) -> bool:
@@ -213,6 +247,11 @@ class Stack:
         return True
 
     def _announce(self) -> None:
+        if not self.plan.local("nginx"):
+            here = self.plan.placement.here if self.plan.placement else None
+            names = ", ".join(p.name for p in self.shown) or "nothing"
+            log(f"ready: host {here} of {self.plan.homeserver.server_name} runs {names}")
+            return
         url = self.plan.public.local_url
         log(
             f"ready: Synapse for {self.plan.homeserver.server_name} with {len(self.plan.workers)} workers "
