@@ -3,11 +3,14 @@
 - the `scheduler` program runs the compressor when its cron expression is due (a minute set ~1 min ahead), logs
   its outcome as `scheduler | ...`, and the compressor's progress tables then record the rooms whose state was
   changed many times through the client API;
-- a room the compressor has worked on is purged through the admin API: Synapse deletes its state groups, the
-  compressor's saved progress still names them (resuming from it is the compressor's "Missing <group>" panic), and
-  the room's state groups as Synapse before element-hq/synapse#18024 left them behind are put back (copied before
-  the purge). `synapse-workers compress-state` removes both, counts them, and finishes with 0; the other rooms'
-  state read through the client API (now, and at past events) is unchanged;
+- after that run, a saved level head of one room names a state group that no longer exists (what Synapse's
+  delayed deletion does after a history purge, 10 minutes later: here the row is pointed at a missing group) and
+  the room changes again: the compressor alone then panics with "Missing <group>" (its known crash); another
+  room the compressor has worked on is purged through the admin API (Synapse deletes its state groups, the
+  compressor's progress still names them) and its state groups as Synapse before element-hq/synapse#18024 left
+  them behind are put back (copied before the purge). `synapse-workers compress-state` removes all that, counts
+  it, and finishes with 0; the other rooms' state read through the client API (now, and at past events) is
+  unchanged;
 - a second `compress-state` while one is running (held up by a table lock in PostgreSQL) is refused;
 - nginx's access log rotated by the rotate-logs job's command (logrotate with the generated rules, which reopen
   nginx's log by SIGUSR1) under continuous traffic: every request's line is in the old file or the new one.
@@ -19,6 +22,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import threading
 import time
 from datetime import datetime, timedelta
@@ -93,6 +97,12 @@ class Env:
                 assert sent.status_code == 200, sent.text
                 events.append(sent.json()["event_id"])
 
+    def change(self, room: str, count: int) -> None:
+        for i in range(count):
+            path = f"/_matrix/client/v3/rooms/{quote(self.rooms[room])}/state/m.room.topic/"
+            sent = self.http("PUT", path, json={"topic": f"{room} later {i}"})
+            assert sent.status_code == 200, sent.text
+
     def room_state(self, room: str) -> list[tuple]:
         response = self.http("GET", f"/_matrix/client/v3/rooms/{quote(self.rooms[room])}/state")
         assert response.status_code == 200, response.text
@@ -160,6 +170,22 @@ def test_scheduler_runs_the_due_compressor(env: Env):
 
 
 def test_compress_state_cleans_up_after_a_purged_room(env: Env):
+    # "quiet" was compressed; Synapse then deletes a state group the compressor saved as a level head (purged
+    # history does, 10 minutes later: here the saved head is pointed at a group that no longer exists), and the
+    # room changes again, so the next run resumes it from that head.
+    quiet = env.rooms["quiet"]
+    (gone,) = env.query("SELECT max(id) + 1000 FROM state_groups")[0]
+    conn = env.db()
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "UPDATE state_compressor_state SET current_head = %s WHERE room_id = %s AND current_head IS NOT NULL",
+                (gone, quiet),
+            )
+            assert cur.rowcount >= 1
+    finally:
+        conn.close()
+    env.change("quiet", 10)
     busy_before = env.room_state("busy")
     quiet_before = env.room_state("quiet")
     past = {(room, i): env.state_at(room, env.topic_events[room][i]) for room in ("busy", "quiet") for i in (4, 20, 38)}
@@ -189,6 +215,18 @@ def test_compress_state_cleans_up_after_a_purged_room(env: Env):
         conn.close()
     assert env.query("SELECT count(*) FROM rooms WHERE room_id = %s", doomed)[0][0] == 0
 
+    # The known crash, first: the compressor alone panics resuming "quiet" from the missing head.
+    password = (env.data / "embedded_postgres.pgpass").read_text().strip().rsplit(":", 1)[1]
+    url = f"postgresql://synapse:{password}@{quote(str(env.run / 'postgresql'), safe='')}:5432/synapse"
+    code = (
+        "import logging, sys, synapse_auto_compressor as m\n"
+        "logging.basicConfig(level=logging.INFO)\n"
+        "m.compress_state_events_table(sys.stdin.read(), 100, '100,50,25', 50)\n"
+    )
+    # The password goes to this child's stdin only (the test's own process).
+    crash = subprocess.run([sys.executable, "-c", code], input=url, capture_output=True, text=True, timeout=120)
+    assert crash.returncode != 0 and f"Missing {gone}" in crash.stdout + crash.stderr, crash
+
     result = env.stack.cli("compress-state", timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(
@@ -198,9 +236,8 @@ def test_compress_state_cleans_up_after_a_purged_room(env: Env):
     )
     assert match, result.stdout
     assert [int(n) for n in match.groups()] == [1, len(rows), len(edges), len(kept)]
-    assert "deleted state groups: 1 rooms' saved compressor progress named one" in result.stdout
+    assert "deleted state groups: 2 rooms' saved compressor progress named one" in result.stdout  # doomed, quiet
     assert "synapse_auto_compressor finished" in result.stdout
-    password = (env.data / "embedded_postgres.pgpass").read_text().strip().rsplit(":", 1)[1]
     assert password not in result.stdout + result.stderr
     assert env.query("SELECT count(*) FROM state_groups WHERE room_id = %s", doomed)[0][0] == 0
     assert env.query("SELECT count(*) FROM state_group_edges WHERE state_group = ANY(%s)", ids)[0][0] == 0
