@@ -491,12 +491,14 @@ def job_command(plan: Plan, job: Job) -> tuple[str, ...]:
     layout = plan.layout
     if job.name == COMPRESS_STATE:
         c = plan.settings.compressor
+        # Main's config files, in Synapse's order: the last one with a `database` section is what Synapse uses
+        # (several hosts: shared.yaml's, the cluster over TCP).
+        configs = [arg for path in plan.main.config_files for arg in ("--config", path)]
         return (
             sys.executable,
             "-m",
             "synapse_workers.run.compressor",
-            "--config",
-            plan.homeserver.path,
+            *configs,
             "--chunk-size",
             str(c.chunk_size),
             "--chunks",

@@ -175,9 +175,11 @@ def test_jobs_file_has_commands_and_no_secret(base_env):
     assert job["name"] == "compress-state" and job["schedule"] == "0 1 * * 0"
     command = job["command"]
     assert command[1:3] == ["-m", "synapse_workers.run.compressor"]
-    flags = dict(zip(command[3::2], command[4::2], strict=True))
+    configs = command[3:9]
+    assert configs[::2] == ["--config"] * 3
+    assert configs[1::2] == [plan.homeserver.path, plan.layout.shared_config, plan.layout.main_config]
+    flags = dict(zip(command[9::2], command[10::2], strict=True))
     assert flags == {
-        "--config": plan.homeserver.path,
         "--chunk-size": "700",
         "--chunks": "3",
         "--levels": "200,100",
@@ -308,7 +310,7 @@ def test_database_args_from_homeserver_yaml(tmp_root):
     path = tmp_root / "homeserver.yaml"
     args = {"user": "synapse", "dbname": "synapse", "host": "/run/x", "passfile": "/data/p", "cp_min": 1, "cp_max": 5}
     path.write_text(yaml.safe_dump({"database": {"name": "psycopg2", "args": args}}))
-    assert compressor.database_args(str(path)) == {
+    assert compressor.database_args([str(path)]) == {
         "user": "synapse",
         "dbname": "synapse",
         "host": "/run/x",
@@ -316,8 +318,15 @@ def test_database_args_from_homeserver_yaml(tmp_root):
     }
     path.write_text(yaml.safe_dump({"database": {"name": "sqlite3", "args": {"database": "/data/h.db"}}}))
     with pytest.raises(compressor.CompressorError, match="PostgreSQL only") as info:
-        compressor.database_args(str(path))
+        compressor.database_args([str(path)])
     assert info.value.code == 2
+    # a later file's database section replaces the earlier one's (several hosts: shared.yaml's, over TCP)
+    later = tmp_root / "shared.yaml"
+    later.write_text(yaml.safe_dump({"database": {"name": "psycopg2", "args": {"host": "10.0.0.5", "port": 5433}}}))
+    assert compressor.database_args([str(path), str(later)]) == {"host": "10.0.0.5", "port": 5433}
+    later.write_text(yaml.safe_dump({"redis": {"enabled": True}}))  # no database section: the earlier one stands
+    with pytest.raises(compressor.CompressorError, match="PostgreSQL only"):
+        compressor.database_args([str(path), str(later)])
 
 
 def test_lock_refuses_a_second_holder(tmp_root):

@@ -1,11 +1,12 @@
 """One run of synapse_auto_compressor (the `compress-state` job, or `synapse-workers compress-state` now).
 
-`python -m synapse_workers.run.compressor --config HOMESERVER_YAML --chunk-size N --chunks N --levels L --lock PATH`
+`python -m synapse_workers.run.compressor --config FILE... --chunk-size N --chunks N --levels L --lock PATH`
 
 1. Takes an exclusive flock on PATH for the whole run: a second run (scheduled or by hand) is refused at once
    (exit 75) instead of compressing the same rooms twice.
-2. Connects as Synapse does: the `database` section of homeserver.yaml (psycopg2 arguments; libpq reads the
-   password from the passfile we wrote, or takes the user's own `password`). SQLite: refused (exit 2).
+2. Connects as Synapse does: the `database` section of main's config files (homeserver.yaml, or shared.yaml's
+   with several hosts; psycopg2 arguments: libpq reads the password from the passfile we wrote, or takes the
+   user's own `password`). SQLite: refused (exit 2).
 3. Cleans up before the run, in one transaction, counting what it removes: the state groups of rooms that are
    provably gone (no row in `rooms`, no event left in `events`: what Synapse left behind when a room was purged,
    before element-hq/synapse#18024), and the compressor's own saved progress for rooms where it names a state
@@ -111,14 +112,19 @@ def exclusive(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def database_args(config_path: str) -> dict[str, Any]:
-    """psycopg2.connect() arguments, as Synapse derives them from homeserver.yaml (cp_* are its pool's)."""
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            doc = yaml.safe_load(handle) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise CompressorError(f"cannot read {config_path}: {exc}") from None
-    database = doc.get("database") or {}
+def database_args(config_paths: list[str]) -> dict[str, Any]:
+    """psycopg2.connect() arguments, as Synapse derives them from its config files (a later file's `database`
+    replaces an earlier one's, as Synapse merges top-level keys; cp_* are its pool's)."""
+    database: Any = {}
+    config_path = config_paths[0]
+    for path in config_paths:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                doc = yaml.safe_load(handle) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise CompressorError(f"cannot read {path}: {exc}") from None
+        if isinstance(doc, dict) and "database" in doc:
+            database, config_path = doc["database"] or {}, path
     name = database.get("name", "sqlite3") if isinstance(database, dict) else "sqlite3"
     if name not in ("psycopg2", "psycopg"):
         raise CompressorError(
@@ -186,8 +192,8 @@ def connect(args: dict[str, Any]) -> Any:
         raise CompressorError(f"cannot connect to the database ({where}): {REDACT.clean(str(exc).strip())}") from None
 
 
-def compress(config: str, chunk_size: int, chunks: int, levels: str) -> None:
-    args = database_args(config)
+def compress(configs: list[str], chunk_size: int, chunks: int, levels: str) -> None:
+    args = database_args(configs)
     conn = connect(args)
     try:
         rooms, counts, restarted = remove_orphans(conn)
@@ -218,7 +224,9 @@ def compress(config: str, chunk_size: int, chunks: int, levels: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="synapse_workers.run.compressor")
-    parser.add_argument("--config", required=True, help="homeserver.yaml (its database section)")
+    parser.add_argument(
+        "--config", action="append", required=True, help="Synapse's config files in order (homeserver.yaml first)"
+    )
     parser.add_argument("--chunk-size", type=int, required=True)
     parser.add_argument("--chunks", type=int, required=True)
     parser.add_argument("--levels", required=True)
