@@ -80,10 +80,12 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="every process of the running stack: PID, state, uptime, restarts")
     status.add_argument("--json", action="store_true", help="a list of objects (name, pid, state, uptime_s, ...)")
     status.set_defaults(func=cmd_status)
-    sub.add_parser(
+    compress = sub.add_parser(
         "compress-state",
         help="run synapse_auto_compressor once, now, against the running stack's PostgreSQL; exit with its status",
-    ).set_defaults(func=cmd_compress_state)
+    )
+    _host_option(compress)
+    compress.set_defaults(func=cmd_compress_state)
     env = sub.add_parser(
         "env", help="every variable: meaning, default and the value set here (secrets masked), as an env file"
     )
@@ -255,7 +257,7 @@ def cmd_compress_state(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .plan import COMPRESS_STATE, Job
     from .programs import child_environment, job_command
 
-    plan = load_plan(env)
+    plan = _slice_plan(args, env)
     if plan.homeserver.database == "sqlite":
         raise UserError(
             f"compress-state needs PostgreSQL, but {plan.homeserver.path} uses SQLite: synapse_auto_compressor works "
