@@ -42,8 +42,14 @@ class Running:
     relay: threading.Thread
 
 
+_output = threading.Lock()
+
+
 def log(line: str) -> None:
-    print(line, flush=True)
+    """One whole line at a time: the jobs' output is relayed from other threads."""
+    with _output:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def load_jobs(path: str) -> tuple[str, list[Job]]:
