@@ -19,7 +19,7 @@ case "$mode" in
 esac
 
 # What the stack runs (nginx is added below): also in the image's final stage.
-runtime_pkgs=(redis-server postgresql python3 util-linux ca-certificates coturn prometheus prometheus-nginx-exporter
+runtime_pkgs=(redis-server postgresql python3 util-linux ca-certificates libjemalloc2 coturn prometheus prometheus-nginx-exporter
   prometheus-redis-exporter prometheus-postgres-exporter logrotate)
 # What building the venv needs (psycopg2 and friends compile against these).
 build_pkgs=(libpq-dev build-essential python3-dev python3-venv)

@@ -414,6 +414,12 @@ class CoreSettings(Section):
         help="How Synapse processes start: fork (import Synapse once, fork each process: faster, smaller) "
         "or process (one Python per process)",
     )
+    malloc: Annotated[Literal["jemalloc", "system"], _choice("jemalloc", "system")] = var(
+        "SYNAPSE_MALLOC",
+        "jemalloc",
+        help="Allocator of the Synapse processes: jemalloc (libjemalloc2, one arena, no thread cache: less memory) "
+        "or system (glibc)",
+    )
 
     @property
     def homeserver_config_path(self) -> str:

@@ -166,13 +166,24 @@ def expected_processes(stack: Stack) -> set[str]:
 
 @pytest.fixture(scope="class", params=LAUNCH_MODES)
 def monolith(request):
-    yield from _deploy("monolith", "", request.param)
+    # glibc's malloc here (SYNAPSE_MALLOC=system); the other deployments run jemalloc, the default.
+    yield from _deploy("monolith", "", request.param, SYNAPSE_MALLOC="system")
+
+
+def mapped_allocators(pid: int) -> set[str]:
+    """jemalloc if the process has libjemalloc mapped (preloaded), else glibc."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {"jemalloc" if "libjemalloc.so" in maps else "glibc"}
 
 
 class TestMonolith:
     def test_scenario(self, monolith: Deployment):
         assert set(monolith.stack.processes()) == {"main"}
         run_scenario(monolith)
+
+    def test_system_malloc_preloads_nothing(self, monolith: Deployment):
+        for name, pid in monolith.stack.processes().items():
+            assert mapped_allocators(pid) == {"glibc"}, name
 
     def test_sigterm_stops_everything(self, monolith: Deployment):
         assert_stops_cleanly(monolith)
@@ -221,6 +232,13 @@ class TestSmallWorkerSet:
     def test_scenario(self, small: Deployment):
         assert set(small.stack.processes()) == expected_processes(small.stack)
         run_scenario(small)
+
+    def test_synapse_processes_run_jemalloc(self, small: Deployment):
+        """SYNAPSE_MALLOC=jemalloc (the default): every Synapse process has libjemalloc mapped; the tuning is in
+        its environment (forked: inherited from the zygote)."""
+        for name, pid in small.stack.processes().items():
+            assert mapped_allocators(pid) == {"jemalloc"}, name
+            assert b"MALLOC_CONF=narenas:1,tcache:false" in Path(f"/proc/{pid}/environ").read_bytes(), name
 
     def test_synapse_runs_as_uid_gid_and_owns_the_data_dir(self, small: Deployment):
         """Started as root: Synapse drops to UID:GID (991 by default), PostgreSQL to `postgres`."""

@@ -104,3 +104,20 @@ def test_redis_conf_is_socket_only_without_persistence(base_env):
     assert "port 0" in text.splitlines()
     assert f"unixsocket {plan.redis.path}" in text
     assert 'save ""' in text and "appendonly no" in text
+
+
+def test_jemalloc_is_preloaded_into_synapse_processes_only(base_env):
+    """SYNAPSE_MALLOC=jemalloc: `run` finds the library (binaries["jemalloc"]); each Synapse program (or, forked,
+    the zygote whose children inherit it) preloads it with one arena and no thread cache; nothing else does."""
+    library = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    for mode, synapse_programs in (("process", {"main", "synchrotron1"}), ("fork", {"synapse"})):
+        plan = load_plan({**base_env, "SYNAPSE_WORKER_TYPES": "synchrotron", "SYNAPSE_LAUNCH_MODE": mode})
+        rows = programs(plan, False, {**BINARIES, "jemalloc": library})
+        preloaded = {p.name for p in rows if "LD_PRELOAD" in p.env}
+        assert preloaded == synapse_programs, (mode, preloaded)
+        for row in rows:
+            if row.name in preloaded:
+                assert row.env["LD_PRELOAD"] == library
+                assert row.env["MALLOC_CONF"] == "narenas:1,tcache:false"
+        # SYNAPSE_MALLOC=system: `run` puts no library in binaries, and nothing is preloaded.
+        assert not any("LD_PRELOAD" in p.env for p in programs(plan, False, BINARIES))

@@ -27,6 +27,20 @@ COTURN_USER = "turnserver"  # created by Debian's coturn package
 PROMETHEUS_USER = "prometheus"  # created by Debian's prometheus package
 
 
+# SYNAPSE_MALLOC=jemalloc: preloaded into the Synapse processes (Debian's multiarch library paths).
+JEMALLOC_PATHS = tuple(f"/usr/lib/{arch}-linux-gnu/libjemalloc.so.2" for arch in ("x86_64", "aarch64", "arm", "i386"))
+
+
+def find_jemalloc() -> str:
+    for path in JEMALLOC_PATHS:
+        if os.path.exists(path):
+            return path
+    raise UserError(
+        "SYNAPSE_MALLOC=jemalloc (the default) needs libjemalloc.so.2, from the Debian package libjemalloc2: "
+        "install it (scripts/install.sh does), or set SYNAPSE_MALLOC=system for glibc's malloc."
+    )
+
+
 def find(name: str) -> str:
     fallback, package = KNOWN[name]
     path = shutil.which(name) or (fallback if os.path.exists(fallback) else None)
@@ -54,6 +68,8 @@ def find_binaries(plan: Plan) -> dict[str, str]:
     if any(job.name == ROTATE_LOGS for job in plan.jobs):
         wanted.append("logrotate")
     found = {name: find(name) for name in wanted}
+    if plan.settings.core.malloc == "jemalloc" and plan.local_processes:
+        found["jemalloc"] = find_jemalloc()
     if coturn is not None and coturn.listener(METRICS) is not None:
         _check_coturn_prometheus(found["turnserver"])
     if plan.postgres:
