@@ -151,8 +151,49 @@ def log_lines(env: Env, prefix: str) -> list[str]:
     return [line for line in env.stack.log_path.read_text(errors="replace").splitlines() if line.startswith(prefix)]
 
 
+def test_rotation_under_traffic_loses_no_line(env: Env):
+    access_log = env.data / "logs" / "nginx-access.log"
+    conf = env.run / "scheduler" / "logrotate.conf"
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def traffic() -> None:
+        with httpx.Client(base_url=env.stack.base_url, timeout=30) as client:
+            n = 0
+            while not stop.is_set():
+                assert client.get("/_matrix/client/versions", params={"n": str(n)}).status_code == 200
+                sent.append(n)
+                n += 1
+
+    thread = threading.Thread(target=traffic, daemon=True)
+    thread.start()
+    try:
+        assert wait_for(lambda: len(sent) > 200, 60, 0.1)
+        jobs = json.loads((env.run / "scheduler" / "jobs.json").read_text())["jobs"]
+        command = next(j["command"] for j in jobs if j["name"] == "rotate-logs")  # what the scheduler runs daily
+        assert command[-1] == str(conf)
+        rotated = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        assert rotated.returncode == 0, rotated.stderr
+        mark = len(sent)
+        assert wait_for(lambda: len(sent) > mark + 200 and access_log.exists(), 60, 0.1)
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    time.sleep(1.5)  # nginx writes a line when the response is done; let the last ones land
+    old = (access_log.parent / "nginx-access.log.1").read_text()
+    new = access_log.read_text()
+    assert not (access_log.parent / "nginx-access.log.1.gz").exists()  # delaycompress
+    seen_old = {int(n) for n in re.findall(r"/_matrix/client/versions\?n=(\d+) ", old)}
+    seen_new = {int(n) for n in re.findall(r"/_matrix/client/versions\?n=(\d+) ", new)}
+    assert seen_old and seen_new, "both files hold requests"
+    missing = set(sent) - seen_old - seen_new
+    assert not missing, f"{len(missing)} requests have no line: {sorted(missing)[:20]}"
+    assert max(seen_old) < max(seen_new)
+
+
 def test_scheduler_runs_the_due_compressor(env: Env):
-    """Due at the minute set at start: within ~100 s the scheduler starts it and logs how it ended."""
+    """Due at the minute set at start (the rotation test above runs meanwhile): the scheduler starts it and logs
+    how it ended."""
     status = json.loads(env.stack.cli("status", "--json").stdout)
     assert {r["name"]: r["state"] for r in status}.get("scheduler") == "RUNNING", status
     assert wait_for(
@@ -274,43 +315,3 @@ def test_second_run_is_refused_while_one_runs(env: Env):
         code = first.wait(timeout=300) if first is not None else None
     assert wait_for(lambda: any("synapse_auto_compressor finished" in line for line in seen), 10, 0.1), seen
     assert code == 0, "".join(seen)
-
-
-def test_rotation_under_traffic_loses_no_line(env: Env):
-    access_log = env.data / "logs" / "nginx-access.log"
-    conf = env.run / "scheduler" / "logrotate.conf"
-    stop = threading.Event()
-    sent: list[int] = []
-
-    def traffic() -> None:
-        with httpx.Client(base_url=env.stack.base_url, timeout=30) as client:
-            n = 0
-            while not stop.is_set():
-                assert client.get("/_matrix/client/versions", params={"n": str(n)}).status_code == 200
-                sent.append(n)
-                n += 1
-
-    thread = threading.Thread(target=traffic, daemon=True)
-    thread.start()
-    try:
-        assert wait_for(lambda: len(sent) > 200, 60, 0.1)
-        jobs = json.loads((env.run / "scheduler" / "jobs.json").read_text())["jobs"]
-        command = next(j["command"] for j in jobs if j["name"] == "rotate-logs")  # what the scheduler runs daily
-        assert command[-1] == str(conf)
-        rotated = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        assert rotated.returncode == 0, rotated.stderr
-        mark = len(sent)
-        assert wait_for(lambda: len(sent) > mark + 200 and access_log.exists(), 60, 0.1)
-    finally:
-        stop.set()
-        thread.join(timeout=30)
-    time.sleep(1.5)  # nginx writes a line when the response is done; let the last ones land
-    old = (access_log.parent / "nginx-access.log.1").read_text()
-    new = access_log.read_text()
-    assert not (access_log.parent / "nginx-access.log.1.gz").exists()  # delaycompress
-    seen_old = {int(n) for n in re.findall(r"/_matrix/client/versions\?n=(\d+) ", old)}
-    seen_new = {int(n) for n in re.findall(r"/_matrix/client/versions\?n=(\d+) ", new)}
-    assert seen_old and seen_new, "both files hold requests"
-    missing = set(sent) - seen_old - seen_new
-    assert not missing, f"{len(missing)} requests have no line: {sorted(missing)[:20]}"
-    assert max(seen_old) < max(seen_new)
