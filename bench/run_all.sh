@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run every benchmark and keep the output in bench/results-<date>.txt (summary: docs/benchmarks.md).
 # Needs root (Synapse drops to UID 991, PostgreSQL to `postgres`), like `synapse-workers run` itself.
-#   bash bench/run_all.sh            # defaults: about 12 minutes on 2 cores
+#   bash bench/run_all.sh            # defaults: about 25 minutes on 2 cores
 #   RUNS=1 bash bench/run_all.sh     # quicker: one run per measurement
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,6 +20,7 @@ if [[ -n "${RUNS:-}" ]]; then runs=(--runs "$RUNS"); fi
   "$python" bench/startup_memory.py "${runs[@]}"
   "$python" bench/proxy_overhead.py "${runs[@]}"
   "$python" bench/messaging.py "${runs[@]}"
+  "$python" bench/addons.py "${runs[@]}"
   echo "# total wall time: $(( $(date +%s) - start ))s"
 } 2>&1 | tee "$out"
 echo "results: $out"
