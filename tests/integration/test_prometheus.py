@@ -29,18 +29,24 @@ WORKERS = "synchrotron, event_persister"
 EXPECTED = {"main": "main", "synchrotron1": "synchrotron", "event_persister1": "event_persister"}
 
 
-@pytest.fixture(scope="module", params=["tcp", "unix"])
-def stack(request):
-    """Metrics listeners on loopback TCP, then on unix sockets (scraped through nginx's loopback server)."""
-    root = make_root("sw-prometheus-")
+def metrics_env(root: Path, workers: str, **extra: str) -> dict[str, str]:
+    """SYNAPSE_METRICS on, Prometheus on a free port outside the stack's internal range and public port."""
+    env = stack_env(root, workers, SYNAPSE_METRICS="1", **extra)
     port = free_port()
-    env = stack_env(root, WORKERS, SYNAPSE_METRICS="1", PROMETHEUS_PORT=str(port), PROMETHEUS_SCRAPE_INTERVAL="1s",
-                    SYNAPSE_METRICS_UNIX_SOCKETS="1" if request.param == "unix" else "0",
-                    SYNAPSE_ENABLE_REDIS_METRIC_EXPORT="1", SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT="1")
     base = int(env["SYNAPSE_INTERNAL_PORT_BASE"])
     while base <= port < base + 120 or str(port) == env["SYNAPSE_HTTP_PORT"]:
         port = free_port()
     env["PROMETHEUS_PORT"] = str(port)
+    return env
+
+
+@pytest.fixture(scope="module", params=["tcp", "unix"])
+def stack(request):
+    """Metrics listeners on loopback TCP, then on unix sockets (scraped through nginx's loopback server)."""
+    root = make_root("sw-prometheus-")
+    env = metrics_env(root, WORKERS, PROMETHEUS_SCRAPE_INTERVAL="1s",
+                      SYNAPSE_METRICS_UNIX_SOCKETS="1" if request.param == "unix" else "0",
+                      SYNAPSE_ENABLE_REDIS_METRIC_EXPORT="1", SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT="1")
     stack = Stack(env)
     try:
         stack.start(300)
@@ -185,12 +191,7 @@ def test_postgres_exporter_for_an_external_database():
 
     root = make_root("sw-pgexp-")
     with PgCluster(user="mx_user", database="mx_db") as pg:
-        env = stack_env(root, "", SYNAPSE_METRICS="1", SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT="1", **pg.env())
-        port = free_port()
-        base = int(env["SYNAPSE_INTERNAL_PORT_BASE"])
-        while base <= port < base + 120 or str(port) == env["SYNAPSE_HTTP_PORT"]:
-            port = free_port()
-        env["PROMETHEUS_PORT"] = str(port)
+        env = metrics_env(root, "", SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT="1", **pg.env())
         stack = Stack(env)
         try:
             stack.start(300)
