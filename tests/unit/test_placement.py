@@ -21,16 +21,9 @@ from synapse_workers.load import load_plan
 from synapse_workers.programs import STAGE_MAIN, STAGE_WORKERS, programs, remote_waits
 from synapse_workers.render import render_all
 from synapse_workers.run.postgres import hba_text
+from tests.unit.test_programs import BINARIES, PG_USER
 
 SCRIPT = str(Path(sys.executable).with_name("synapse-workers"))
-BINARIES = {
-    "nginx": "/usr/sbin/nginx",
-    "setpriv": "/usr/bin/setpriv",
-    "redis-server": "/usr/bin/redis-server",
-    "postgres": "/usr/lib/postgresql/15/bin/postgres",
-    "pg_isready": "/usr/lib/postgresql/15/bin/pg_isready",
-}
-PG_USER = ("postgres", 101, 104)
 HOSTS = "db=10.0.0.11, front=10.0.0.12, w1=10.0.0.13, w2=10.0.0.14"
 PLACEMENT = "main=front, nginx=front, synchrotron=w1, event_persister=w1, postgres=db, redis=db, client_reader1=w2"
 WORKERS = "synchrotron, event_persister, client_reader:2"
