@@ -196,6 +196,11 @@ def test_scheduler_runs_the_due_compressor(env: Env):
     how it ended."""
     status = json.loads(env.stack.cli("status", "--json").stdout)
     assert {r["name"]: r["state"] for r in status}.get("scheduler") == "RUNNING", status
+    pid = next(r["pid"] for r in status if r["name"] == "scheduler")
+    password = (env.data / "embedded_postgres.pgpass").read_text().strip().rsplit(":", 1)[1].encode()
+    environ = Path(f"/proc/{pid}/environ").read_bytes()
+    assert password not in environ and password not in _cmdline(Path(f"/proc/{pid}"))
+    assert b"POSTGRES_PASSWORD" not in environ
     assert wait_for(
         lambda: any("compress-state: finished OK" in line for line in log_lines(env, "scheduler")), 150, 1
     ), "\n".join(log_lines(env, "scheduler")) or env.stack.tail()
@@ -313,9 +318,24 @@ def test_second_run_is_refused_while_one_runs(env: Env):
         assert second.returncode == 75, second.stdout + second.stderr
         assert "another compressor run is in progress" in second.stdout
         assert first.poll() is None  # still held up by the table lock
+        # The running compressor (connected: it holds its lock) has the password in neither argv nor environment.
+        password = (env.data / "embedded_postgres.pgpass").read_text().strip().rsplit(":", 1)[1].encode()
+        lock = str(env.run / "state" / "compressor.lock").encode()
+        runs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline(p).count(lock)]
+        assert runs, "the compressor process"
+        for proc in runs:
+            assert b"synapse_workers.run.compressor" in _cmdline(proc)
+            assert password not in _cmdline(proc) and password not in (proc / "environ").read_bytes()
     finally:
         blocker.rollback()
         blocker.close()
         code = first.wait(timeout=300) if first is not None else None
     assert wait_for(lambda: any("synapse_auto_compressor finished" in line for line in seen), 10, 0.1), seen
     assert code == 0, "".join(seen)
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
