@@ -160,6 +160,8 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if plan.placement is not None:
         for service in ("nginx", "postgres", "redis"):
             print(f"  {service:28} {plan.placement.where[service]}")
+    for job in plan.jobs:
+        print(f"  job {job.name:24} {job.schedule}")
     return 0
 
 
@@ -178,7 +180,7 @@ def _logrotate_test(plan: Plan) -> bool:
     from .plan import ROTATE_LOGS
     from .run.binaries import find
 
-    if not any(job.name == ROTATE_LOGS for job in plan.jobs):
+    if not plan.local("nginx") or not any(job.name == ROTATE_LOGS for job in plan.jobs):
         return True
     layout = plan.layout
     command = [find("logrotate"), "-d", "--state", layout.logrotate_state, layout.logrotate_conf]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,8 @@ def test_jobs_in_plan_json(base_env, capsys):
     env["NGINX_DISABLE_LOGROTATE"] = "1"
     assert cli_main(["plan", "--json"], env) == 0
     assert json.loads(capsys.readouterr().out)["jobs"] == {"compress-state": {"schedule": "30 2 * * 1-5"}}
+    assert cli_main(["plan"], env) == 0
+    assert re.search(r"^  job compress-state +30 2 \* \* 1-5$", capsys.readouterr().out, re.M)
 
 
 def test_logrotate_job_only_with_logs_on_disk(base_env):
@@ -376,3 +379,30 @@ def test_compress_state_says_when_the_database_is_unreachable(base_env, capfd):
     assert "Connection refused" in out
     assert env["POSTGRES_PASSWORD"] not in out + err
     assert "Traceback" not in out + err
+
+
+def test_several_hosts_schedule_on_nginx_host_only(base_env):
+    """With SYNAPSE_HOSTS the scheduler and its files belong to nginx's host; `compress-state` there connects with
+    shared.yaml's database (the cluster over TCP). (SYNAPSE_ENABLE_COMPRESSOR itself is refused there for now.)"""
+    from synapse_workers.plan import Job
+    from synapse_workers.programs import job_command
+    from tests.unit.test_placement import HOSTS, PLACEMENT, WORKERS
+
+    env = {k: v for k, v in base_env.items() if k != "POSTGRES_PASSWORD"}
+    env.update(SYNAPSE_WORKER_TYPES=WORKERS, SYNAPSE_HOSTS=HOSTS, SYNAPSE_PLACEMENT=PLACEMENT)
+    env.update(SYNAPSE_LAUNCH_MODE="process", SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK="1")
+    pg_user = ("postgres", 101, 104)
+    assert cli_main(["generate", "--host", "front"], env) == 0  # main's host creates the secrets (shared here)
+    for host in ("front", "db", "w1"):
+        plan = load_plan(env, host)
+        names = {p.name for p in programs(plan, False, BINARIES, postgres_user=pg_user)}
+        files = render_all(plan).managed
+        on_front = host == "front"  # nginx's host
+        assert ("scheduler" in names) == on_front, (host, names)
+        assert (plan.layout.jobs_file in files) == on_front
+        assert (plan.layout.logrotate_conf in files) == on_front
+    front = load_plan(env, "front")
+    shared = yaml.safe_load(render_all(front).managed[front.layout.shared_config])
+    assert shared["database"]["args"]["host"] == "10.0.0.11"  # the db host
+    command = job_command(front, Job("compress-state", ""))
+    assert command[command.index(front.layout.shared_config) - 1] == "--config"

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 
-from ..plan import Plan
+from ..plan import NGINX, Plan
 from ..programs import job_command
 from .logrotate import render_logrotate
 
 
 def render_scheduler(plan: Plan) -> dict[str, str]:
-    if not plan.jobs:
+    if not plan.jobs or not plan.local(NGINX):  # several hosts: the scheduler runs on nginx's host
         return {}
     doc = {
         "heartbeat": plan.layout.scheduler_heartbeat,
