@@ -12,6 +12,9 @@
   it, and finishes with 0; the other rooms' state read through the client API (now, and at past events) is
   unchanged;
 - a second `compress-state` while one is running (held up by a table lock in PostgreSQL) is refused;
+- the scheduler's loop on its own (started before the stack, its jobs due at the next minute): it runs a due job,
+  relays its output, reports its exit status, reports a job whose program does not exist and goes on, and stops
+  cleanly on SIGTERM;
 - nginx's access log rotated by the rotate-logs job's command (logrotate with the generated rules, which reopen
   nginx's log by SIGUSR1) under continuous traffic: every request's line is in the old file or the new one.
 """
@@ -21,8 +24,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from datetime import datetime, timedelta
@@ -118,6 +123,34 @@ class Env:
 def _state(events: list[dict]) -> list[tuple]:
     """(type, state_key, event_id, content) of each state event: what the state is, without ages."""
     return sorted((e["type"], e["state_key"], e["event_id"], json.dumps(e["content"], sort_keys=True)) for e in events)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def loop():
+    """The scheduler's loop on its own, started first (its jobs are due at the next minute, while the stack's
+    tests run): a job that prints and fails, and one whose program does not exist."""
+    root = Path(tempfile.mkdtemp(prefix="sw-loop-"))
+    doc = {
+        "heartbeat": str(root / "alive"),
+        "jobs": [
+            {"name": "hello", "schedule": "* * * * *", "command": ["sh", "-c", "echo hi from the job; exit 3"]},
+            {"name": "ghost", "schedule": "* * * * *", "command": [str(root / "no-such-program")]},
+        ],
+    }
+    (root / "jobs.json").write_text(json.dumps(doc))
+    with open(root / "out", "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "synapse_workers.run.scheduler", str(root / "jobs.json")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc, root
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +372,22 @@ def _cmdline(proc: Path) -> bytes:
         return (proc / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+def test_the_loop_alone_runs_due_jobs_and_reports_them(loop):
+    proc, root = loop
+    lines = lambda: (root / "out").read_text().splitlines()  # noqa: E731
+    assert wait_for(lambda: any(line.startswith("hello: FAILED") for line in lines()), 75, 0.5), lines()
+    assert proc.poll() is None and scheduler_alive(root / "alive")
+    proc.terminate()
+    assert proc.wait(timeout=15) == 0  # SIGTERM: a clean stop
+    out = lines()
+    assert out[0].startswith("hello: scheduled '* * * * *', next run ")
+    assert any(re.fullmatch(r"hello: started \(due \d{4}-\d\d-\d\d \d\d:\d\d\)", line) for line in out), out
+    assert "hello: hi from the job" in out
+    assert any(re.fullmatch(r"hello: FAILED with exit 3 after \d+\.\ds", line) for line in out), out
+    assert any(line.startswith("ghost: FAILED to start: ") for line in out), out
+
+
+def scheduler_alive(heartbeat: Path) -> bool:
+    return time.time() - heartbeat.stat().st_mtime < 30

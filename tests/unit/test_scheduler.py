@@ -342,6 +342,12 @@ def test_lock_refuses_a_second_holder(tmp_root):
         pass
 
 
+def test_lock_in_a_directory_we_cannot_use(tmp_root):
+    lock = str(tmp_root / "missing-dir" / "compressor.lock")
+    with pytest.raises(compressor.CompressorError, match="cannot open the lock file"), compressor.exclusive(lock):
+        pass
+
+
 def test_unknown_job_is_a_bug(base_env):
     from synapse_workers.plan import Job
     from synapse_workers.programs import job_command
