@@ -129,12 +129,11 @@ def run(jobs_file: str) -> int:
         for name in skipped:
             log(f"{name}: due, but its previous run is still going: skipped; next {_when(due[name])}")
         for job, when in starting:
+            log(f"{job.name}: started (due {when:%Y-%m-%d %H:%M})")  # before any line of its own output
             try:
                 running[job.name] = start(job)
             except OSError as exc:
                 log(f"{job.name}: FAILED to start: {exc}")
-                continue
-            log(f"{job.name}: started (due {when:%Y-%m-%d %H:%M})")
         stopping.wait(POLL_SECONDS)
     _stop(running)
     return 0
