@@ -147,6 +147,7 @@ def test_refuses_what_the_export_cannot_carry(env, tmp_root):
     tls = {**env, "SYNAPSE_TLS_CERT": str(cert), "SYNAPSE_TLS_KEY": str(cert)}
     refused(tls, tmp_root, "kubernetes", "SYNAPSE_TLS_CERT")
     refused({**env, "SYNAPSE_ENABLE_BUILTIN_COTURN": "1"}, tmp_root, "compose", "SYNAPSE_ENABLE_BUILTIN_COTURN")
+    refused({**env, "SYNAPSE_ENABLE_COMPRESSOR": "1"}, tmp_root, "kubernetes", "SYNAPSE_ENABLE_COMPRESSOR")
     log_config = tmp_root / "log.yaml"
     log_config.write_text("version: 1\n")
     refused({**env, "SYNAPSE_LOG_CONFIG": str(log_config)}, tmp_root, "kubernetes", "SYNAPSE_LOG_CONFIG")

@@ -243,7 +243,12 @@ def _refuse_unsupported(plan: Plan, target: str) -> None:
     if settings.turn.builtin_coturn:
         problems.append(
             f"export {target}: SYNAPSE_ENABLE_BUILTIN_COTURN is on, but coturn is not exported: expected it off "
-            "(run a TURN server of your own and set SYNAPSE_TURN_URIS and TURN_SHARED_SECRET)."
+            "(run a TURN server of your own and set SYNAPSE_TURN_URIS and SYNAPSE_TURN_SECRET)."
+        )
+    if settings.compressor.enabled:
+        problems.append(
+            f"export {target}: SYNAPSE_ENABLE_COMPRESSOR is on, but the scheduled state compressor is not exported: "
+            "expected it off (schedule synapse_auto_compressor against your database yourself, e.g. a CronJob)."
         )
     if plan.homeserver.user_log_config:
         problems.append(
