@@ -340,6 +340,10 @@ class BenchStack:
             self.stack.start(timeout=timeout)
         except BaseException:
             self._hard_stop()
+            if self.stack.log_path.exists():  # the whole log outlives the temp root: the reason is often early
+                kept = Path(f"/tmp/sw-bench-failed-{time.strftime('%Y%m%d-%H%M%S')}.log")
+                shutil.copy(self.stack.log_path, kept)
+                print(f"  start failed: the stack's whole log is in {kept}", file=sys.stderr, flush=True)
             raise
         finally:
             if self.stack is not None:
