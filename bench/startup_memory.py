@@ -2,7 +2,7 @@
 
 For each topology: a fresh temp root with the embedded PostgreSQL; the first start (initdb, database
 creation, Synapse's schema) is a warm-up reported on its own; then --runs restarts on the same data dir.
-Ready = the public port answers /health and /_matrix/client/versions with 200 (polled every 0.25 s).
+Ready = the public port answers /health and /_matrix/client/versions with 200 (polled every 0.05 s).
 Memory is read ~--idle seconds after ready from /proc/<pid>/smaps_rollup of every process of the stack.
 Stop = SIGTERM to `synapse-workers run` until it has exited (it stops everything in reverse order).
 

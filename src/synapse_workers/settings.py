@@ -414,12 +414,17 @@ class CoreSettings(Section):
         help="How Synapse processes start: fork (import Synapse once, fork each process: faster, smaller) "
         "or process (one Python per process)",
     )
-    malloc: Annotated[Literal["jemalloc", "system"], _choice("jemalloc", "system")] = var(
+    malloc: Annotated[Literal["auto", "jemalloc", "system"], _choice("auto", "jemalloc", "system")] = var(
         "SYNAPSE_MALLOC",
-        "jemalloc",
-        help="Allocator of the Synapse processes: jemalloc (libjemalloc2, one arena, no thread cache: less memory) "
-        "or system (glibc)",
+        "auto",
+        help="Allocator of the Synapse processes: jemalloc (libjemalloc2, one arena, no thread cache), system "
+        "(glibc), or auto: jemalloc in fork mode",
     )
+
+    @property
+    def jemalloc(self) -> bool:
+        """Measured (docs/benchmarks.md): jemalloc saves memory with forked processes, costs some without."""
+        return self.malloc == "jemalloc" or (self.malloc == "auto" and self.launch_mode == "fork")
 
     @property
     def homeserver_config_path(self) -> str:

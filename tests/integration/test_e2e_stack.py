@@ -166,7 +166,7 @@ def expected_processes(stack: Stack) -> set[str]:
 
 @pytest.fixture(scope="class", params=LAUNCH_MODES)
 def monolith(request):
-    # glibc's malloc here (SYNAPSE_MALLOC=system); the other deployments run jemalloc, the default.
+    # glibc's malloc here (SYNAPSE_MALLOC=system); the other deployments use the default (auto).
     yield from _deploy("monolith", "", request.param, SYNAPSE_MALLOC="system")
 
 
@@ -233,12 +233,14 @@ class TestSmallWorkerSet:
         assert set(small.stack.processes()) == expected_processes(small.stack)
         run_scenario(small)
 
-    def test_synapse_processes_run_jemalloc(self, small: Deployment):
-        """SYNAPSE_MALLOC=jemalloc (the default): every Synapse process has libjemalloc mapped; the tuning is in
-        its environment (forked: inherited from the zygote)."""
+    def test_synapse_processes_allocator(self, small: Deployment):
+        """SYNAPSE_MALLOC=auto (the default): in fork mode every Synapse process has libjemalloc mapped, the tuning
+        in its environment (inherited from the zygote); separate processes keep glibc's malloc."""
+        forked = small.env["SYNAPSE_LAUNCH_MODE"] == "fork"
         for name, pid in small.stack.processes().items():
-            assert mapped_allocators(pid) == {"jemalloc"}, name
-            assert b"MALLOC_CONF=narenas:1,tcache:false" in Path(f"/proc/{pid}/environ").read_bytes(), name
+            assert mapped_allocators(pid) == {"jemalloc" if forked else "glibc"}, name
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+            assert (b"MALLOC_CONF=narenas:1,tcache:false" in environ) == forked, name
 
     def test_synapse_runs_as_uid_gid_and_owns_the_data_dir(self, small: Deployment):
         """Started as root: Synapse drops to UID:GID (991 by default), PostgreSQL to `postgres`."""

@@ -67,6 +67,8 @@ class Stack:
         log.close()
         return self
 
+    poll_interval = 0.25  # readiness polls (benchmarks poll faster with a cheaper client)
+
     def start(self, timeout: float = 300) -> "Stack":
         self.launch()
         deadline = time.monotonic() + timeout
@@ -77,7 +79,7 @@ class Stack:
                 self.ready_after = time.monotonic() - self.started_at
                 self.leftovers()  # remembers the stack's sessions while its processes still show the root
                 return self
-            time.sleep(0.25)
+            time.sleep(self.poll_interval)
         raise TimeoutError(f"stack not ready after {timeout}s:\n{self.tail()}")
 
     def ready(self) -> bool:

@@ -121,3 +121,11 @@ def test_jemalloc_is_preloaded_into_synapse_processes_only(base_env):
                 assert row.env["MALLOC_CONF"] == "narenas:1,tcache:false"
         # SYNAPSE_MALLOC=system: `run` puts no library in binaries, and nothing is preloaded.
         assert not any("LD_PRELOAD" in p.env for p in programs(plan, False, BINARIES))
+
+
+def test_malloc_default_is_jemalloc_in_fork_mode_only(base_env):
+    """Measured: jemalloc saves memory with forked processes and costs some with separate ones."""
+    cases = [("fork", "auto", True), ("process", "auto", False), ("process", "jemalloc", True), ("fork", "system", False)]
+    for mode, malloc, expected in cases:
+        plan = load_plan({**base_env, "SYNAPSE_LAUNCH_MODE": mode, "SYNAPSE_MALLOC": malloc})
+        assert plan.settings.core.jemalloc is expected, (mode, malloc)

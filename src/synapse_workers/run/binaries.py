@@ -36,8 +36,8 @@ def find_jemalloc() -> str:
         if os.path.exists(path):
             return path
     raise UserError(
-        "SYNAPSE_MALLOC=jemalloc (the default) needs libjemalloc.so.2, from the Debian package libjemalloc2: "
-        "install it (scripts/install.sh does), or set SYNAPSE_MALLOC=system for glibc's malloc."
+        "SYNAPSE_MALLOC (jemalloc, or auto in fork mode) needs libjemalloc.so.2, from the Debian package "
+        "libjemalloc2: install it (scripts/install.sh does), or set SYNAPSE_MALLOC=system for glibc's malloc."
     )
 
 
@@ -68,7 +68,7 @@ def find_binaries(plan: Plan) -> dict[str, str]:
     if any(job.name == ROTATE_LOGS for job in plan.jobs):
         wanted.append("logrotate")
     found = {name: find(name) for name in wanted}
-    if plan.settings.core.malloc == "jemalloc" and plan.local_processes:
+    if plan.settings.core.jemalloc and plan.local_processes:
         found["jemalloc"] = find_jemalloc()
     if coturn is not None and coturn.listener(METRICS) is not None:
         _check_coturn_prometheus(found["turnserver"])
