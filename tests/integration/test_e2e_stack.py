@@ -157,9 +157,11 @@ def _cmdline(pid: int) -> str:
 
 
 def expected_processes(stack: Stack) -> set[str]:
-    plan = stack.cli("plan")
+    """main and every worker, as `plan --json` lists them."""
+    plan = stack.cli("plan", "--json")
     assert plan.returncode == 0, plan.stderr
-    return {line.split()[0] for line in plan.stdout.splitlines()[1:]}
+    doc = json.loads(plan.stdout)
+    return {doc["main"]["name"], *(worker["name"] for worker in doc["workers"])}
 
 
 # ---- monolith, embedded PostgreSQL; restart with a synchrotron -------------------------------------------
