@@ -173,32 +173,27 @@ def _port(kind: str) -> dict[str, Any]:
 def _synapse_services(group: Group) -> list[dict[str, Any]]:
     """The group's headless Service (per-pod DNS for instance_map), and a ClusterIP Service per pod with a public
     listener (nginx's upstream servers: a stable address that survives the pod's restarts)."""
-    headless = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": group.workload, "labels": _labels(group.workload, "synapse")},
-        "spec": {
-            "clusterIP": "None",
-            "selector": _selector(group.workload),
-            "ports": [_port(kind) for kind in group.kinds],
-        },
-    }
-    result: list[dict[str, Any]] = [headless]
+    labels = _labels(group.workload, "synapse")
+    ports = [_port(kind) for kind in group.kinds]
+    result: list[dict[str, Any]] = [_service(group.workload, labels, _selector(group.workload), ports, "None")]
     if PUBLIC in group.kinds:
         for member in group.members:
-            result.append(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Service",
-                    "metadata": {"name": member.unit, "labels": _labels(group.workload, "synapse")},
-                    "spec": {
-                        "type": "ClusterIP",
-                        "selector": {**_selector(group.workload), POD_NAME_LABEL: member.unit},
-                        "ports": [_port(PUBLIC), _port(HEALTH)],
-                    },
-                }
-            )
+            selector = {**_selector(group.workload), POD_NAME_LABEL: member.unit}
+            result.append(_service(member.unit, labels, selector, [_port(PUBLIC), _port(HEALTH)]))
     return result
+
+
+def _service(
+    name: str, labels: dict[str, str], selector: dict[str, str], ports: list[dict[str, Any]], cluster_ip: str = ""
+) -> dict[str, Any]:
+    """A Service; `cluster_ip="None"`: headless (the StatefulSet's pods by name), else a ClusterIP Service."""
+    spec: dict[str, Any] = {"clusterIP": cluster_ip} if cluster_ip else {"type": "ClusterIP"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {**spec, "selector": selector, "ports": ports},
+    }
 
 
 def _security(uid: int, gid: int, low_port: bool = False) -> dict[str, Any]:
@@ -383,16 +378,8 @@ def _redis() -> list[dict[str, Any]]:
             },
         },
     }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": REDIS_HOST, "labels": labels},
-        "spec": {
-            "selector": _selector(REDIS_HOST),
-            "ports": [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}],
-        },
-    }
-    return [service, deployment]
+    ports = [{"name": "redis", "port": REDIS_PORT, "targetPort": "redis", "protocol": "TCP"}]
+    return [_service(REDIS_HOST, labels, _selector(REDIS_HOST), ports), deployment]
 
 
 def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]:
@@ -445,17 +432,8 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
             },
         },
     }
-    service = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": NGINX, "labels": labels},
-        "spec": {
-            "type": "ClusterIP",
-            "selector": _selector(NGINX),
-            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
-        },
-    }
-    return [service, deployment]
+    ports = [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]
+    return [_service(NGINX, labels, _selector(NGINX), ports), deployment]
 
 
 def _network_policies() -> list[dict[str, Any]]:
