@@ -19,7 +19,6 @@ For each: the first start (initdb, schema) as a warm-up, then --runs restarts me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import struct
@@ -32,8 +31,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BenchStack, CpuWindow, LoadLog, classify, fmt, median, print_header, print_table, smaps_rollup  # noqa: E402
-from launch_modes import TICKS, cpu_seconds, synapse_pids  # noqa: E402
+from common import BenchStack, CpuWindow, LoadLog, fmt, median, print_header, print_table, smaps_rollup  # noqa: E402
+from launch_modes import TICKS, cpu_seconds, status, synapse_pids  # noqa: E402
 
 WORKERS = "synchrotron, event_persister"
 ADDONS = ("prometheus", "nginx_exporter", "redis_exporter", "postgres_exporter", "coturn")
@@ -44,11 +43,6 @@ ADDON_ENV = {
     "SYNAPSE_ENABLE_BUILTIN_COTURN": "yes",
     "COTURN_INTERNAL_IP": "127.0.0.1",
 }
-
-
-def status(stack: BenchStack) -> dict[str, dict]:
-    doc = json.loads(Path(stack.env["SYNAPSE_RUNTIME_DIR"], "state", "status.json").read_text())
-    return {p["name"]: p for p in doc["processes"]}
 
 
 def stun_ok(target: str) -> bool:
@@ -123,12 +117,12 @@ def pss_rss(pid: int) -> tuple[float, float]:
 
 def measure(variant: str, extra: dict[str, str], args, load: LoadLog) -> dict:
     result: dict = {"variant": variant, "ready": [], "addon_ready": {}, "mem": {}, "cpu": {}, "foreign": []}
-    coturn_ports = {}
-    if "SYNAPSE_ENABLE_BUILTIN_COTURN" in extra:
-        from tests.integration.test_coturn import coturn_ports as free_coturn_ports
+    with BenchStack(WORKERS, prefix="sw-ba-", **extra) as stack:
+        if "SYNAPSE_ENABLE_BUILTIN_COTURN" in extra:  # coturn's ports: free, and outside the internal range
+            from tests.integration.test_coturn import coturn_ports
 
-        coturn_ports = free_coturn_ports(range(0))
-    with BenchStack(WORKERS, prefix="sw-ba-", **extra, **coturn_ports) as stack:
+            base = int(stack.env["SYNAPSE_INTERNAL_PORT_BASE"])
+            stack.env.update(coturn_ports(range(base, base + 120)))
         load.wait_quiet()
         result["first_start"] = stack.start()
         names = [n for n in ADDONS if n in status(stack)] if variant != "base" else []
@@ -148,8 +142,7 @@ def measure(variant: str, extra: dict[str, str], args, load: LoadLog) -> dict:
             for name, pid in pids.items():
                 pss, rss = pss_rss(pid)
                 result["mem"].setdefault(name, []).append((pss, rss))
-            launcher = stack.stack.proc.pid if stack.stack and stack.stack.proc else -1
-            syn = [smaps_rollup(p) or {"pss": 0.0, "rss": 0.0} for p in synapse if classify(p, launcher) == "synapse"]
+            syn = [smaps_rollup(p) or {"pss": 0.0, "rss": 0.0} for p in synapse]  # synapse_pids: classified
             result["mem"].setdefault("Synapse (all)", []).append(
                 (sum(u["pss"] for u in syn), sum(u["rss"] for u in syn))
             )
