@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import free_port
 from tests.support.stack import SW, Stack, make_root, stack_env, wait_for
 
 pytestmark = [
@@ -30,14 +29,8 @@ EXPECTED = {"main": "main", "synchrotron1": "synchrotron", "event_persister1": "
 
 
 def metrics_env(root: Path, workers: str, **extra: str) -> dict[str, str]:
-    """SYNAPSE_METRICS on, Prometheus on a free port outside the stack's internal range and public port."""
-    env = stack_env(root, workers, SYNAPSE_METRICS="1", **extra)
-    port = free_port()
-    base = int(env["SYNAPSE_INTERNAL_PORT_BASE"])
-    while base <= port < base + 120 or str(port) == env["SYNAPSE_HTTP_PORT"]:
-        port = free_port()
-    env["PROMETHEUS_PORT"] = str(port)
-    return env
+    """SYNAPSE_METRICS on; Prometheus's port is isolated_env's (free, outside the internal range and public port)."""
+    return stack_env(root, workers, SYNAPSE_METRICS="1", **extra)
 
 
 @pytest.fixture(scope="module", params=["tcp", "unix"])
