@@ -7,10 +7,6 @@ code under test. The behaviour on real hosts (network namespaces) is tests/integ
 from __future__ import annotations
 
 import json
-import os
-import stat
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,9 +17,9 @@ from synapse_workers.load import load_plan
 from synapse_workers.programs import STAGE_MAIN, STAGE_WORKERS, programs, remote_waits
 from synapse_workers.render import render_all
 from synapse_workers.run.postgres import hba_text
+from tests.unit.test_cli_errors import run, snapshot
 from tests.unit.test_programs import BINARIES, PG_USER
 
-SCRIPT = str(Path(sys.executable).with_name("synapse-workers"))
 HOSTS = "db=10.0.0.11, front=10.0.0.12, w1=10.0.0.13, w2=10.0.0.14"
 PLACEMENT = "main=front, nginx=front, synchrotron=w1, event_persister=w1, postgres=db, redis=db, client_reader1=w2"
 WORKERS = "synchrotron, event_persister, client_reader:2"
@@ -49,19 +45,6 @@ def generated(env):
     """main's host has generated: homeserver.yaml and the secrets exist (as if copied to every host)."""
     result = run(env, "generate", "--host", "front")
     assert result.returncode == 0, result.stderr
-
-
-def run(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
-    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **env}
-    return subprocess.run([SCRIPT, *argv], env=clean, capture_output=True, text=True, timeout=60)
-
-
-def tree(root: Path) -> dict[str, tuple]:
-    result: dict[str, tuple] = {}
-    for path in sorted(root.rglob("*")):
-        st = path.lstat()
-        result[str(path)] = (stat.S_IMODE(st.st_mode), path.read_bytes() if path.is_file() else None)
-    return result
 
 
 # ---- the plan -----------------------------------------------------------------------------------------------
@@ -173,13 +156,13 @@ def test_slices_after_the_copy_are_identical_and_create_no_secret(env, tmp_root)
 
 
 def test_a_host_without_mains_files_refuses_and_writes_nothing(env, tmp_root):
-    before = tree(tmp_root)
+    before = snapshot(tmp_root)
     result = run(env, "generate", "--host", "w1")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "homeserver.yaml" in result.stderr and "worker_replication.key" in result.stderr
     assert "generate --host front" in result.stderr
-    assert tree(tmp_root) == before
+    assert snapshot(tmp_root) == before
 
 
 def test_each_host_gets_only_its_own_files(env, tmp_root):
@@ -319,12 +302,12 @@ def test_a_host_waits_for_what_runs_elsewhere(env, generated):
     ],
 )
 def test_bad_placement_exits_2_naming_the_variable(env, tmp_root, extra, argv, expected):
-    before = tree(tmp_root)
+    before = snapshot(tmp_root)
     result = run({**env, **extra}, *argv)
     assert result.returncode == 2, result.stdout + result.stderr
     assert expected in result.stderr
     assert "Traceback" not in result.stderr
-    assert tree(tmp_root) == before
+    assert snapshot(tmp_root) == before
 
 
 def test_load_plan_raises_for_an_unknown_host(env):
