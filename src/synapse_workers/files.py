@@ -96,6 +96,13 @@ def _carry_over_state(live: Path, staged: Path) -> None:
             (live / name).rename(staged / name)
 
 
+def _rewrite_secret(path: str, text: str, written: list[str]) -> None:
+    """A secret file derived from another source: (re)written, 0600, only when its content differs."""
+    if (Path(path).read_text() if os.path.exists(path) else None) != text:
+        _write_new(path, text, SECRET_MODE)
+        written.append(path)
+
+
 def _write_new(path: str, text: str, mode: int, owner: tuple[int, int] | None = None) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")  # 0600 from the start
@@ -158,24 +165,14 @@ def ensure_secrets(plan: Plan) -> list[str]:
     if plan.service(POSTGRES_EXPORTER) is not None and plan.postgres is not None:
         # The exporter's lib/pq reads no libpq passfile: it gets the password alone (DATA_SOURCE_PASS_FILE).
         password = Path(paths.postgres).read_text().strip().rsplit(":", 1)[1]
-        current = Path(paths.postgres_password).read_text() if os.path.exists(paths.postgres_password) else None
-        if current != password:
-            _write_new(paths.postgres_password, password, SECRET_MODE)
-            written.append(paths.postgres_password)
+        _rewrite_secret(paths.postgres_password, password, written)
     external = plan.settings.database.password if plan.settings.database.kind == "postgres" else None
     if external is not None and (not plan.homeserver.exists or os.path.exists(paths.external_postgres)):
         # libpq passfile (host:port:db:user:password, ':' and '\\' escaped); only our generated file names it.
         line = "*:*:*:*:" + re.sub(r"([:\\])", r"\\\1", external.get_secret_value()) + "\n"
-        current = Path(paths.external_postgres).read_text() if os.path.exists(paths.external_postgres) else None
-        if current != line:
-            _write_new(paths.external_postgres, line, SECRET_MODE)
-            written.append(paths.external_postgres)
+        _rewrite_secret(paths.external_postgres, line, written)
     if external is not None and plan.postgres is None and plan.service(POSTGRES_EXPORTER) is not None:
-        alone = external.get_secret_value()
-        path = paths.external_postgres_password
-        if (Path(path).read_text() if os.path.exists(path) else None) != alone:
-            _write_new(path, alone, SECRET_MODE)
-            written.append(path)
+        _rewrite_secret(paths.external_postgres_password, external.get_secret_value(), written)
     for path, given in wanted:
         current = Path(path).read_text().strip() if os.path.exists(path) else None
         if current is not None and (given is None or given == current):
