@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-
+from synapse_workers.run.preflight import ephemeral_ports
 
 # "nginx not installed (...)", "... is not installed: ...": how the tests say a binary is missing.
 _MISSING_BINARY = re.compile(r"\bnot installed\b", re.I)
@@ -43,16 +43,31 @@ def port_is_free(port: int) -> bool:
     return True
 
 
+def random_port_base(size: int = 1, lowest: int = 10000) -> int:
+    """A random base with base..base+size-1 all at or above `lowest` and below the kernel's ephemeral range.
+
+    An outgoing connection (nginx to an upstream, Synapse to Redis, a test's client) takes its local port from the
+    ephemeral range; a listener there can lose its port to one between "it is free" and its bind (seen in CI:
+    Synapse's `Address already in use` on a port checked free a moment before)."""
+    ephemeral = ephemeral_ports() or range(32768, 61000)  # Linux's default
+    if ephemeral.start - size < lowest:
+        raise RuntimeError(f"no {size} ports from {lowest} below the ephemeral range starting at {ephemeral.start}")
+    return random.randrange(lowest, ephemeral.start - size + 1)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free loopback TCP port outside the ephemeral range (see random_port_base)."""
+    for _ in range(500):
+        port = random_port_base()
+        if port_is_free(port):
+            return port
+    raise RuntimeError("no free port found")
 
 
 def free_port_range(size: int = 120) -> int:
-    """A base port such that base..base+size-1 are all free right now."""
+    """A base port such that base..base+size-1 are all free right now (and outside the ephemeral range)."""
     for _ in range(200):
-        base = random.randrange(20000, 60000 - size)
+        base = random_port_base(size)
         if all(port_is_free(p) for p in range(base, base + size)):
             return base
     raise RuntimeError("no free port range found")

@@ -167,12 +167,21 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     plan = _slice_plan(args, env)
+    _warn_ephemeral(plan)
     write_files(plan, render_all(plan))
     ok = _nginx_test(plan) if plan.local("nginx") else True
     ok = _synapse_test(plan) and ok
     ok = _logrotate_test(plan) and ok
     print("check: OK" if ok else "check: FAILED")
     return 0 if ok else 1
+
+
+def _warn_ephemeral(plan: Plan) -> None:
+    from .run.preflight import ephemeral_overlap, ephemeral_ports
+
+    warning = ephemeral_overlap(plan, ephemeral_ports())
+    if warning:
+        print(f"synapse-workers: warning: {warning}", file=sys.stderr)
 
 
 def _logrotate_test(plan: Plan) -> bool:
@@ -231,6 +240,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .run.supervise import Stack, lock_runtime_dir
 
     plan = _slice_plan(args, env)
+    _warn_ephemeral(plan)
     as_root = os.geteuid() == 0
     binaries = find_binaries(plan)
     pg_owner = postgres.cluster_owner(as_root) if plan.postgres else None

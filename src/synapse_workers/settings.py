@@ -524,7 +524,7 @@ class ListenSettings(Section):
     internal_port_base: Annotated[int, _int(1024, 64535)] = var(
         "SYNAPSE_INTERNAL_PORT_BASE",
         18000,
-        help="First internal port: main takes base..base+4, workers from base+10, so two stacks can coexist",
+        help="First internal port: main base..base+4, workers from base+10; below the kernel's ephemeral port range",
     )
     public_unix_sockets: Bool = var(
         "SYNAPSE_PUBLIC_UNIX_SOCKETS", False, help="Connect nginx to Synapse over unix sockets instead of loopback TCP"

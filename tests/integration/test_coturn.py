@@ -10,7 +10,6 @@ import hmac
 import json
 import os
 import pwd
-import random
 import shutil
 import signal
 import socket
@@ -25,6 +24,7 @@ from synapse_workers.files import write_files
 from synapse_workers.load import load_plan
 from synapse_workers.render import render_all
 from synapse_workers.run.health import stun_binding
+from tests.conftest import random_port_base
 from tests.support.matrix import register, registration_secret
 from tests.support.stack import SW, Stack, make_root, stack_env, wait_for
 
@@ -53,7 +53,7 @@ def _udp_and_tcp_free(port: int) -> bool:
 def coturn_ports(avoid: range) -> dict[str, str]:
     """COTURN_PORT (UDP and TCP free) and a 10-port UDP relay range, all free now and outside `avoid`."""
     for _ in range(500):
-        base = random.randrange(30000, 60000)
+        base = random_port_base(12)
         ports = range(base, base + 12)  # the listening port, one spare, 10 relay ports
         if not any(p in avoid for p in ports) and all(_udp_and_tcp_free(p) for p in ports):
             return {"COTURN_PORT": str(base), "COTURN_MIN_PORT": str(base + 2), "COTURN_MAX_PORT": str(base + 11)}

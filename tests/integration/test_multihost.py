@@ -37,6 +37,7 @@ from pathlib import Path
 import psycopg2
 import pytest
 
+from tests.conftest import random_port_base
 from tests.support.matrix import registration_secret
 from tests.support.stack import SW, make_root, process_table, wait_for
 
@@ -73,7 +74,7 @@ class Simulation:
         os.chmod(self.mnt, 0o755)
         self.namespaces: list[str] = []
         self.runs: dict[str, subprocess.Popen] = {}
-        base = random.randrange(20000, 60000)
+        base = random_port_base(200, lowest=11000)  # its own namespaces; public port base - 1000
         self.public_port = base - 1000
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("SYNAPSE_", "POSTGRES_", "NGINX_"))},

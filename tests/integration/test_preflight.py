@@ -119,3 +119,26 @@ def test_a_data_dir_synapse_cannot_use_is_named(root):
     assert (data.stat().st_uid, data.stat().st_mode & 0o777) == (0, 0o700)  # left as the admin made it
     assert list(data.iterdir()) == []  # refused before anything was generated into it
     assert not Stack(env).leftovers()
+
+
+def _kernel_ephemeral_range() -> range:
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    return range(low, high + 1)
+
+
+def test_internal_ports_in_the_ephemeral_range_are_warned_about(root):
+    """Outgoing connections take local ports from net.ipv4.ip_local_port_range (read here from the kernel):
+    `check` warns, naming the variable, when internal listeners would lie there; not when they lie below it."""
+    ephemeral = _kernel_ephemeral_range()
+    inside = stack_env(root, "", SYNAPSE_INTERNAL_PORT_BASE=str(ephemeral.start + 100))
+    result = subprocess.run([SW, "check"], env=inside, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr  # a warning, not a refusal
+    warning = [line for line in result.stderr.splitlines() if "ephemeral range" in line]
+    assert len(warning) == 1 and warning[0].startswith("synapse-workers: warning: SYNAPSE_INTERNAL_PORT_BASE="), \
+        result.stderr
+    assert f"{ephemeral.start}-{ephemeral.stop - 1}" in warning[0] and f"{ephemeral.start + 100}-" in warning[0]
+    outside = {**inside, "SYNAPSE_INTERNAL_PORT_BASE": str(ephemeral.start - 2000)}
+    plan = load_plan(outside)
+    assert all(p.port not in ephemeral for proc in plan.processes for p in proc.listeners if p.port)
+    result = subprocess.run([SW, "check"], env=outside, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0 and "ephemeral" not in result.stderr, result.stdout + result.stderr

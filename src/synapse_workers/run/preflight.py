@@ -10,6 +10,7 @@ import errno
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -64,6 +65,31 @@ def check_ports(plan: Plan) -> list[str]:
                 shown = what + (" (UDP)" if kind == socket.SOCK_DGRAM else "")
                 problems.append(f"{shown} cannot be used: {reason}. Stop the program that holds it, or choose another.")
     return problems
+
+
+def ephemeral_ports() -> range | None:
+    """The kernel's range for the local port of outgoing connections (net.ipv4.ip_local_port_range)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return None
+    return range(low, high + 1)
+
+
+def ephemeral_overlap(plan: Plan, ephemeral: range | None) -> str | None:
+    """A warning when internal listeners lie in the ephemeral range: an outgoing connection (nginx to an upstream,
+    Synapse to Redis) may hold such a port when its listener binds, and that process then fails to start."""
+    internal = [plan.health_port, plan.metrics_proxy_port]
+    internal += [lst.port for proc in plan.local_processes for lst in proc.listeners]
+    inside = sorted({port for port in internal if port is not None and ephemeral and port in ephemeral})
+    if not inside:
+        return None
+    return (
+        f"SYNAPSE_INTERNAL_PORT_BASE={plan.settings.listen.internal_port_base}: internal ports {inside[0]}-{inside[-1]}"
+        f" lie in the kernel's ephemeral range {ephemeral.start}-{ephemeral.stop - 1} (net.ipv4.ip_local_port_range),"
+        " where outgoing connections take their local port; a listener can then find its port taken."
+        f" Expected a base below {ephemeral.start} (the default 18000 is) or above {ephemeral.stop - 1}."
+    )
 
 
 def _bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> str | None:
