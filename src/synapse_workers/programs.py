@@ -71,8 +71,9 @@ class Program:
 
 # What a child process may inherit from the launcher's environment: nothing else (the environment holds
 # POSTGRES_PASSWORD and the Synapse secrets; children read theirs from 0600 files). Synapse's own tuning
-# variables pass (SYNAPSE_CACHE_FACTOR, SYNAPSE_CACHE_FACTOR_<NAME>, SYNAPSE_ASYNC_IO_REACTOR).
-INHERITED = ("PATH", "LANG", "LC_ALL", "TZ", "SYNAPSE_ASYNC_IO_REACTOR", "SYNAPSE_CACHE_FACTOR")
+# variables pass (SYNAPSE_CACHE_FACTOR, SYNAPSE_CACHE_FACTOR_<NAME>); SYNAPSE_ASYNC_IO_REACTOR is validated
+# and given to the Synapse processes alone, as "1" (synapse_environment).
+INHERITED = ("PATH", "LANG", "LC_ALL", "TZ", "SYNAPSE_CACHE_FACTOR")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -215,6 +216,8 @@ def programs(
             )
         )
     env = {"PYTHONUNBUFFERED": "1", "HOME": core.data_dir, **malloc_environment(binaries)}
+    if core.asyncio_reactor:  # Synapse parses it with strtobool at import: "1", never the user's spelling
+        env["SYNAPSE_ASYNC_IO_REACTOR"] = "1"
     synapse: list[Program] = []
     for proc in plan.local_processes:
         synapse.append(

@@ -420,6 +420,11 @@ class CoreSettings(Section):
         help="Allocator of the Synapse processes: jemalloc (libjemalloc2, one arena, no thread cache), system "
         "(glibc), or auto: jemalloc in fork mode",
     )
+    asyncio_reactor: Bool = var(
+        "SYNAPSE_ASYNC_IO_REACTOR",
+        False,
+        help="Run every Synapse process on Twisted's asyncio reactor instead of its epoll one (Synapse's own switch)",
+    )
 
     @property
     def jemalloc(self) -> bool:
@@ -933,7 +938,7 @@ SECRET_NAMES = frozenset(name for name, v in VARIABLES.items() if v.secret)
 # Prefixes of the variables we read: any other variable with one of them is probably a typo.
 OUR_PREFIXES = ("SYNAPSE_", "NGINX_", "POSTGRES_", "COTURN_", "PROMETHEUS_")
 # ... except variables that Synapse itself reads from its environment (children inherit them).
-SYNAPSE_OWN = ("SYNAPSE_CACHE_FACTOR", "SYNAPSE_ASYNC_IO_REACTOR")
+SYNAPSE_OWN = ("SYNAPSE_CACHE_FACTOR",)
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[str]:

@@ -223,6 +223,39 @@ async def _history_survived(base_url: str, room_id: str) -> None:
         await alice.close()
 
 
+_REACTOR_LINE = re.compile(r"^(\S+)\s*\|.*Twisted reactor(?: behind the proxy)?: (\w+)")
+
+
+def reactors(stack: Stack) -> dict[str, set[str]]:
+    """Which reactor each Synapse process reported: Synapse logs `Twisted reactor: <class>` at start; in fork mode
+    that class is Synapse's ProxiedReactor and the child names the one behind it."""
+    found: dict[str, set[str]] = {}
+    for line in stack.log_path.read_text(errors="replace").splitlines():
+        match = _REACTOR_LINE.match(line)
+        if match and match[2] != "ProxiedReactor":
+            found.setdefault(match[1], set()).add(match[2])
+    return found
+
+
+@pytest.fixture(scope="class", params=LAUNCH_MODES)
+def on_asyncio(request):
+    # "yes": our boolean spelling; Synapse's strtobool is given "1" (it rejects an empty value, for one)
+    yield from _deploy("asyncio", "synchrotron, event_persister", request.param, SYNAPSE_ASYNC_IO_REACTOR="yes")
+
+
+class TestAsyncioReactor:
+    def test_every_process_runs_the_asyncio_reactor(self, on_asyncio: Deployment):
+        names = set(on_asyncio.stack.processes())
+        assert names == {"main", "synchrotron1", "event_persister1"}
+        assert reactors(on_asyncio.stack) == {name: {"AsyncioSelectorReactor"} for name in names}
+
+    def test_scenario(self, on_asyncio: Deployment):
+        run_scenario(on_asyncio)
+
+    def test_sigterm_stops_everything(self, on_asyncio: Deployment):
+        assert_stops_cleanly(on_asyncio)
+
+
 # ---- small worker set, embedded PostgreSQL: crash and hang of a worker ------------------------------------
 
 @pytest.fixture(scope="class", params=LAUNCH_MODES)
@@ -243,6 +276,10 @@ class TestSmallWorkerSet:
             assert mapped_allocators(pid) == {"jemalloc" if forked else "glibc"}, name
             environ = Path(f"/proc/{pid}/environ").read_bytes()
             assert (b"MALLOC_CONF=narenas:1,tcache:false" in environ) == forked, name
+
+    def test_synapse_processes_run_twisteds_epoll_reactor(self, small: Deployment):
+        """Without SYNAPSE_ASYNC_IO_REACTOR every process runs Twisted's default (epoll) reactor."""
+        assert reactors(small.stack) == {name: {"EPollReactor"} for name in small.stack.processes()}
 
     def test_synapse_runs_as_uid_gid_and_owns_the_data_dir(self, small: Deployment):
         """Started as root: Synapse drops to UID:GID (991 by default), PostgreSQL to `postgres`."""

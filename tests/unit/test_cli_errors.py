@@ -111,6 +111,9 @@ CASES = [
     ("one-name-two-lists", {"SYNAPSE_WORKER_TYPES": "a=pusher, a=synchrotron"}, (), _no,
      ["SYNAPSE_WORKER_TYPES", "two different type lists"]),
     ("bad-boolean", {"SYNAPSE_METRICS": "maybe"}, (), _no, ["SYNAPSE_METRICS='maybe'", "expected"]),
+    # Synapse itself would die at import on this value (strtobool), with a traceback in every process's log.
+    ("bad-boolean-asyncio", {"SYNAPSE_ASYNC_IO_REACTOR": "maybe"}, (), _no,
+     ["SYNAPSE_ASYNC_IO_REACTOR='maybe'", "expected"]),
     ("bad-boolean-keepalive", {"NGINX_CLIENT_KEEPALIVE_ENABLE": "sometimes"}, (), _no,
      ["NGINX_CLIENT_KEEPALIVE_ENABLE='sometimes'"]),
     ("report-stats-true", {"SYNAPSE_REPORT_STATS": "true"}, (), _no, ["SYNAPSE_REPORT_STATS='true'", "'yes' or 'no'"]),

@@ -7,7 +7,7 @@ import configparser
 from synapse_workers.load import load_plan
 from synapse_workers.render.redis import render_redis
 from synapse_workers.render.supervisor import GROUP_NAME, render_supervisor
-from synapse_workers.programs import STAGE_NAMES, SeparateProcesses, programs
+from synapse_workers.programs import STAGE_NAMES, SeparateProcesses, child_environment, programs
 
 BINARIES = {
     "nginx": "/usr/sbin/nginx",
@@ -129,3 +129,17 @@ def test_malloc_default_is_jemalloc_in_fork_mode_only(base_env):
     for mode, malloc, expected in cases:
         plan = load_plan({**base_env, "SYNAPSE_LAUNCH_MODE": mode, "SYNAPSE_MALLOC": malloc})
         assert plan.settings.core.jemalloc is expected, (mode, malloc)
+
+
+def test_asyncio_reactor_reaches_the_synapse_processes_only_as_1(base_env):
+    """SYNAPSE_ASYNC_IO_REACTOR in any of our boolean spellings: Synapse parses it with strtobool at import (which
+    rejects an empty value), so the Synapse programs (forked: the zygote) get "1"; no other program gets it, and
+    it is absent when off."""
+    for mode, synapse_programs in (("process", {"main", "synchrotron1"}), ("fork", {"synapse"})):
+        for value, expected in (("yes", "1"), ("T", "1"), ("", None), ("off", None)):
+            env = {**base_env, "SYNAPSE_WORKER_TYPES": "synchrotron", "SYNAPSE_LAUNCH_MODE": mode,
+                   "SYNAPSE_ASYNC_IO_REACTOR": value}
+            rows = programs(load_plan(env), False, BINARIES)
+            given = {p.name: p.env.get("SYNAPSE_ASYNC_IO_REACTOR") for p in rows if "SYNAPSE_ASYNC_IO_REACTOR" in p.env}
+            assert given == ({name: expected for name in synapse_programs} if expected else {}), (mode, value, given)
+            assert "SYNAPSE_ASYNC_IO_REACTOR" not in child_environment(env)  # never inherited as typed

@@ -79,9 +79,11 @@ def ephemeral_ports() -> range | None:
 def ephemeral_overlap(plan: Plan, ephemeral: range | None) -> str | None:
     """A warning when internal listeners lie in the ephemeral range: an outgoing connection (nginx to an upstream,
     Synapse to Redis) may hold such a port when its listener binds, and that process then fails to start."""
+    if ephemeral is None:
+        return None
     internal = [plan.health_port, plan.metrics_proxy_port]
     internal += [lst.port for proc in plan.local_processes for lst in proc.listeners]
-    inside = sorted({port for port in internal if port is not None and ephemeral and port in ephemeral})
+    inside = sorted({port for port in internal if port is not None and port in ephemeral})
     if not inside:
         return None
     return (

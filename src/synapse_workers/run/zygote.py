@@ -378,11 +378,14 @@ class Zygote:
 
             from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
-            self.reactor._install_real_reactor(AsyncioSelectorReactor(asyncio.new_event_loop()))
+            real: Any = AsyncioSelectorReactor(asyncio.new_event_loop())
         else:
             from twisted.internet.epollreactor import EPollReactor
 
-            self.reactor._install_real_reactor(EPollReactor())
+            real = EPollReactor()
+        self.reactor._install_real_reactor(real)
+        # Synapse logs "Twisted reactor: ProxiedReactor" here (the proxy): say which one runs behind it.
+        os.write(1, f"synapse-workers: Twisted reactor behind the proxy: {type(real).__name__}\n".encode())
         app = spec.app
         sys.argv = [app, *spec.argv[spec.argv.index("-m") + 2 :]]
         importlib.import_module(app).main()
@@ -430,7 +433,7 @@ def main(argv: Sequence[str]) -> int:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     specs = decode_specs(specs_text)
     # synapse/__init__.py would install a real (asyncio) reactor at import: each child installs its own.
-    asyncio_reactor = os.environ.pop("SYNAPSE_ASYNC_IO_REACTOR", "").strip().lower() in ("1", "true", "yes", "on")
+    asyncio_reactor = os.environ.pop("SYNAPSE_ASYNC_IO_REACTOR", "") == "1"  # programs.py sets "1" or nothing
     started = time.monotonic()
     from synapse.app.complement_fork_proxied_reactor import ProxiedReactor
     from twisted.internet.main import installReactor
