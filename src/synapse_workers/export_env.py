@@ -34,7 +34,7 @@ SECTION_TITLES: dict[str, tuple[str, str]] = {
     "logging": ("Logging", ""),
     "metrics": ("Metrics and add-ons", "the built-in Prometheus and its exporters: see *Metrics (Prometheus)*"),
     "turn": ("TURN", "Synapse's TURN settings, written on every start, and the built-in coturn"),
-    "compressor": ("State compressor", "not implemented yet: validated only"),
+    "compressor": ("State compressor", "run by the stack's scheduler: see *Maintenance*"),
     "nginx": ("nginx tuning", "P = NGINX_GENERAL_PAGE_SIZE_BYTES"),
     "placement": ("Several hosts", "one deployment rendered per host with --host NAME: see *Several hosts*"),
 }
