@@ -38,6 +38,8 @@ class Layout:
     postgres_socket_dir: str
     postgres_data_dir: str
     logs_on_disk: str  # SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK
+    nginx_access_log: str  # in logs_on_disk, written by nginx itself (rotated by logrotate)
+    nginx_error_log: str  # nginx's stderr (its error log), masked, written by the output listener (run/logprefix.py)
     coturn_dir: str  # the built-in coturn's: 0700, its user's (its config holds the TURN secret)
     coturn_conf: str  # turnserver.conf, 0600 (written with the secret by files.py)
     coturn_userdb: str  # coturn's own SQLite database (it creates it; empty: no users, no secrets)
@@ -105,6 +107,8 @@ def make_layout(runtime_dir: str, data_dir: str) -> Layout:
         postgres_socket_dir=f"{r}/postgresql",
         postgres_data_dir=f"{data_dir}/postgres",
         logs_on_disk=f"{data_dir}/logs",
+        nginx_access_log=f"{data_dir}/logs/nginx-access.log",
+        nginx_error_log=f"{data_dir}/logs/nginx-error.log",
         coturn_dir=f"{r}/coturn",
         coturn_conf=f"{r}/coturn/turnserver.conf",
         coturn_userdb=f"{r}/coturn/turndb",

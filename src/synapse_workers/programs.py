@@ -64,6 +64,9 @@ class Program:
     critical: bool = True  # the stack cannot serve without it
     addon: bool = False  # beside Synapse (coturn, Prometheus, an exporter): `health` shows it, never fails on it
     log_file: str | None = None  # rotated copy of its output (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK)
+    # Its output may quote access tokens (nginx's error log quotes request lines): supervisord keeps no raw copy;
+    # the output listener writes its capture and its log_file with tokens masked (run/logprefix.py).
+    masked_log: bool = False
     # Processes this program forks and supervises itself (fork mode: the Synapse processes). supervisord
     # knows only this program; the launcher starts, stops and watches the children through it.
     children: tuple[Program, ...] = ()
@@ -274,7 +277,8 @@ def _front(
             health=Health("http", f"{plan.public.local_url}/_matrix/client/versions"),
             stop_signal="QUIT",  # graceful: finish requests in flight
             stop_wait=10,
-            log_file=disk_logs and f"{disk_logs}/nginx.log",
+            log_file=disk_logs and plan.layout.nginx_error_log,  # rotated daily with the access log (logrotate)
+            masked_log=True,
         )
     )
     result += coturn_programs(plan, binaries, (coturn_user or synapse_user) if as_root else None, disk_logs)

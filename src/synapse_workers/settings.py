@@ -809,10 +809,10 @@ class NginxSettings(Section):
     disable_logrotate: Bool = var(
         "NGINX_DISABLE_LOGROTATE",
         False,
-        help="Do not rotate nginx's access log (<data dir>/logs/nginx-access.log, daily with logrotate)",
+        help="Do not rotate nginx's logs (<data dir>/logs/nginx-access.log and nginx-error.log, daily with logrotate)",
     )
     logrotate_keep: Annotated[int, _int(1, 366)] = var(
-        "NGINX_LOGROTATE_KEEP", 7, help="Rotated nginx access logs kept (one per day; older ones are deleted)"
+        "NGINX_LOGROTATE_KEEP", 7, help="Rotated nginx logs kept (one per day; older ones are deleted)"
     )
 
     # ---- derived values ----

@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -184,8 +185,23 @@ def log_lines(env: Env, prefix: str) -> list[str]:
     return [line for line in env.stack.log_path.read_text(errors="replace").splitlines() if line.startswith(prefix)]
 
 
+LEAKED = "syt_dGVzdA_notARealTokenButLooksLikeOne_1a2b3c"
+
+
+def _error_in_nginx_error_log(env: Env, mark: str) -> None:
+    """A request announcing a body over client_max_body_size: nginx answers 413 at once and logs `client intended
+    to send too large body` at `error` (its error log keeps `warn` and above), quoting the request line with its
+    access token."""
+    with socket.create_connection(("127.0.0.1", int(env.stack.env["SYNAPSE_HTTP_PORT"])), timeout=30) as sock:
+        sock.sendall(f"POST /_matrix/client/v3/login?mark={mark}&access_token={LEAKED} HTTP/1.1\r\nHost: localhost\r\n"
+                     f"Content-Length: {1 << 40}\r\nConnection: close\r\n\r\n".encode())
+        assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
+
+
 def test_rotation_under_traffic_loses_no_line(env: Env):
     access_log = env.data / "logs" / "nginx-access.log"
+    error_log = env.data / "logs" / "nginx-error.log"
+    _error_in_nginx_error_log(env, "before")
     conf = env.run / "scheduler" / "logrotate.conf"
     stop = threading.Event()
     sent: list[int] = []
@@ -209,6 +225,7 @@ def test_rotation_under_traffic_loses_no_line(env: Env):
         assert rotated.returncode == 0, rotated.stderr
         mark = len(sent)
         assert wait_for(lambda: len(sent) > mark + 200 and access_log.exists(), 60, 0.1)
+        _error_in_nginx_error_log(env, "after")
     finally:
         stop.set()
         thread.join(timeout=30)
@@ -222,6 +239,15 @@ def test_rotation_under_traffic_loses_no_line(env: Env):
     missing = set(sent) - seen_old - seen_new
     assert not missing, f"{len(missing)} requests have no line: {sorted(missing)[:20]}"
     assert max(seen_old) < max(seen_new)
+    # The error log (nginx's stderr, written by the output listener) is rotated with it and reopened: each error
+    # in its own file, the token masked there, in the listener's capture and in the stack's output.
+    refused = "client intended to send too large body"
+    old_errors, new_errors = (error_log.parent / "nginx-error.log.1").read_text(), error_log.read_text()
+    for text in (old_errors, new_errors, (env.run / "state" / "nginx.log").read_text(), env.stack.log_path.read_text()):
+        assert LEAKED not in text and "access_token=<redacted>" in text
+    assert not list((env.run / "state").glob("nginx-*.log"))  # supervisord's own (raw) capture: none
+    assert refused in old_errors and "mark=before" in old_errors and "mark=after" not in old_errors, old_errors
+    assert refused in new_errors and "mark=after" in new_errors and "mark=before" not in new_errors, new_errors
 
 
 def test_scheduler_runs_the_due_compressor(env: Env):

@@ -91,7 +91,9 @@ def test_supervisord_conf_parses_and_groups_every_program(base_env):
         assert parser.get(section, "stdout_events_enabled") == "true"  # feeds the prefixing listener
     assert parser.get("program:nginx", "stopsignal") == "QUIT"
     assert parser.get("program:postgres", "stopsignal") == "INT"
-    assert parser.get("program:nginx", "stdout_logfile").endswith("/data/logs/nginx.log")
+    assert parser.get("program:redis", "stdout_logfile").endswith("/data/logs/redis.log")
+    # nginx writes data/logs/nginx-{access,error}.log itself: its captured output is not copied there too
+    assert "/data/logs/" not in parser.get("program:nginx", "stdout_logfile")
     assert "daemon off;" in parser.get("program:nginx", "command")
     assert parser.get("supervisord", "user") == "root"
     (as_user,) = render_supervisor(plan.layout, progs, as_root=False).values()

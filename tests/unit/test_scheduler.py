@@ -203,9 +203,14 @@ def test_logrotate_rules(base_env):
     text = files[plan.layout.logrotate_conf]
     nginx_conf = files[plan.layout.nginx_conf]
     access_log = f"{base_env['SYNAPSE_DATA_DIR']}/logs/nginx-access.log"
+    error_log = f"{base_env['SYNAPSE_DATA_DIR']}/logs/nginx-error.log"
     assert f"access_log {access_log} " in nginx_conf  # the file nginx writes is the one rotated
+    # its error log goes to stderr only, and the output listener writes the (masked) file
+    assert "error_log stderr warn;" in nginx_conf and nginx_conf.count("error_log ") == 1
+    rows = programs(plan, False, BINARIES)
+    assert next(p for p in rows if p.name == "nginx").log_file == error_log
     assert f"pid {plan.layout.nginx_pid};" in nginx_conf  # the master we signal
-    assert text.count("{") == 1 and f"{access_log} {{" in text
+    assert text.count("{") == 1 and f"{access_log} {error_log} {{" in text
     body = {line.strip() for line in text.splitlines()}
     assert {"daily", "rotate 3", "delaycompress", "nocreate"} <= body
     assert "copytruncate" not in text  # it loses the lines written between copy and truncate
@@ -228,19 +233,23 @@ def test_logrotate_accepts_the_rules(base_env, tmp_root):
     logs = Path(plan.layout.logs_on_disk)
     logs.mkdir(parents=True)
     (logs / "nginx-access.log").write_text("a line\n")
+    (logs / "nginx-error.log").write_text("a warning\n")
     result = subprocess.run(
         ["logrotate", "-d", "-s", str(tmp_root / "state"), str(conf)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
-    assert "error" not in result.stderr.lower(), result.stderr
+    assert "error:" not in result.stderr.lower(), result.stderr
     assert f"considering log {logs}/nginx-access.log" in result.stderr
+    assert f"considering log {logs}/nginx-error.log" in result.stderr
     # -f really rotates (no nginx here: the pid file is missing, so the reopen is skipped, not an error)
     result = subprocess.run(
         ["logrotate", "-f", "-s", str(tmp_root / "state"), str(conf)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
     assert (logs / "nginx-access.log.1").read_text() == "a line\n"
+    assert (logs / "nginx-error.log.1").read_text() == "a warning\n"
     assert not (logs / "nginx-access.log").exists()  # nocreate: nginx's master creates it when it reopens
+    assert not (logs / "nginx-error.log").exists()
 
 
 def test_disable_logrotate_drops_the_rule(base_env):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import os
 import subprocess
 import sys
@@ -144,6 +145,55 @@ def test_the_listener_prefixes_forked_lines_with_their_names(tmp_path: Path):
     ]
     assert (state / "main.log").read_text() == "a access_token=<redacted>\n"
     assert (state / "synchrotron1.log").read_text() == "b\n"
+
+
+def _listener(state: Path, *args: str, name: str = "nginx", lines: bytes = b"") -> subprocess.CompletedProcess:
+    payload = f"processname:{name} groupname:stack pid:1 channel:stdout\n".encode() + lines
+    header = f"ver:3.0 server:supervisor serial:1 pool:logs poolserial:1 eventname:PROCESS_LOG_STDOUT len:{len(payload)}\n"
+    env = {**os.environ, "SUPERVISOR_SERVER_URL": f"unix://{state}/supervisor.sock"}
+    return subprocess.run([sys.executable, "-m", "synapse_workers.run.logprefix", *args],
+                          input=header.encode() + payload, capture_output=True, env=env, timeout=30)
+
+
+def test_the_listener_writes_masked_programs_files_itself(tmp_path: Path):
+    """nginx's error log quotes request lines: its capture and its disk copy come from the listener, masked."""
+    state, logs = tmp_path / "state", tmp_path / "logs"
+    state.mkdir()
+    logs.mkdir()
+    line = b'[error] client intended to send too large body, request: "POST /x?access_token=s3cret HTTP/1.1"\n'
+    result = _listener(state, "--masked", f"nginx={logs}/nginx-error.log", lines=line)
+    masked = '[error] client intended to send too large body, request: "POST /x?access_token=<redacted> HTTP/1.1"\n'
+    assert result.stderr.decode() == f"{'nginx':18}| {masked}"
+    assert (state / "nginx.log").read_text() == masked
+    assert (logs / "nginx-error.log").read_text() == masked
+    # a program supervisord captures itself: the listener writes no file for it
+    _listener(state, "--masked", f"nginx={logs}/nginx-error.log", name="redis", lines=b"ready\n")
+    assert not (state / "redis.log").exists() and sorted(p.name for p in logs.iterdir()) == ["nginx-error.log"]
+
+
+def test_a_copy_is_reopened_once_logrotate_has_renamed_it(tmp_path: Path):
+    path = tmp_path / "nginx-error.log"
+    copy = logprefix.Copy(str(path))
+    copy.write([b"before"])
+    path.rename(tmp_path / "nginx-error.log.1")  # what logrotate does (nocreate)
+    copy.write([b"after"])
+    assert (tmp_path / "nginx-error.log.1").read_bytes() == b"before\n"
+    assert path.read_bytes() == b"after\n"
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")  # never followed (the logs dir belongs to Synapse's user)
+    copy.write([b"lost"])
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_supervisord_keeps_no_raw_copy_of_nginx_output(base_env):
+    plan = load_plan({**base_env, "SYNAPSE_WORKER_TYPES": "synchrotron", "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK": "1"})
+    (text,) = render_supervisor(plan.layout, programs(plan, False, BINARIES), as_root=False).values()
+    parser = configparser.RawConfigParser(inline_comment_prefixes=(";",))
+    parser.read_string(text)
+    assert parser.get("program:nginx", "stdout_logfile") == "NONE"
+    assert parser.get("program:redis", "stdout_logfile").endswith("/logs/redis.log")
+    command = parser.get("eventlistener:logs", "command")
+    assert command.endswith(f"-m synapse_workers.run.logprefix --masked nginx={plan.layout.nginx_error_log}")
 
 
 def test_a_child_shows_its_own_command_line():

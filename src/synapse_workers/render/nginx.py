@@ -100,7 +100,7 @@ def render_nginx(plan: Plan) -> dict[str, str]:
         private_prefixes=catalog.PRIVATE_PREFIXES,
         main=MAIN,
         listen_host=f"[{bind}]" if ":" in bind else bind,
-        access_log=f"{plan.layout.logs_on_disk}/nginx-access.log" if plan.settings.logging.to_disk else None,
+        access_log=plan.layout.nginx_access_log if plan.settings.logging.to_disk else None,
         trusted_proxies=trusted,
         trusted_networks=[proxy for proxy in trusted if proxy != "unix:"],
         trust_unix="unix:" in trusted,

@@ -49,7 +49,7 @@ def render_supervisor(layout: Layout, programs: Sequence[Program], as_root: bool
         f"serverurl=unix://{layout.supervisor_socket}",
         "",
         "[eventlistener:logs]",
-        f"command={shlex.quote(sys.executable)} -m synapse_workers.run.logprefix",
+        f"command={' '.join(_quote(arg) for arg in logprefix_command(programs))}",
         "events=PROCESS_LOG",
         "buffer_size=65536",
         "autostart=true",
@@ -64,6 +64,8 @@ def render_supervisor(layout: Layout, programs: Sequence[Program], as_root: bool
         log_file = program.log_file or f"{state}/{program.name}.log"
         max_bytes = DISK_LOG_BYTES if program.log_file else SUPERVISOR_LOG_BYTES
         backups = 6 if program.log_file else 1
+        if program.masked_log:  # the output listener writes its files, masked: no raw copy anywhere
+            log_file, max_bytes, backups = "NONE", "0", 0
         env = ",".join(f'{k}="{v}"' for k, v in sorted(program.env.items()))
         lines += [
             f"[program:{program.name}]",
@@ -85,6 +87,15 @@ def render_supervisor(layout: Layout, programs: Sequence[Program], as_root: bool
             lines.append(f"environment={env}")
         lines.append("")
     return {layout.supervisor_conf: "\n".join(lines)}
+
+
+def logprefix_command(programs: Sequence[Program]) -> list[str]:
+    """The output listener, told whose capture (and disk copy) it writes itself, masked: `--masked NAME[=PATH]`."""
+    command = [sys.executable, "-m", "synapse_workers.run.logprefix"]
+    for program in programs:
+        if program.masked_log:
+            command += ["--masked", f"{program.name}={program.log_file}" if program.log_file else program.name]
+    return command
 
 
 def _quote(arg: str) -> str:

@@ -6,10 +6,15 @@ supervisord sends to its own stdout (the container log).
 The fork launcher (`run/zygote.py`, program `synapse`) relays the output of the processes it forks as
 `name|line`: those lines get the forked process's own name, and are also captured per process in the state
 dir (`<name>.log`, rotated like supervisord's captures), as supervisord does for its own programs.
+
+`--masked NAME[=PATH]` (nginx: its error log quotes request lines, access tokens included): supervisord keeps no
+copy of that program's output; this listener writes its capture in the state dir and, given PATH (logs on disk),
+a copy there, both with tokens masked. PATH is rotated by logrotate: it is reopened once it has been renamed.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import sys
@@ -58,6 +63,35 @@ class Captures:
             self.files.pop(name, None)
 
 
+class Copy:
+    """An append-only file that someone else rotates (renames): reopened when the path no longer names it (one
+    stat per write: the programs masked here write little)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = -1
+
+    def write(self, lines: list[bytes]) -> None:
+        try:
+            if self.fd >= 0 and not self._still_ours():
+                os.close(self.fd)
+                self.fd = -1
+            if self.fd < 0:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o640)
+            os.write(self.fd, b"".join(line + b"\n" for line in lines))
+        except OSError:
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.fd = -1
+
+    def _still_ours(self) -> bool:
+        try:
+            named, ours = os.stat(self.path, follow_symlinks=False), os.fstat(self.fd)
+        except OSError:
+            return False
+        return (named.st_dev, named.st_ino) == (ours.st_dev, ours.st_ino)
+
+
 def state_dir_from_env() -> str | None:
     """supervisord tells its listeners where its control socket is: in the state dir, with the captures."""
     url = os.environ.get("SUPERVISOR_SERVER_URL", "")
@@ -76,10 +110,21 @@ def split_forked(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
     return result
 
 
-def main() -> None:
+def _masked(argv: list[str] | None) -> dict[bytes, Copy | None]:
+    parser = argparse.ArgumentParser(prog="logprefix")
+    parser.add_argument("--masked", action="append", default=[], metavar="NAME[=PATH]")
+    masked: dict[bytes, Copy | None] = {}
+    for item in parser.parse_args(argv).masked:
+        name, _, path = item.partition("=")
+        masked[name.encode()] = Copy(path) if path else None
+    return masked
+
+
+def main(argv: list[str] | None = None) -> None:
     stdin, stdout, out = sys.stdin.buffer, sys.stdout.buffer, sys.stderr.buffer
     partial: dict[bytes, bytes] = {}
     captures = Captures(state_dir_from_env())
+    masked = _masked(argv)
     while True:
         stdout.write(b"READY\n")
         stdout.flush()
@@ -107,8 +152,14 @@ def main() -> None:
                     captures.write(child, group)
         elif lines:
             prefix = name.ljust(WIDTH) + b"| "
-            out.write(b"".join(prefix + mask(line) + b"\n" for line in lines))
+            lines = [mask(line) for line in lines]
+            out.write(b"".join(prefix + line + b"\n" for line in lines))
             out.flush()
+            if name in masked:
+                captures.write(name, lines)
+                copy = masked[name]
+                if copy is not None:
+                    copy.write(lines)
         stdout.write(b"RESULT 2\nOK")
         stdout.flush()
 

@@ -385,7 +385,8 @@ class Stack:
         log(f"{message} Last output:\n{shown}")
 
     def _tail_text(self, name: str, size: int = 3000) -> str | None:
-        if name in self.forked_by:  # captured by the output listener (run/logprefix.py)
+        masked = any(p.masked_log for p in self.programs if p.name == name)
+        if name in self.forked_by or masked:  # captured by the output listener (run/logprefix.py)
             try:
                 with open(f"{self.layout.state_dir}/{name}.log", "rb") as handle:
                     handle.seek(max(0, handle.seek(0, os.SEEK_END) - size))
