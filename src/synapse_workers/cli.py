@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     parser = _parser()
     args = parser.parse_args(argv)
     env = os.environ if env is None else env
-    if args.command not in ("status", "health"):  # those two read only the runtime dir
+    if args.command not in ("status", "health", "mask-output"):  # those read nothing of the environment
         for warning in unknown_variables(env):
             print(f"synapse-workers: warning: {warning}", file=sys.stderr)
     try:
@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("-o", "--output", required=True, metavar="DIR", help="a new or empty directory, or our own")
     export.add_argument("--image", default="synapse-workers:latest", help="the image built from this repository")
     export.set_defaults(func=cmd_export)
+    mask = sub.add_parser(
+        "mask-output",
+        help="run a command with access tokens masked in its output (the exported nginx containers use it)",
+    )
+    mask.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="the command and its arguments")
+    mask.set_defaults(func=cmd_mask_output)
     return parser
 
 
@@ -388,6 +394,15 @@ def cmd_unraid_template(args: argparse.Namespace, env: Mapping[str, str]) -> int
 
     sys.stdout.write(unraid_template())
     return 0
+
+
+def cmd_mask_output(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .run.logprefix import wrap
+
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise UserError("mask-output: expected a command after --, such as: mask-output -- nginx -g 'daemon off;'")
+    return wrap(command)
 
 
 def cmd_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ from synapse_workers.run.zygote import (
     spawned,
 )
 
+from tests.support.stack import SW
 from tests.unit.test_programs import BINARIES
 SIGKILLED = 9  # a wait status: killed by SIGKILL
 EXIT_1 = 1 << 8
@@ -194,6 +196,37 @@ def test_supervisord_keeps_no_raw_copy_of_nginx_output(base_env):
     assert parser.get("program:redis", "stdout_logfile").endswith("/logs/redis.log")
     command = parser.get("eventlistener:logs", "command")
     assert command.endswith(f"-m synapse_workers.run.logprefix --masked nginx={plan.layout.nginx_error_log}")
+
+
+def test_mask_output_masks_and_keeps_the_exit_status():
+    """`synapse-workers mask-output -- CMD` (the exported nginx containers' command): CMD's stdout and stderr on
+    stderr with tokens masked, its exit status; a missing CMD says so, exit 127 as in a shell."""
+    script = 'echo "GET /x?access_token=s3cret HTTP/1.1"; echo "Authorization: Bearer s3cret" >&2; exit 3'
+    result = subprocess.run([SW, "mask-output", "--", "sh", "-c", script], capture_output=True, timeout=30)
+    assert result.returncode == 3 and result.stdout == b""
+    assert result.stderr == b"GET /x?access_token=<redacted> HTTP/1.1\nAuthorization: Bearer <redacted>\n"
+    missing = subprocess.run([SW, "mask-output", "--", "/nonexistent/nginx"], capture_output=True, timeout=30)
+    assert missing.returncode == 127 and b"/nonexistent/nginx" in missing.stderr
+    empty = subprocess.run([SW, "mask-output"], capture_output=True, timeout=30)
+    assert empty.returncode == 2 and b"expected a command" in empty.stderr
+
+
+def test_mask_output_forwards_signals():
+    """What Kubernetes or Compose sends the container's first process reaches the command (nginx: QUIT to finish
+    requests in flight, USR1 to reopen its logs)."""
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGQUIT, lambda *a: (print('quit access_token=zz', flush=True), sys.exit(7)))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(30)\n")
+    proc = subprocess.Popen([SW, "mask-output", "--", sys.executable, "-c", code], stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None and proc.stderr.readline() == b"ready\n"
+        proc.send_signal(signal.SIGQUIT)
+        assert proc.wait(timeout=30) == 7
+        assert proc.stderr.read() == b"quit access_token=<redacted>\n"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_child_shows_its_own_command_line():

@@ -22,6 +22,7 @@ from ..plan import HEALTH, Plan
 from .export import (
     COMPOSE,
     DEFAULT_IMAGE,
+    MASKED,
     NGINX,
     PORTS,
     POSTGRES_HOST,
@@ -152,7 +153,7 @@ def render_compose(
     services[NGINX] = {
         "image": image,
         "user": user,
-        "entrypoint": ["nginx", "-e", "stderr", "-c", layout.nginx_conf, "-g", flags],
+        "entrypoint": [*MASKED, "nginx", "-e", "stderr", "-c", layout.nginx_conf, "-g", flags],
         "configs": [{"source": config("nginx", text, "config/nginx.conf"), "target": layout.nginx_conf}],
         # Scratch space; with SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK also its access log (not kept).
         "tmpfs": [layout.nginx_dir, f"{layout.nginx_dir}/tmp"]

@@ -31,6 +31,7 @@ from ..plan import HEALTH, METRICS, PUBLIC, REPLICATION, Plan
 from .export import (
     DEFAULT_IMAGE,
     KUBERNETES,
+    MASKED,
     NGINX,
     PORTS,
     PYTHON,
@@ -418,7 +419,7 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
                             "name": "nginx",
                             "image": image,
                             "imagePullPolicy": "IfNotPresent",
-                            "command": ["nginx", "-e", "stderr", "-c", layout.nginx_conf, "-g", flags],
+                            "command": [*MASKED, "nginx", "-e", "stderr", "-c", layout.nginx_conf, "-g", flags],
                             "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
                             # /health: main's; nginx itself is alive while it accepts connections.
                             "readinessProbe": _probe("/health", "http", 10, 3, 5),

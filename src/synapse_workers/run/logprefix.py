@@ -110,6 +110,32 @@ def split_forked(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
     return result
 
 
+FORWARDED = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGUSR1", "SIGUSR2", "SIGWINCH")
+
+
+def wrap(command: list[str]) -> int:
+    """`synapse-workers mask-output -- COMMAND`: run COMMAND with its stdout and stderr, tokens masked, on our stderr;
+    signals forwarded to it; its exit status ours (128 + N when a signal killed it). For exported deployments,
+    where nginx's error log would otherwise reach the container's log as it is."""
+    import signal
+    import subprocess
+
+    try:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    except OSError as exc:  # as a shell says it: 127 not found, 126 not executable
+        print(f"synapse-workers: mask-output: {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    for name in FORWARDED:
+        signal.signal(getattr(signal, name), lambda signum, frame: proc.send_signal(signum))
+    assert proc.stdout is not None
+    out = sys.stderr.buffer
+    for line in iter(proc.stdout.readline, b""):
+        out.write(mask(line.rstrip(b"\n")) + b"\n")
+        out.flush()
+    code = proc.wait()
+    return 128 - code if code < 0 else code
+
+
 def _masked(argv: list[str] | None) -> dict[bytes, Copy | None]:
     parser = argparse.ArgumentParser(prog="logprefix")
     parser.add_argument("--masked", action="append", default=[], metavar="NAME[=PATH]")
