@@ -406,7 +406,7 @@ class CoreSettings(Section):
         "50M",
         help="Largest upload, for Synapse and nginx alike, on every start; unset: an existing homeserver.yaml's limit",
     )
-    uid: Id = var("UID", 991, help="User ID Synapse and Redis run as when started as root; the data dir is given to it")
+    uid: Id = var("UID", 991, help="User ID Synapse and Redis run as when started as root; data dirs we create are given to it")
     gid: Id = var("GID", 991, help="Group ID Synapse and Redis run as when started as root")
     launch_mode: Annotated[Literal["fork", "process"], _choice("fork", "process")] = var(
         "SYNAPSE_LAUNCH_MODE",
@@ -525,7 +525,7 @@ class ListenSettings(Section):
         help="nginx's public port (clients and federation)",
         default_text="8008, or your homeserver.yaml's client port",
     )
-    http_bind_address: IP = var("SYNAPSE_HTTP_BIND_ADDRESS", "0.0.0.0", help="nginx's public address (IPv4)")
+    http_bind_address: IP = var("SYNAPSE_HTTP_BIND_ADDRESS", "0.0.0.0", help="nginx's public address (IPv4 or IPv6)")
     internal_port_base: Annotated[int, _int(1024, 64535)] = var(
         "SYNAPSE_INTERNAL_PORT_BASE",
         18000,
@@ -558,7 +558,7 @@ class ListenSettings(Section):
 
 class LoggingSettings(Section):
     level: Annotated[str, _choice("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG", upper=True)] = var(
-        "SYNAPSE_LOG_LEVEL", "INFO", help="Log level of every Synapse process: ERROR, WARNING, INFO or DEBUG"
+        "SYNAPSE_LOG_LEVEL", "INFO", help="Log level of every Synapse process: CRITICAL, ERROR, WARNING, INFO or DEBUG"
     )
     sensitive: Bool = var(
         "SYNAPSE_LOG_SENSITIVE", False, help="Let the SQL logger follow a DEBUG level (off keeps it at INFO)"
