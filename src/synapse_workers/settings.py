@@ -406,7 +406,9 @@ class CoreSettings(Section):
         "50M",
         help="Largest upload, for Synapse and nginx alike, on every start; unset: an existing homeserver.yaml's limit",
     )
-    uid: Id = var("UID", 991, help="User ID Synapse and Redis run as when started as root; data dirs we create are given to it")
+    uid: Id = var(
+        "UID", 991, help="User ID Synapse and Redis run as when started as root; data dirs we create are given to it"
+    )
     gid: Id = var("GID", 991, help="Group ID Synapse and Redis run as when started as root")
     launch_mode: Annotated[Literal["fork", "process"], _choice("fork", "process")] = var(
         "SYNAPSE_LAUNCH_MODE",

@@ -4,10 +4,11 @@ Only nginx's access and error logs need it (`SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK`
 Synapse's own log files rotate themselves (TimedRotatingFileHandler, midnight, 6 kept), and every other program's
 captured output is rotated by size by supervisord (`render/supervisor.py`).
 
-The files are renamed, then nginx's master reopens them on SIGUSR1 (it creates the new ones). Not copytruncate:
-lines written between the copy and the truncation would be lost. delaycompress: nginx's workers go on appending to
-the renamed files until they have reopened theirs, so the newest rotated file is compressed only on the next
-rotation.
+The files are renamed, then nginx's master reopens the access log on SIGUSR1 (it creates the new one); the error
+log (nginx's stderr, written masked by the output listener, run/logprefix.py) is reopened by the listener once it
+sees the rename. Not copytruncate: lines written between the copy and the truncation would be lost.
+delaycompress: nginx's workers go on appending to the renamed file until they have reopened theirs, so the newest
+rotated file is compressed only on the next rotation.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def ephemeral_overlap(plan: Plan, ephemeral: range | None) -> str | None:
         f"SYNAPSE_INTERNAL_PORT_BASE={plan.settings.listen.internal_port_base}: internal ports {inside[0]}-{inside[-1]}"
         f" lie in the kernel's ephemeral range {ephemeral.start}-{ephemeral.stop - 1} (net.ipv4.ip_local_port_range),"
         " where outgoing connections take their local port; a listener can then find its port taken."
-        f" Expected a base below {ephemeral.start} (the default 18000 is) or above {ephemeral.stop - 1}."
+        f" Expected a base below {ephemeral.start} or above {ephemeral.stop - 1}."
     )
 
 
