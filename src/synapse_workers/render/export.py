@@ -39,7 +39,7 @@ MAIN_WORKLOAD = f"{PREFIX}main"
 # What a Synapse container runs (the image's venv; README "Container").
 PYTHON = "/opt/synapse-workers/venv/bin/python"
 # nginx's error log quotes request lines, access tokens included: its output reaches the container's log masked.
-MASKED = ("/opt/synapse-workers/venv/bin/synapse-workers", "mask-output", "--")
+MASKED = (posixpath.join(posixpath.dirname(PYTHON), "synapse-workers"), "mask-output", "--")
 DEFAULT_IMAGE = "synapse-workers:latest"
 # Official images for Compose's PostgreSQL and both targets' Redis, pinned by tag.
 POSTGRES_IMAGE = "docker.io/library/postgres:15.8"
