@@ -7,6 +7,7 @@ The stack harness (tests/support/stack.py) is reused; this module only adds what
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -144,7 +145,7 @@ class CpuWindow:
     """CPU used on the machine by processes that are not ours (not this benchmark or its stacks),
     averaged in cores over the `with` block: the other work that may have disturbed a measurement."""
 
-    def __enter__(self) -> "CpuWindow":
+    def __enter__(self) -> CpuWindow:
         self.t0 = time.monotonic()
         self.busy0 = _machine_busy_ticks()
         self.ours0 = _own_tree_ticks()
@@ -242,7 +243,8 @@ def print_table(headers: list[str], rows: list[list], title: str | None = None) 
 
     def line(row: list[str]) -> str:
         # first column left-aligned (labels), the rest right-aligned (numbers)
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
 
     print(line(cells[0]))
     print("  ".join("-" * w for w in widths))
@@ -401,10 +403,8 @@ class BenchStack:
         pids = self.pids()
         self.stack.kill()
         for pid in pids:  # descendants whose command line no longer names the root (postgres, nginx workers)
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         self.stack = None
 
     def close(self) -> None:
@@ -418,7 +418,7 @@ class BenchStack:
                 time.sleep(0.2)
             shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> "BenchStack":
+    def __enter__(self) -> BenchStack:
         return self
 
     def __exit__(self, *exc) -> None:

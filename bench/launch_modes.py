@@ -167,7 +167,8 @@ def main() -> int:
                              fmt(median(m["delivery_ms"]), 0), m["undelivered"], m["lost"]])
         print_table(["topology", "mode", "senders", "sends/s", "send p50 ms", "delivery p50 ms", "undelivered", "lost"],
                     rows, title=f"Messaging through nginx ({args.messages} messages per sender, one room each)")
-    print("Synapse procs: processes counted as Synapse (fork mode: the zygote that imported Synapse, plus its children).")
+    print("Synapse procs: processes counted as Synapse "
+          "(fork mode: the zygote that imported Synapse, plus its children).")
     print(load.summary())
     print()
     return 0

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -245,7 +246,7 @@ async def one_round(receiver: User, senders: list[User], messages: int, shared: 
     await asyncio.sleep(0.2)  # let the receiver's long poll reach the server
     started = time.monotonic()
     try:
-        await asyncio.gather(*(send(s, r, i) for i, (s, r) in enumerate(zip(senders, rooms))))
+        await asyncio.gather(*(send(s, r, i) for i, (s, r) in enumerate(zip(senders, rooms, strict=True))))
         finished = time.monotonic()
         # wait (at most 30 s) for the receiver to have seen every event, then stop its long poll
         while not all(e in arrived for e in done) and time.monotonic() - finished < 30:
@@ -254,10 +255,8 @@ async def one_round(receiver: User, senders: list[User], messages: int, shared: 
             await asyncio.sleep(0.01)
     finally:
         receiver_task.cancel()
-        try:
+        with contextlib.suppress(asyncio.CancelledError):
             await receiver_task
-        except asyncio.CancelledError:
-            pass
 
     # Read every room back (GET /messages, not /sync) and classify each acknowledged event:
     #   live         first seen in a /sync timeline

@@ -58,7 +58,8 @@ def measure(name: str, workers: str, runs: int, idle: float, load: LoadLog) -> d
             result["gone"].append(gone)
             print(f"  {name}: restart {i + 1}/{runs}: ready {result['ready'][-1]:.2f}s, stop {seconds:.2f}s "
                   f"(programs gone after {gone:.2f}s), "
-                  f"PSS {result['mem'][-1]['total']['pss']:.0f} MiB (CPU busy {result['loads'][-1]:.2f} cores before; other work "
+                  f"PSS {result['mem'][-1]['total']['pss']:.0f} MiB "
+                  f"(CPU busy {result['loads'][-1]:.2f} cores before; other work "
                   f"{window.foreign:.2f} during start)",
                   file=sys.stderr, flush=True)
     return result

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything (apt + venv, see install.sh) and run the whole test suite with real nginx, Synapse,
-# PostgreSQL and Redis binaries, after ruff and mypy on src/. Extra arguments go to pytest.
+# PostgreSQL and Redis binaries, after ruff check (src/, tests/, bench/), ruff format --check and mypy on src/.
+# Extra arguments go to pytest.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 SW_EXTRAS=test "$here/scripts/install.sh"
@@ -8,9 +9,9 @@ SW_EXTRAS=test "$here/scripts/install.sh"
 "$here/scripts/container-tools.sh"
 venv=${SW_VENV:-/opt/synapse-workers/venv}
 cd "$here"
-# Lint, format and type checks on the package first: cheap, and they fail fast.
-echo "test: ruff check, ruff format --check, mypy (src/)"
-"$venv/bin/ruff" check --no-cache src
+# Lint (package, tests, benchmarks), format and type checks (package) first: cheap, and they fail fast.
+echo "test: ruff check (src/ tests/ bench/), ruff format --check, mypy (src/)"
+"$venv/bin/ruff" check --no-cache src tests bench
 "$venv/bin/ruff" format --check --no-cache src
 "$venv/bin/mypy" --no-incremental --cache-dir=/dev/null
 echo "test: hadolint Dockerfile"

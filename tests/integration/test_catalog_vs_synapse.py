@@ -212,7 +212,8 @@ def test_parser_reads_categories_methods_and_merges_lines():
     ("regex", "sample"),
     [
         ("^/_matrix/client/(api/v1|r0|v3|unstable)/rooms/.*/typing/.*$", "/_matrix/client/api/v1/rooms/x/typing/x"),
-        ("^/_matrix/client/(v1|unstable)/rooms/.*/relations/.*(/.*(/.*)?)?$", "/_matrix/client/v1/rooms/x/relations/x/x/x"),
+        ("^/_matrix/client/(v1|unstable)/rooms/.*/relations/.*(/.*(/.*)?)?$",
+         "/_matrix/client/v1/rooms/x/relations/x/x/x"),
         ("^/_matrix/client/unstable/org\\.matrix\\.msc4140/delayed_events/.*/restart$",
          "/_matrix/client/unstable/org.matrix.msc4140/delayed_events/x/restart"),
         ("^/_matrix/federation/v1/send/.*/?$", "/_matrix/federation/v1/send/x/"),
@@ -384,4 +385,4 @@ def _print_table(title: str, header: tuple[str, ...], rows: list[tuple[str, ...]
     widths = [min(70, max([len(h)] + [len(r[i]) for r in rows])) for i, h in enumerate(header)]
     print(f"\n== {title}: {len(rows)} rows (Synapse {catalog.SYNAPSE_VERSION}) ==")
     for row in (header, *rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -34,7 +34,8 @@ TURNSERVER = shutil.which("turnserver") or "/usr/bin/turnserver"
 UCLIENT = shutil.which("turnutils_uclient") or "/usr/bin/turnutils_uclient"
 STUNCLIENT = shutil.which("turnutils_stunclient") or "/usr/bin/turnutils_stunclient"
 if not all(os.path.exists(p) for p in (TURNSERVER, UCLIENT, STUNCLIENT)):
-    pytest.skip("coturn is not installed (turnserver, turnutils_uclient, turnutils_stunclient)", allow_module_level=True)
+    pytest.skip("coturn is not installed (turnserver, turnutils_uclient, turnutils_stunclient)",
+                allow_module_level=True)
 
 # Where coturn writes a log file of its own when it is not told otherwise: nothing may appear there.
 COTURN_LOG_DIRS = ("/var/log", "/var/tmp", "/tmp")

@@ -407,9 +407,9 @@ class TestSmallWorkerSet:
             time.sleep(6)
             old = stack.processes()["media_repository1"]
             os.kill(old, signal.SIGKILL)
-            if kill < 4:
-                assert wait_for(lambda: stack.processes().get("media_repository1") not in (None, old), 30), \
-                    stack.tail()
+            if kill < 4:  # B023: wait_for calls the closure within this iteration only
+                assert wait_for(lambda: stack.processes().get("media_repository1") not in (None, old),  # noqa: B023
+                                30), stack.tail()
         assert wait_for(lambda: "media_repository1 crashed 5 times" in stack.log_path.read_text(errors="replace"),
                         15), stack.tail()
         assert wait_for(lambda: "media_repository1" not in stack.processes(), 30), stack.tail()

@@ -261,7 +261,8 @@ def test_every_query_returns_data_against_a_running_stack():
                 asyncio.run(drive_traffic(stack.base_url, secret))
             except Exception as exc:  # say what the stack was doing: a refused connection means nginx was gone
                 status = stack.cli("status").stdout
-                raise AssertionError(f"traffic failed: {exc!r}\nstatus:\n{status}\nstack log:\n{stack.tail(150)}") from exc
+                raise AssertionError(f"traffic failed: {exc!r}\nstatus:\n{status}\n"
+                                     f"stack log:\n{stack.tail(150)}") from exc
             time.sleep(3)  # a few scrapes and rule evaluations
             for name, expr in list(missing.items()):
                 if has_data(query(port, expr)):

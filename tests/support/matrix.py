@@ -8,9 +8,9 @@ feature at a time and records how long each took.
 from __future__ import annotations
 
 import asyncio
-import io
 import hashlib
 import hmac
+import io
 import secrets
 import time
 from collections.abc import Callable

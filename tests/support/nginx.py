@@ -7,6 +7,7 @@ until the master and its workers are gone, escalating to SIGTERM and SIGKILL if 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -137,10 +138,8 @@ class Nginx:
             return
         pids = [self.pid, *self.workers, *children(self.pid)]
         for sig in (signal.SIGQUIT, signal.SIGTERM, signal.SIGKILL):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
             deadline = time.monotonic() + (timeout if sig != signal.SIGKILL else 5.0)
             while any(_alive(p) for p in pids) and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -150,10 +149,8 @@ class Nginx:
                 # Last resort: the master may be gone while a worker lingers.
                 for p in pids:
                     if _alive(p):
-                        try:
+                        with contextlib.suppress(ProcessLookupError):
                             os.kill(p, signal.SIGKILL)
-                        except ProcessLookupError:
-                            pass
         self.pid = None
         self.workers = []
 

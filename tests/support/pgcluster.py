@@ -7,6 +7,7 @@ The cluster lives in its own temp root, outside any Stack's root, so Stack.lefto
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import secrets
@@ -80,7 +81,7 @@ class PgCluster:
     def _run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(self._as_owner(argv), cwd="/", capture_output=True, text=True, **kwargs)
 
-    def start(self) -> "PgCluster":
+    def start(self) -> PgCluster:
         self.root = Path(tempfile.mkdtemp(prefix="sw-pg-", dir="/tmp"))
         os.chmod(self.root, 0o755)
         for d in (self.data_dir, self.socket_dir):
@@ -149,16 +150,14 @@ class PgCluster:
             pid = self.postmaster_pid()
             result = self._run([f"{BIN}/pg_ctl", "-D", str(self.data_dir), "-m", "fast", "-w", "-t", "30", "stop"])
             if result.returncode and pid:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 time.sleep(0.5)
             self.started = False
         shutil.rmtree(self.root, ignore_errors=True)
         self.root = None
 
-    def __enter__(self) -> "PgCluster":
+    def __enter__(self) -> PgCluster:
         try:
             return self.start()
         except BaseException:

@@ -6,6 +6,7 @@ command lines that mention its runtime or data dir, so a test can prove nothing 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -59,17 +60,16 @@ class Stack:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.env['SYNAPSE_HTTP_PORT']}"
 
-    def launch(self) -> "Stack":
+    def launch(self) -> Stack:
         """Start `synapse-workers run` without waiting for it to be ready."""
         self.started_at = time.monotonic()
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([SW, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
-        log.close()
+        with open(self.log_path, "ab") as log:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen([SW, "run"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         return self
 
     poll_interval = 0.25  # readiness polls (benchmarks poll faster with a cheaper client)
 
-    def start(self, timeout: float = 300) -> "Stack":
+    def start(self, timeout: float = 300) -> Stack:
         self.launch()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -113,10 +113,8 @@ class Stack:
             self.proc.kill()
             self.proc.wait()
         for pid in self.leftovers():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
     def close(self, *remove: Path) -> None:
         """For `finally`: stop it if it still runs (SIGTERM), kill what is left, remove the given dirs."""

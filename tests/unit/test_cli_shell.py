@@ -38,7 +38,8 @@ def test_one_run_lists_every_problem(base_env):
 
 def test_one_run_lists_files_and_ports_together(base_env, tmp_root):
     env = {**base_env, "SYNAPSE_TLS_CERT": str(tmp_root / "missing.pem"), "SYNAPSE_TLS_KEY": str(tmp_root / "k"),
-           "SYNAPSE_INTERNAL_PORT_BASE": "64535", "SYNAPSE_WORKER_TYPES": ", ".join(f"w{i}x=synchrotron:50" for i in range(12))}
+           "SYNAPSE_INTERNAL_PORT_BASE": "64535",
+           "SYNAPSE_WORKER_TYPES": ", ".join(f"w{i}x=synchrotron:50" for i in range(12))}
     result = run(env, "plan")
     assert result.returncode == 2
     assert "SYNAPSE_TLS_CERT=" in result.stderr and "SYNAPSE_TLS_KEY=" in result.stderr
@@ -115,7 +116,7 @@ def test_health_reports_a_down_add_on_without_failing(tmp_root):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ok)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     ok = f"http://127.0.0.1:{server.server_address[1]}/health"
-    with socket_closed_port() as dead:
+    with SocketClosedPort() as dead:
         layout = make_layout(str(tmp_root), "/data")
         Path(layout.state_dir).mkdir()
 
@@ -143,7 +144,7 @@ def test_health_reports_a_down_add_on_without_failing(tmp_root):
                 server.shutdown()
 
 
-class socket_closed_port:
+class SocketClosedPort:
     """A loopback port nothing listens on (bound, then closed)."""
 
     def __enter__(self) -> int:

@@ -17,10 +17,10 @@ from synapse_workers.files import write_files
 from synapse_workers.load import load_plan
 from synapse_workers.programs import STAGE_NAMES, Health, programs
 from synapse_workers.render import render_all
-from tests.unit.test_programs import BINARIES as PROGRAM_BINARIES
 from synapse_workers.render.coturn import DENIED_PEERS, SECRET_KEY, peer_range
 from synapse_workers.render.synapse import shared_config
 from synapse_workers.run.health import check, stun_binding
+from tests.unit.test_programs import BINARIES as PROGRAM_BINARIES
 
 COTURN = {"SYNAPSE_ENABLE_BUILTIN_COTURN": "1"}
 BINARIES = {**PROGRAM_BINARIES, "turnserver": "/usr/bin/turnserver"}
@@ -109,9 +109,8 @@ def test_ports_and_metrics(env):
                           COTURN_METRICS="1"))
     assert {"listening-port=3479", "min-port=50000", "max-port=50010"} <= set(conf)
     # Prometheus on loopback, on a fixed port from the internal base (base + 9).
-    assert ["prometheus", "prometheus-address=127.0.0.1", "prometheus-port=30009"] == [
-        line for line in conf if line.startswith("prometheus")
-    ]
+    assert [line for line in conf if line.startswith("prometheus")] == [
+        "prometheus", "prometheus-address=127.0.0.1", "prometheus-port=30009"]
 
 
 def test_no_secret_in_any_rendered_text(env):
@@ -247,7 +246,8 @@ def test_program_row(env):
     plan = plan_for(env, **COTURN, SYNAPSE_LAUNCH_MODE="process")
     rows = {p.name: p for p in programs(plan, as_root=True, binaries=BINARIES, coturn_user=(104, 107))}
     coturn = rows["coturn"]
-    assert STAGE_NAMES[coturn.stage] == "nginx" and not coturn.critical and coturn.addon and coturn.stop_signal == "TERM"
+    assert (STAGE_NAMES[coturn.stage] == "nginx" and not coturn.critical and coturn.addon
+            and coturn.stop_signal == "TERM")
     assert coturn.health == Health("stun", "127.0.0.1:3478")
     # setpriv to coturn's own user; the secret is never in the command line or the environment
     assert coturn.command == ("/usr/bin/setpriv", "--reuid=104", "--regid=107", "--clear-groups", "--",

@@ -5,9 +5,9 @@ from __future__ import annotations
 import configparser
 
 from synapse_workers.load import load_plan
+from synapse_workers.programs import STAGE_NAMES, SeparateProcesses, child_environment, programs
 from synapse_workers.render.redis import render_redis
 from synapse_workers.render.supervisor import GROUP_NAME, render_supervisor
-from synapse_workers.programs import STAGE_NAMES, SeparateProcesses, child_environment, programs
 
 BINARIES = {
     "nginx": "/usr/sbin/nginx",
@@ -127,7 +127,8 @@ def test_jemalloc_is_preloaded_into_synapse_processes_only(base_env):
 
 def test_malloc_default_is_jemalloc_in_fork_mode_only(base_env):
     """Measured: jemalloc saves memory with forked processes and costs some with separate ones."""
-    cases = [("fork", "auto", True), ("process", "auto", False), ("process", "jemalloc", True), ("fork", "system", False)]
+    cases = [("fork", "auto", True), ("process", "auto", False), ("process", "jemalloc", True),
+             ("fork", "system", False)]
     for mode, malloc, expected in cases:
         plan = load_plan({**base_env, "SYNAPSE_LAUNCH_MODE": mode, "SYNAPSE_MALLOC": malloc})
         assert plan.settings.core.jemalloc is expected, (mode, malloc)
@@ -143,5 +144,5 @@ def test_asyncio_reactor_reaches_the_synapse_processes_only_as_1(base_env):
                    "SYNAPSE_ASYNC_IO_REACTOR": value}
             rows = programs(load_plan(env), False, BINARIES)
             given = {p.name: p.env.get("SYNAPSE_ASYNC_IO_REACTOR") for p in rows if "SYNAPSE_ASYNC_IO_REACTOR" in p.env}
-            assert given == ({name: expected for name in synapse_programs} if expected else {}), (mode, value, given)
+            assert given == (dict.fromkeys(synapse_programs, expected) if expected else {}), (mode, value, given)
             assert "SYNAPSE_ASYNC_IO_REACTOR" not in child_environment(env)  # never inherited as typed

@@ -24,15 +24,16 @@ from synapse_workers.run.zygote import (
     exited,
     spawned,
 )
-
 from tests.support.stack import SW
 from tests.unit.test_programs import BINARIES
+
 SIGKILLED = 9  # a wait status: killed by SIGKILL
 EXIT_1 = 1 << 8
 
 
 def spec(start_secs: int = 5) -> ChildSpec:
-    return ChildSpec("synchrotron1", ("/py", "-m", "synapse.app.generic_worker", "--config-path", "/a.yaml"), start_secs, 15)
+    return ChildSpec("synchrotron1", ("/py", "-m", "synapse.app.generic_worker", "--config-path", "/a.yaml"),
+                     start_secs, 15)
 
 
 def running_child(now: float = 100.0) -> Child:
@@ -89,7 +90,8 @@ def test_a_stopped_child_stays_stopped_and_a_slow_one_is_killed():
 
 
 def test_fork_mode_is_one_program_that_forks_every_synapse_process(base_env):
-    plan = load_plan({**base_env, "SYNAPSE_WORKER_TYPES": "synchrotron, event_persister", "SYNAPSE_LAUNCH_MODE": "fork"})
+    plan = load_plan({**base_env, "SYNAPSE_WORKER_TYPES": "synchrotron, event_persister",
+                      "SYNAPSE_LAUNCH_MODE": "fork"})
     progs = programs(plan, as_root=True, binaries=BINARIES)
     assert [p.name for p in progs] == ["redis", NAME, "nginx"]
     zygote = progs[1]
@@ -137,7 +139,8 @@ def test_the_listener_prefixes_forked_lines_with_their_names(tmp_path: Path):
     state = tmp_path / "state"
     state.mkdir()
     payload = b"processname:synapse groupname:stack pid:1 channel:stdout\nmain|a access_token=s3cret\nsynchrotron1|b\n"
-    header = f"ver:3.0 server:supervisor serial:1 pool:logs poolserial:1 eventname:PROCESS_LOG_STDOUT len:{len(payload)}\n"
+    header = (f"ver:3.0 server:supervisor serial:1 pool:logs poolserial:1 eventname:PROCESS_LOG_STDOUT "
+              f"len:{len(payload)}\n")
     env = {**os.environ, "SUPERVISOR_SERVER_URL": f"unix://{state}/supervisor.sock"}
     result = subprocess.run([sys.executable, "-m", "synapse_workers.run.logprefix"], input=header.encode() + payload,
                             capture_output=True, env=env, timeout=30)
@@ -151,7 +154,8 @@ def test_the_listener_prefixes_forked_lines_with_their_names(tmp_path: Path):
 
 def _listener(state: Path, *args: str, name: str = "nginx", lines: bytes = b"") -> subprocess.CompletedProcess:
     payload = f"processname:{name} groupname:stack pid:1 channel:stdout\n".encode() + lines
-    header = f"ver:3.0 server:supervisor serial:1 pool:logs poolserial:1 eventname:PROCESS_LOG_STDOUT len:{len(payload)}\n"
+    header = (f"ver:3.0 server:supervisor serial:1 pool:logs poolserial:1 eventname:PROCESS_LOG_STDOUT "
+              f"len:{len(payload)}\n")
     env = {**os.environ, "SUPERVISOR_SERVER_URL": f"unix://{state}/supervisor.sock"}
     return subprocess.run([sys.executable, "-m", "synapse_workers.run.logprefix", *args],
                           input=header.encode() + payload, capture_output=True, env=env, timeout=30)
