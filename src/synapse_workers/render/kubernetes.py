@@ -441,36 +441,38 @@ def _network_policies() -> list[dict[str, Any]]:
     synapse, nginx, redis = _role("synapse"), _role("nginx"), _role("redis")
     public = [{"port": PORTS[PUBLIC], "protocol": "TCP"}, {"port": PORTS[HEALTH], "protocol": "TCP"}]
     return [
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": "synapse-internal", "labels": _labels("synapse-internal", "synapse")},
-            "spec": {
-                "podSelector": {"matchLabels": synapse},
-                "policyTypes": ["Ingress"],
-                # Replication and metrics: Synapse pods only. The public and health ports: also nginx.
-                "ingress": [
-                    {"from": [{"podSelector": {"matchLabels": synapse}}]},
-                    {"from": [{"podSelector": {"matchLabels": nginx}}], "ports": public},
-                ],
-            },
-        },
-        {
-            "apiVersion": "networking.k8s.io/v1",
-            "kind": "NetworkPolicy",
-            "metadata": {"name": "synapse-redis", "labels": _labels("synapse-redis", "redis")},
-            "spec": {
-                "podSelector": {"matchLabels": redis},
-                "policyTypes": ["Ingress"],
-                "ingress": [
-                    {
-                        "from": [{"podSelector": {"matchLabels": synapse}}],
-                        "ports": [{"port": REDIS_PORT, "protocol": "TCP"}],
-                    }
-                ],
-            },
-        },
+        # Replication and metrics: Synapse pods only. The public and health ports: also nginx.
+        _network_policy(
+            "synapse-internal",
+            "synapse",
+            synapse,
+            [
+                {"from": [{"podSelector": {"matchLabels": synapse}}]},
+                {"from": [{"podSelector": {"matchLabels": nginx}}], "ports": public},
+            ],
+        ),
+        _network_policy(
+            "synapse-redis",
+            "redis",
+            redis,
+            [
+                {
+                    "from": [{"podSelector": {"matchLabels": synapse}}],
+                    "ports": [{"port": REDIS_PORT, "protocol": "TCP"}],
+                }
+            ],
+        ),
     ]
+
+
+def _network_policy(name: str, role: str, pods: dict[str, str], ingress: list[dict[str, Any]]) -> dict[str, Any]:
+    """Only `ingress` may reach the pods matching `pods`."""
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "labels": _labels(name, role)},
+        "spec": {"podSelector": {"matchLabels": pods}, "policyTypes": ["Ingress"], "ingress": ingress},
+    }
 
 
 # ---- invariants schema validation does not catch ---------------------------------------------------------
