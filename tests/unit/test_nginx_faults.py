@@ -161,9 +161,9 @@ def test_read_pid(tmp_path, text, pid):
 def test_no_pid_file_no_search(tmp_path):
     conf = tmp_path / "nginx.conf"
     conf.write_text("events {}\n")  # no pid directive: nginx's compiled-in default is not ours
-    assert nginx_start.clear_leftovers("/usr/sbin/nginx", ["-c", str(conf)]) == []
+    assert nginx_start.clear_leftovers("/usr/sbin/nginx", nginx_start.read_conf(["-c", str(conf)])) == []
     conf.write_text(f"pid {tmp_path}/nginx.pid;\n")  # names a pid file that does not exist
-    assert nginx_start.clear_leftovers("/usr/sbin/nginx", ["-c", str(conf)]) == []
+    assert nginx_start.clear_leftovers("/usr/sbin/nginx", nginx_start.read_conf(["-c", str(conf)])) == []
 
 
 class FakeProc:

@@ -173,22 +173,31 @@ def _kill(pids: list[int], check: _Matcher) -> list[int]:
     return [pid for pid, _ in pinned]
 
 
-def clear_leftovers(nginx: str, args: list[str]) -> list[int]:
-    """Kill what a killed nginx started with the same config left running. Returns the pids killed."""
+def read_conf(args: list[str]) -> tuple[str, str] | None:
+    """nginx's `-c` file and its text; None without one, or when it cannot be read (nginx will say why)."""
     conf = conf_argument(args)
     if conf is None:
-        return []
+        return None
     try:
-        pid_file = pid_file_of(Path(conf).read_text(errors="replace"))
+        return conf, Path(conf).read_text(errors="replace")
     except OSError:
-        return []  # nginx will say what is wrong with its config
+        return None
+
+
+def clear_leftovers(nginx: str, conf: tuple[str, str] | None) -> list[int]:
+    """Kill what a killed nginx started with the same config (`read_conf`) left running. Returns the pids
+    killed."""
+    if conf is None:
+        return []
+    conf_path, conf_text = conf
+    pid_file = pid_file_of(conf_text)
     old_pid = read_pid(pid_file) if pid_file else None
     if old_pid is None:
         return []
-    pids = leftovers(nginx, conf, old_pid)
+    pids = leftovers(nginx, conf_path, old_pid)
     if not pids:
         return []
-    killed = _kill(pids, _Matcher(nginx, conf, old_pid, os.getpid()))
+    killed = _kill(pids, _Matcher(nginx, conf_path, old_pid, os.getpid()))
     if killed:
         listed = ", ".join(map(str, killed))
         print(
@@ -212,12 +221,10 @@ def with_worker_processes(args: list[str], conf_text: str, cpus: int) -> list[st
     return [*args, "-g", directive]
 
 
-def _worker_processes(args: list[str]) -> list[str]:
-    conf = conf_argument(args[1:])
-    try:
-        text = Path(conf).read_text(errors="replace") if conf else ""
-    except OSError:
-        return args  # nginx will say what is wrong with its config
+def _worker_processes(args: list[str], conf: tuple[str, str] | None) -> list[str]:
+    text = conf[1] if conf else ""
+    if conf_argument(args[1:]) and conf is None:
+        return args  # an unreadable config: nginx will say what is wrong with it
     if _WORKERS_DIRECTIVE.search(text):
         return args
     cpus = usable_cpus()
@@ -230,11 +237,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if not args:
         print("usage: python -m synapse_workers.run.nginx_start NGINX [ARGS...]", file=sys.stderr)
         sys.exit(2)
+    conf = read_conf(args[1:])  # read once: for the leftovers' pid file and for worker_processes
     try:
-        clear_leftovers(args[0], args[1:])
+        clear_leftovers(args[0], conf)
     except Exception as exc:  # never keep nginx from starting: at worst it reports the bind error itself
         print(f"nginx_start: could not look for a previous nginx's processes: {exc!r}", file=sys.stderr, flush=True)
-    args = _worker_processes(args)
+    args = _worker_processes(args, conf)
     sys.stderr.flush()
     os.execv(args[0], args)
 
