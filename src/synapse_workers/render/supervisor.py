@@ -61,11 +61,12 @@ def render_supervisor(layout: Layout, programs: Sequence[Program], as_root: bool
     ]
     lines += [f"[group:{GROUP_NAME}]", f"programs={','.join(p.name for p in programs)}", ""]
     for program in programs:
-        log_file = program.log_file or f"{state}/{program.name}.log"
-        max_bytes = DISK_LOG_BYTES if program.log_file else SUPERVISOR_LOG_BYTES
-        backups = 6 if program.log_file else 1
         if program.masked_log:  # the output listener writes its files, masked: no raw copy anywhere
             log_file, max_bytes, backups = "NONE", "0", 0
+        elif program.log_file:
+            log_file, max_bytes, backups = program.log_file, DISK_LOG_BYTES, 6
+        else:
+            log_file, max_bytes, backups = f"{state}/{program.name}.log", SUPERVISOR_LOG_BYTES, 1
         env = ",".join(f'{k}="{v}"' for k, v in sorted(program.env.items()))
         lines += [
             f"[program:{program.name}]",
