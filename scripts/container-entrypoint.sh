@@ -8,8 +8,11 @@ set -eu
 data=${SYNAPSE_DATA_DIR:-/data}
 uid=$(printenv UID || echo 991)
 gid=$(printenv GID || echo 991)
-if [ "${1:-}" = run ] && [ "$(id -u)" = 0 ] && [ -d "$data" ] && [ -z "$(ls -A "$data")" ] \
-  && [ "$(stat -c %u:%g "$data")" != "${uid:-991}:${gid:-991}" ]; then
+# `run`, or arguments written for the official image that start the stack (`-m synapse.app.homeserver`, an
+# Unraid template's Post Arguments): synapse_workers.official_args decides, as the CLI does.
+if [ "$(id -u)" = 0 ] && [ -d "$data" ] && [ -z "$(ls -A "$data")" ] \
+  && [ "$(stat -c %u:%g "$data")" != "${uid:-991}:${gid:-991}" ] \
+  && python3 -m synapse_workers.official_args "$@"; then
   echo "synapse-workers: $data is an empty mount point: giving it to ${uid:-991}:${gid:-991}" >&2
   chown "${uid:-991}:${gid:-991}" "$data"
   chmod 0755 "$data"  # PostgreSQL (its own user) must reach its cluster in it

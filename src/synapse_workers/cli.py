@@ -26,8 +26,15 @@ if TYPE_CHECKING:
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
     env = os.environ if env is None else env
+    try:
+        argv, env = _official_arguments(argv, env)
+    except UserError as exc:
+        for problem in exc.problems:
+            print(f"synapse-workers: error: {problem}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     if args.command not in ("status", "health", "mask-output"):  # those read nothing of the environment
         for warning in unknown_variables(env):
             print(f"synapse-workers: warning: {warning}", file=sys.stderr)
@@ -46,6 +53,23 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     except OSError as exc:
         print(f"synapse-workers: cannot write or read {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+
+
+def _official_arguments(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], Mapping[str, str]]:
+    """Arguments written for the official image (an Unraid template's Post Arguments): our own instead, with a
+    warning naming what was ignored (official_args.py)."""
+    from .official_args import translate
+
+    translation = translate(argv, env)
+    if translation is None:
+        return argv, env
+    for warning in translation.warnings:
+        print(f"synapse-workers: warning: {warning}", file=sys.stderr)
+    if not translation.env:
+        return translation.argv, env
+    if env is os.environ:
+        os.environ.update(translation.env)  # the scheduler's jobs (compress-state) read the same file
+    return translation.argv, {**env, **translation.env}
 
 
 def _parser() -> argparse.ArgumentParser:
