@@ -132,16 +132,40 @@ def update_readme(text: str) -> str:
 
 
 # ---- Unraid ---------------------------------------------------------------------------------------------
+#
+# Unraid's dockerMan (Helpers.php, xmlToCommand) passes every Variable as `-e NAME=value`, the value being the
+# field's text or, when that is empty, the `Default` attribute: Default is data that reaches the container,
+# never a description, and a cleared field must give what an unset variable gives. So Default is a literal the
+# program reads exactly like "unset", or nothing (secrets, and anything computed from other settings or from
+# homeserver.yaml); the explanation goes to Description. tests/unit/test_unraid_template.py checks each Default
+# against the program (the plan and every rendered file), tests/integration/test_unraid.py runs the command.
 
 UNRAID_APPDATA = "/mnt/user/appdata/synapse-workers"
+UNRAID_PROMETHEUS_APPDATA = "/mnt/user/appdata/synapse-workers-prometheus"
 UNRAID_ALWAYS = ("SYNAPSE_SERVER_NAME", "SYNAPSE_REPORT_STATS", "SYNAPSE_WORKER_TYPES", "SYNAPSE_PUBLIC_BASEURL")
 UNRAID_REQUIRED = ("SYNAPSE_SERVER_NAME", "SYNAPSE_REPORT_STATS")
+# Set by the image (Dockerfile ENV). Unraid always sends the variable, so an empty Default would replace the
+# image's value: the template's Default is the image's value, what `docker run` without -e gives.
+IMAGE_ENV = {
+    "SYNAPSE_CONFIG_DIR": "/data",
+    "SYNAPSE_DATA_DIR": "/data",
+    "PROMETHEUS_STORAGE_PATH": "/var/lib/prometheus",
+}
+# Literal defaults that are not what "unset" means: unset keeps an existing homeserver.yaml's upload limit;
+# unset TLS port on the host network is the TLS port field's host port (TCP_PORT_8448, see load.py).
+UNRAID_NO_DEFAULT = frozenset({"SYNAPSE_MAX_UPLOAD_SIZE", "SYNAPSE_TLS_PORT"})
+# Synapse's logo (element-hq/synapse's README shows it); this project has no published repository yet.
+UNRAID_ICON = "https://raw.githubusercontent.com/element-hq/synapse/develop/docs/element_logo_white_bg.svg"
+UNRAID_PROJECT = "https://github.com/element-hq/synapse"
+UNRAID_SUPPORT = "https://matrix.to/#/#synapse:matrix.org"
 UNRAID_OVERVIEW = (
     f"Synapse {catalog.SYNAPSE_VERSION}, the Matrix homeserver, on every CPU core: one variable "
     "(SYNAPSE_WORKER_TYPES) becomes Synapse workers, Redis, an internal nginx that routes every request to a "
     "process that can serve it, and an embedded PostgreSQL, all supervised in one container. "
-    "Set SYNAPSE_SERVER_NAME and SYNAPSE_REPORT_STATS for a new server; an existing /data from the official "
-    "matrixdotorg/synapse image (homeserver.yaml, signing key) is used as it is and never modified. "
+    "A new server needs only SYNAPSE_SERVER_NAME and SYNAPSE_REPORT_STATS: every secret is generated on the "
+    "first start and kept in the Data path (0600); leave secret fields empty. An existing /data of the original "
+    "synapse-workers image or of the official matrixdotorg/synapse image (homeserver.yaml, signing key) is used "
+    "as it is and never modified. Put your HTTPS reverse proxy in front of the public port. "
     "Workers need PostgreSQL (embedded by default, or POSTGRES_* for your own); SQLite is monolith only."
 )
 
@@ -151,13 +175,89 @@ def _config(attrs: dict[str, str], value: str) -> str:
     return f"  <Config {rendered}>{escape(value)}</Config>"
 
 
+def _literal(default: Any) -> str:
+    """A field's default as the variable's text would spell it ("" for none)."""
+    if default is None:
+        return ""
+    if isinstance(default, tuple):
+        return ",".join(default)
+    return str(default)
+
+
+def unraid_default(variable: Variable) -> str:
+    """The Default attribute: what Unraid sends when the field is empty. Never a secret, never prose."""
+    if variable.name in IMAGE_ENV:
+        return IMAGE_ENV[variable.name]
+    if variable.secret or variable.name in UNRAID_NO_DEFAULT:
+        return ""
+    if variable.boolean:
+        return variable.default_text  # on/off: an empty switch would mean off
+    if variable.default_text != _literal(variable.default):
+        return ""  # computed ("<config dir>/...", "2P", "8008, or your homeserver.yaml's ..."): empty = unset
+    return variable.default_text
+
+
 def unraid_value(variable: Variable) -> str:
     """What the template fills in: a switch's default (an empty switch means off), nothing for the rest
     (empty counts as unset, so an existing homeserver.yaml's settings still win)."""
     return variable.default_text if variable.boolean else ""
 
 
+def _unraid_description(variable: Variable, default: str) -> str:
+    text = variable.help
+    if variable.name in IMAGE_ENV and default != variable.default_text:
+        text += f" (in the image: {default})"
+    elif variable.secret:
+        text += " (leave empty: a random one is generated on the first start)"
+    elif default:
+        text += f" (default: {default})"
+    elif variable.default_text:
+        text += f" (empty: {variable.default_text})"
+    if variable.name in ("UID", "GID"):
+        text += "; Unraid's nobody:users is 99:100"
+    return text
+
+
+def _port(name: str, target: int, mode: str, description: str, *, required: bool = False) -> str:
+    """A published port; an optional one has no Default and no value, so Unraid does not publish it."""
+    value = str(target) if required else ""
+    return _config(
+        {
+            "Name": name,
+            "Target": str(target),
+            "Default": value,
+            "Mode": mode,
+            "Description": description,
+            "Type": "Port",
+            "Display": "always" if required else "advanced",
+            "Required": "true" if required else "false",
+            "Mask": "false",
+        },
+        value,
+    )
+
+
+def _path(name: str, target: str, host: str, description: str, *, required: bool) -> str:
+    return _config(
+        {
+            "Name": name,
+            "Target": target,
+            "Default": host,
+            "Mode": "rw",
+            "Description": description,
+            "Type": "Path",
+            "Display": "always" if required else "advanced",
+            "Required": "true" if required else "false",
+            "Mask": "false",
+        },
+        host,
+    )
+
+
 def unraid_template() -> str:
+    tls_port = int(VARIABLES["SYNAPSE_TLS_PORT"].default_text)
+    turn_port = int(VARIABLES["COTURN_PORT"].default_text)
+    relay = f"{VARIABLES['COTURN_MIN_PORT'].default_text}-{VARIABLES['COTURN_MAX_PORT'].default_text}"
     lines = [
         '<?xml version="1.0"?>',
         "<!-- Generated from the settings model by `python -m synapse_workers.export_env`: do not edit. -->",
@@ -168,61 +268,71 @@ def unraid_template() -> str:
         "  <Network>bridge</Network>",
         "  <Shell>bash</Shell>",
         "  <Privileged>false</Privileged>",
-        "  <Project>https://github.com/element-hq/synapse</Project>",
+        f"  <Support>{escape(UNRAID_SUPPORT)}</Support>",
+        f"  <Project>{escape(UNRAID_PROJECT)}</Project>",
         f"  <Overview>{escape(UNRAID_OVERVIEW)}</Overview>",
         "  <Category>Network:Messenger Network:Web</Category>",
         f"  <WebUI>http://[IP]:[PORT:{DEFAULT_HTTP_PORT}]/_matrix/static/</WebUI>",
+        f"  <Icon>{escape(UNRAID_ICON)}</Icon>",
+        "  <Requires>A domain and an HTTPS reverse proxy (such as SWAG or Nginx Proxy Manager) in front of the public "
+        "port; the image built from this repository as synapse-workers:latest (no registry image yet).</Requires>",
         "  <ExtraParams>--stop-timeout=30</ExtraParams>",
         "  <PostArgs/>",
-        _config(
-            {
-                "Name": "Public port",
-                "Target": str(DEFAULT_HTTP_PORT),
-                "Default": str(DEFAULT_HTTP_PORT),
-                "Mode": "tcp",
-                "Description": "Client and federation port (nginx; SYNAPSE_HTTP_PORT inside the container). "
-                "Put your HTTPS reverse proxy in front of it.",
-                "Type": "Port",
-                "Display": "always",
-                "Required": "true",
-                "Mask": "false",
-            },
-            str(DEFAULT_HTTP_PORT),
+        _port(
+            "Public port",
+            DEFAULT_HTTP_PORT,
+            "tcp",
+            "Client and federation port (nginx). Put your HTTPS reverse proxy in front of it. On the host network "
+            "nginx listens on the port given here (Unraid passes it as TCP_PORT_8008).",
+            required=True,
         ),
-        _config(
-            {
-                "Name": "TLS port",
-                "Target": VARIABLES["SYNAPSE_TLS_PORT"].default_text,
-                "Default": VARIABLES["SYNAPSE_TLS_PORT"].default_text,
-                "Mode": "tcp",
-                "Description": "Optional TLS listener (only with SYNAPSE_TLS_CERT and SYNAPSE_TLS_KEY).",
-                "Type": "Port",
-                "Display": "advanced",
-                "Required": "false",
-                "Mask": "false",
-            },
-            "",
+        _port(
+            "TLS port",
+            tls_port,
+            "tcp",
+            "Optional: fill in only with SYNAPSE_TLS_CERT and SYNAPSE_TLS_KEY (nginx's own TLS listener); empty: "
+            "not published.",
         ),
-        _config(
-            {
-                "Name": "Data",
-                "Target": "/data",
-                "Default": UNRAID_APPDATA,
-                "Mode": "rw",
-                "Description": "homeserver.yaml, signing key, secrets, media store and the embedded PostgreSQL.",
-                "Type": "Path",
-                "Display": "always",
-                "Required": "true",
-                "Mask": "false",
-            },
+        _port(
+            "TURN port (UDP)",
+            turn_port,
+            "udp",
+            "Optional, only with SYNAPSE_ENABLE_BUILTIN_COTURN (keep COTURN_PORT at its default); empty: not "
+            f"published. coturn also needs its relay range: add -p {relay}:{relay}/udp to Extra Parameters, or "
+            "use the host network, and set COTURN_EXTERNAL_IP.",
+        ),
+        _port(
+            "TURN port (TCP)",
+            turn_port,
+            "tcp",
+            "Optional, only with SYNAPSE_ENABLE_BUILTIN_COTURN; empty: not published.",
+        ),
+        _path(
+            "Data",
+            "/data",
             UNRAID_APPDATA,
+            "homeserver.yaml, signing key, secrets, media store and the embedded PostgreSQL. A new, empty directory "
+            "is given to UID:GID on the first start.",
+            required=True,
+        ),
+        _path(
+            "Prometheus data",
+            "/var/lib/prometheus",
+            UNRAID_PROMETHEUS_APPDATA,
+            "The built-in Prometheus's database (only used with SYNAPSE_METRICS); kept across container updates.",
+            required=False,
+        ),
+        _path(
+            "Media store",
+            "/data/media_store",
+            "",
+            "Optional: uploaded media on another share (it can grow large); empty: in the Data path. Only for "
+            "the default media_store_path (/data/media_store); the directory must be writable by UID:GID.",
+            required=False,
         ),
     ]
     for name, variable in VARIABLES.items():
-        default = variable.default_text
-        description = variable.help + (f" (default: {default})" if default else "")
-        if name in ("UID", "GID"):
-            description += "; Unraid's nobody:users is 99:100"
+        default = unraid_default(variable)
         lines.append(
             _config(
                 {
@@ -230,7 +340,7 @@ def unraid_template() -> str:
                     "Target": name,
                     "Default": default,
                     "Mode": "",
-                    "Description": description,
+                    "Description": _unraid_description(variable, default),
                     "Type": "Variable",
                     "Display": "always" if name in UNRAID_ALWAYS else "advanced",
                     "Required": "true" if name in UNRAID_REQUIRED else "false",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -16,7 +17,7 @@ from .errors import UserError
 from .homeserver import describe, read_homeserver
 from .layout import RUNTIME_MARKER, make_layout
 from .plan import Plan, make_plan
-from .settings import SYSTEM_DIRS, Settings, load_settings
+from .settings import DEFAULT_HTTP_PORT, SYSTEM_DIRS, Settings, load_settings
 from .workers import parse_workers
 
 T = TypeVar("T")
@@ -44,12 +45,48 @@ def load_plan(env: Mapping[str, str], host: str | None = None) -> Plan:
     )
     if info is None or workers is None:
         raise UserError(*problems)
-    plan = attempt(lambda: make_plan(settings, info, workers, _appservices(settings), host))
+    ported = attempt(lambda: host_network_ports(settings, info.public_port, env))
+    if ported is None:
+        raise UserError(*problems)
+    plan = attempt(lambda: make_plan(ported, info, workers, _appservices(ported), host))
     if plan is not None:
         attempt(lambda: _check_copied(plan))
     if plan is None or problems:
         raise UserError(*problems)
     return plan
+
+
+def host_network_ports(settings: Settings, homeserver_port: int | None, env: Mapping[str, str]) -> Settings:
+    """Unraid on the host (or macvlan) network publishes no port: it passes the form's host port as
+    TCP_PORT_<container port>=<host port> instead (`-p host:container` on a bridge). nginx then listens on that
+    host port, as the bridge would have delivered it: the public port (8008, or homeserver.yaml's) and the TLS
+    port. SYNAPSE_HTTP_PORT and SYNAPSE_TLS_PORT, when set, win."""
+    listen = settings.listen
+    update: dict[str, int] = {}
+    if listen.http_port is None:
+        port = _unraid_port(env, homeserver_port or DEFAULT_HTTP_PORT)
+        if port is not None:
+            update["http_port"] = port
+    if not env.get("SYNAPSE_TLS_PORT", "").strip():
+        port = _unraid_port(env, listen.tls_port)
+        if port is not None:
+            update["tls_port"] = port
+    if not update:
+        return settings
+    return replace(settings, listen=listen.model_copy(update=update))
+
+
+def _unraid_port(env: Mapping[str, str], container_port: int) -> int | None:
+    name = f"TCP_PORT_{container_port}"
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or not 1 <= int(value) <= 65535:
+        raise UserError(
+            f"{name}={value!r} is invalid: expected a port number (1-65535). Unraid passes the host port of the "
+            f"container's port {container_port} here on the host network: fill in a number in that field."
+        )
+    return int(value)
 
 
 def _check_copied(plan: Plan) -> None:
