@@ -7,6 +7,7 @@ need is layered on with extra --config-path files.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -14,10 +15,33 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .homeserver_keys import check_shape
 from .layout import SecretPaths
 from .settings import Settings
 
 SYNAPSE_DEFAULT_MAX_UPLOAD_SIZE = 50 * 1024**2  # Synapse's max_upload_size when no config file sets one
+
+
+@dataclass(frozen=True)
+class UserListener:
+    """One entry of the user's `listeners`, with Synapse's defaults applied (synapse/config/server.py
+    parse_listener_def): `bind_addresses` plus the legacy `bind_address`, else ['::', '0.0.0.0']
+    (['0.0.0.0'] for `type: metrics`); `resources` every name of every resource block, in order, once."""
+
+    index: int  # listeners[index]
+    type: str  # http | metrics | manhole
+    port: int | None
+    path: str | None  # a unix socket instead of a port
+    bind_addresses: tuple[str, ...]
+    tls: bool
+    resources: tuple[str, ...]
+
+    @property
+    def yaml_path(self) -> str:
+        return f"listeners[{self.index}]"
+
+
+SYNAPSE_DEFAULT_BIND_ADDRESSES = ("::", "0.0.0.0")  # synapse/config/server.py DEFAULT_BIND_ADDRESSES
 
 
 @dataclass(frozen=True)
@@ -41,20 +65,59 @@ class HomeserverInfo:
     max_upload_size_from_env: bool = False  # SYNAPSE_MAX_UPLOAD_SIZE is set: shared.yaml sets max_upload_size
     # SYNAPSE_LOG_CONFIG when it names an existing file: the log config of every process instead of ours.
     user_log_config: str | None = None
+    # Every listener of an existing file, in file order (`listeners[i]`), as Synapse reads it; the one whose
+    # port became `public_port` is `primary_listener` (its index). TLS files: for `tls: true` listeners.
+    listeners: tuple[UserListener, ...] = ()
+    primary_listener: int | None = None
+    tls_certificate_path: str | None = None
+    tls_private_key_path: str | None = None
+    # Files and dirs an existing file names that Synapse uses (run/access.py checks them as Synapse's user), as
+    # written there (a relative path is relative to Synapse's working directory): its own log_config (not used:
+    # every process gets its own), media_store_path (None: Synapse's default `media_store`), the SQLite database
+    # (None: not SQLite), and the secret files (`*_path` keys) Synapse reads, as (key, path).
+    log_config: str | None = None
+    media_store_path: str | None = None
+    sqlite_database: str | None = None
+    key_files: tuple[tuple[str, str], ...] = ()
 
 
 def read_homeserver(path: str) -> dict[str, Any] | None:
-    """The parsed file, or None when it does not exist."""
+    """The parsed file, or None when it does not exist (`describe` checks the shape of what it holds)."""
     if not os.path.exists(path):
         return None
+    where = f"{path} (SYNAPSE_CONFIG_PATH)"
     try:
-        with open(path, encoding="utf-8") as handle:
-            doc = yaml.safe_load(handle)
-    except (OSError, yaml.YAMLError) as exc:
-        raise UserError(f"{path} (SYNAPSE_CONFIG_PATH) cannot be read as YAML: {exc}") from None
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise UserError(f"{where} cannot be read: {exc.strerror}.") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{where} is not UTF-8 text: the byte 0x{data[exc.start]:02x} on line {line} is not UTF-8; expected "
+            "a UTF-8 YAML file (save it as UTF-8)."
+        ) from None
+    stream = io.StringIO(text)
+    stream.name = path  # a stream, not the text: PyYAML's messages then quote no line (it may hold a password)
+    try:
+        doc = yaml.safe_load(stream)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{where} cannot be read as YAML: {exc}") from None
     if not isinstance(doc, dict):
-        raise UserError(f"{path} (SYNAPSE_CONFIG_PATH) is not a YAML mapping of Synapse settings.")
+        raise UserError(f"{where} is not a YAML mapping of Synapse settings.")
     return doc
+
+
+def check_homeserver(settings: Settings, path: str, doc: dict[str, Any]) -> None:
+    """Every value of the file we (or Synapse, under our files) read has its shape (`homeserver_keys.KEYS`):
+    exit 2 naming the YAML path, never a traceback further on. A key that shared.yaml sets over the file's
+    (max_upload_size with SYNAPSE_MAX_UPLOAD_SIZE) is never read from the file, by us or by Synapse."""
+    skip = ("max_upload_size",) if "max_upload_size" in settings.core.model_fields_set else ()
+    problems = check_shape(doc, f"{path} (SYNAPSE_CONFIG_PATH)", skip)
+    if problems:
+        raise UserError(*problems)
 
 
 def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) -> HomeserverInfo:
@@ -81,6 +144,7 @@ def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) 
             max_upload_size=core.max_upload_size,  # written into the generated file
         )
     else:
+        check_homeserver(settings, path, doc)
         info = _describe_existing(settings, path, doc)
     info = replace(
         info,
@@ -111,11 +175,13 @@ def _describe_existing(settings: Settings, path: str, doc: dict[str, Any]) -> Ho
     redis = doc.get("redis")
     has_redis = isinstance(redis, dict) and bool(redis.get("enabled", False))
     appservices = doc.get("app_service_config_files") or []
+    listeners = user_listeners(doc.get("listeners"))
+    primary = _primary_listener(listeners)
     return HomeserverInfo(
         path=path,
         exists=True,
         server_name=server_name,
-        public_port=_public_port(doc.get("listeners")),
+        public_port=None if primary is None else listeners[primary].port,
         database=database,
         has_redis=has_redis,
         enable_metrics=bool(doc.get("enable_metrics", False)),
@@ -123,7 +189,32 @@ def _describe_existing(settings: Settings, path: str, doc: dict[str, Any]) -> Ho
         signing_key_path=doc.get("signing_key_path"),
         database_host=_database_host(db),
         max_upload_size=_max_upload_size(settings, path, doc),
+        listeners=listeners,
+        primary_listener=None if primary is None else listeners[primary].index,
+        tls_certificate_path=_optional_string(doc.get("tls_certificate_path")),
+        tls_private_key_path=_optional_string(doc.get("tls_private_key_path")),
+        log_config=_optional_string(doc.get("log_config")),
+        media_store_path=_optional_string(doc.get("media_store_path")),
+        sqlite_database=_sqlite_database(db) if database == "sqlite" else None,
+        key_files=tuple((key, doc[key]) for key in KEY_FILE_KEYS if _optional_string(doc.get(key))),
     )
+
+
+# The secret files Synapse reads (the `*_path` twins of inline secrets), when the user's file names them.
+KEY_FILE_KEYS = (
+    "registration_shared_secret_path",
+    "macaroon_secret_key_path",
+    "form_secret_path",
+    "recaptcha_private_key_path",
+    "turn_shared_secret_path",
+)
+
+
+def _sqlite_database(db: Any) -> str:
+    """Synapse's SQLite file: `database.args.database`, else its default `homeserver.db` (relative)."""
+    args = db.get("args") if isinstance(db, dict) else None
+    path = args.get("database") if isinstance(args, dict) else None
+    return path if isinstance(path, str) and path else "homeserver.db"
 
 
 def _max_upload_size(settings: Settings, path: str, doc: dict[str, Any]) -> int:
@@ -178,15 +269,53 @@ def _database_host(db: Any) -> str | None:
     return str(host) if host is not None else None
 
 
-def _public_port(listeners: Any) -> int | None:
-    """The first plain-HTTP TCP listener serving client traffic (the official images use 8008)."""
-    for listener in listeners or []:
-        if not isinstance(listener, dict) or listener.get("type", "http") != "http" or listener.get("tls"):
+def user_listeners(listeners: Any) -> tuple[UserListener, ...]:
+    """The file's `listeners` as Synapse reads them (shapes are checked by homeserver_keys at read time; an
+    entry that still makes no sense is skipped rather than guessed at)."""
+    found = []
+    for index, listener in enumerate(listeners if isinstance(listeners, list) else []):
+        if not isinstance(listener, dict):
             continue
-        names = {n for res in listener.get("resources") or [] for n in (res or {}).get("names", [])}
-        if "client" in names and isinstance(listener.get("port"), int):
-            return listener["port"]
+        kind = listener.get("type", "http")
+        port = listener.get("port")
+        path = listener.get("path")
+        addresses = [a for a in listener.get("bind_addresses") or [] if isinstance(a, str) and a]
+        if isinstance(listener.get("bind_address"), str) and listener["bind_address"]:
+            addresses.append(listener["bind_address"])
+        if not addresses:
+            addresses = ["0.0.0.0"] if kind == "metrics" else list(SYNAPSE_DEFAULT_BIND_ADDRESSES)
+        names: list[str] = []
+        resources = listener.get("resources")
+        for resource in resources if isinstance(resources, list) else []:
+            given = resource.get("names") if isinstance(resource, dict) else None
+            for name in given if isinstance(given, list) else []:
+                if isinstance(name, str) and name not in names:
+                    names.append(name)
+        found.append(
+            UserListener(
+                index=index,
+                type=str(kind),
+                port=port if type(port) is int else None,
+                path=path if isinstance(path, str) and path else None,
+                bind_addresses=tuple(dict.fromkeys(addresses)),
+                tls=listener.get("tls") is True,
+                resources=tuple(names),
+            )
+        )
+    return tuple(found)
+
+
+def _primary_listener(listeners: tuple[UserListener, ...]) -> int | None:
+    """The first plain-HTTP TCP listener serving client traffic (the official images use 8008), whose port
+    becomes nginx's public port: its position in `listeners`."""
+    for position, listener in enumerate(listeners):
+        if listener.type == "http" and not listener.tls and listener.port is not None and "client" in listener.resources:
+            return position
     return None
+
+
+def _optional_string(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 # --------------------------------------------------------------------------------------------------------

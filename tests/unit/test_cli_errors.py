@@ -78,6 +78,35 @@ def _broken_yaml_homeserver(root: Path) -> dict[str, str]:
     return {"SYNAPSE_CONFIG_PATH": str(path)}
 
 
+def _homeserver_file(root: Path, name: str, data: bytes) -> dict[str, str]:
+    """An existing homeserver.yaml of the user's (external PostgreSQL), with `data` appended."""
+    path = root / name / "homeserver.yaml"
+    path.parent.mkdir()
+    head = b"server_name: example.test\ndatabase: {name: psycopg2, args: {host: db, password: hunter2}}\n"
+    path.write_bytes(head + data)
+    return {"SYNAPSE_CONFIG_PATH": str(path)}
+
+
+def _listeners_a_port(root: Path) -> dict[str, str]:
+    return _homeserver_file(root, "listeners-int", b"listeners: 8008\n")  # was a TypeError traceback
+
+
+def _resources_a_string(root: Path) -> dict[str, str]:
+    # was an AttributeError traceback
+    return _homeserver_file(root, "resources-str", b"listeners:\n  - {port: 8008, type: http, resources: client}\n")
+
+
+def _not_utf8(root: Path) -> dict[str, str]:
+    return _homeserver_file(root, "latin1", b"# caf\xe9\nenable_metrics: false\n")  # was a UnicodeDecodeError
+
+
+def _server_name_a_number(root: Path) -> dict[str, str]:
+    path = root / "number" / "homeserver.yaml"
+    path.parent.mkdir()
+    path.write_text("server_name: 12345\ndatabase: {name: psycopg2, args: {host: db}}\n")  # was "has no server_name"
+    return {"SYNAPSE_CONFIG_PATH": str(path)}
+
+
 def _empty_config_dir(root: Path) -> dict[str, str]:
     return {"SYNAPSE_CONFIG_DIR": str(root / "fresh-config")}
 
@@ -143,6 +172,15 @@ CASES = [
      ["SYNAPSE_WORKER_TYPES needs PostgreSQL", "SYNAPSE_DATABASE=sqlite"]),
     ("homeserver-not-a-mapping", {}, (), _list_homeserver, ["SYNAPSE_CONFIG_PATH", "not a YAML mapping"]),
     ("homeserver-broken-yaml", {}, (), _broken_yaml_homeserver, ["SYNAPSE_CONFIG_PATH", "cannot be read as YAML"]),
+    ("homeserver-listeners-int", {}, (), _listeners_a_port,
+     ["listeners-int/homeserver.yaml (SYNAPSE_CONFIG_PATH) at 'listeners': expected a list", "the integer 8008"]),
+    ("homeserver-resources-string", {}, (), _resources_a_string,
+     ["resources-str/homeserver.yaml (SYNAPSE_CONFIG_PATH) at 'listeners[0].resources': expected a list of mappings "
+      "with 'names'", "found the string 'client'"]),
+    ("homeserver-not-utf8", {}, (), _not_utf8,
+     ["latin1/homeserver.yaml (SYNAPSE_CONFIG_PATH) is not UTF-8", "0xe9 on line 3", "expected a UTF-8"]),
+    ("homeserver-server-name-number", {}, (), _server_name_a_number,
+     ["number/homeserver.yaml (SYNAPSE_CONFIG_PATH) at 'server_name': expected a server name", "the integer 12345"]),
     ("tls-cert-without-key", {}, (), _cert_without_key, ["SYNAPSE_TLS_CERT", "SYNAPSE_TLS_KEY"]),
     ("tls-cert-missing", {}, (), _missing_cert, ["SYNAPSE_TLS_CERT=", "existing file"]),
     ("appservice-dir-missing", {"SYNAPSE_AS_REGISTRATION_DIR": "/nonexistent/appservices"}, (), _no,
@@ -182,7 +220,7 @@ def _check(case, code: int, out: str, err: str, root: Path, before: dict) -> lis
     if not err.startswith("synapse-workers: error: "):
         problems.append("stderr does not start with 'synapse-workers: error: '")
     problems += [f"stderr lacks {text!r}" for text in expected if text not in err]
-    if "not-a-real-password" in out + err:
+    if "not-a-real-password" in out + err or "hunter2" in out + err:
         problems.append("the database password was echoed")
     if snapshot(root) != before:
         problems.append("files under the runtime/data dirs changed")
@@ -205,7 +243,7 @@ SCRIPT_CASES = [c for c in CASES if c[0] in {
     "unknown-type", "singleton-twice", "singleton-via-merged", "bad-boolean", "report-stats-true", "bad-port",
     "port-in-internal-range", "gzip-level", "several-at-once", "temp-file-write-size", "server-name-missing",
     "server-name-differs", "workers-on-sqlite", "homeserver-not-a-mapping", "tls-cert-without-key",
-    "tls-cert-missing", "appservice-dir-missing",
+    "tls-cert-missing", "appservice-dir-missing", "homeserver-listeners-int", "homeserver-not-utf8",
 }]
 
 
