@@ -196,8 +196,13 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .run import access
+
     plan = _slice_plan(args, env)
     _warn_ephemeral(plan)
+    problems = access.check(plan, os.geteuid() == 0)  # what `run` refuses before anything starts
+    if problems:
+        raise UserError(*problems)
     write_files(plan, render_all(plan))
     ok = _nginx_test(plan) if plan.local("nginx") else True
     ok = _synapse_test(plan) and ok

@@ -11,25 +11,15 @@ from pathlib import Path
 from ..errors import UserError
 from ..plan import PROMETHEUS, Plan, prometheus_storage
 from ..programs import NGINX_WORKER_GROUP, NGINX_WORKER_USER
+from . import access as files_access
 from . import postgres, preflight
 
 
 def check_before_start(plan: Plan, as_root: bool) -> None:
     """What would make the stack fail, checked on what exists now: `run` calls it before writing anything
-    (so a refused start leaves no generated file behind) and again once the files and dirs exist."""
-    preflight.raise_if(preflight.check_ports(plan))
-    if not as_root:
-        return
-    layout, core = plan.layout, plan.settings.core
-    wanted = [(plan.homeserver.path, "r", "SYNAPSE_CONFIG_PATH"), (core.data_dir, "x", "SYNAPSE_DATA_DIR")]
-    if not plan.homeserver.exists:  # our generated config names the media store; a user's file its own
-        media = plan.settings.homeserver.media_store_path or f"{core.data_dir}/media_store"
-        wanted.append((media, "wx", "SYNAPSE_MEDIA_STORE_PATH"))
-    if plan.settings.logging.to_disk:
-        wanted.append((layout.logs_on_disk, "wx", "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK"))
-    for path, access, variable in wanted:
-        if os.path.exists(path):
-            _check_access(path, core.uid, core.gid, access, variable)
+    (so a refused start leaves no generated file behind) and again once the files and dirs exist. Every
+    problem at once: ports someone holds, and every path Synapse's user cannot use (run/access.py)."""
+    preflight.raise_if(preflight.check_ports(plan) + files_access.check(plan, as_root))
 
 
 def prepare(plan: Plan, as_root: bool, setpriv: str, prometheus_user: tuple[int, int] | None = None) -> None:
@@ -118,18 +108,3 @@ BITS = {
     "w": (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH),
     "x": (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH),
 }
-
-
-def _check_access(path: str, uid: int, gid: int, wanted: str, variable: str) -> None:
-    """Synapse runs as UID:GID and we never re-own a user's files: say what is missing instead."""
-    st = os.stat(path)
-    klass = 0 if st.st_uid == uid else 1 if st.st_gid == gid else 2
-    missing = [w for w in wanted if not st.st_mode & BITS[w][klass]]
-    if missing:
-        what = {"r": "read", "w": "write", "x": "enter"}
-        verbs = " and ".join(what[m] for m in missing)
-        raise UserError(
-            f"{path} ({variable}) is not accessible to UID={uid}/GID={gid}, which Synapse runs as: it cannot "
-            f"{verbs} it. synapse-workers does not change the owner of files it did not create: "
-            f"`chown {uid}:{gid} {path}`, or set UID/GID to its owner."
-        )
