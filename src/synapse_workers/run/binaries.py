@@ -78,6 +78,16 @@ def find_binaries(plan: Plan) -> dict[str, str]:
     return found
 
 
+def check_machine(plan: Plan, as_root: bool) -> None:
+    """What `run` refuses about this machine before it writes or starts anything (a binary missing or built
+    without what the settings need, jemalloc, PostgreSQL's binaries and system user), for `generate` and
+    `check` too: their files are this machine's, so an OK from them must not be followed by a refusal from
+    `run`. Starts nothing but `turnserver -h`."""
+    find_binaries(plan)
+    if plan.postgres:
+        postgres.cluster_owner(as_root)
+
+
 def _check_coturn_prometheus(turnserver: str) -> None:
     """COTURN_METRICS needs a turnserver built with Prometheus that can bind its exporter to loopback
     (--prometheus-address); without that option coturn would serve metrics on every address."""
