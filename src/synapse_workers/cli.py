@@ -152,7 +152,10 @@ def _slice_plan(args: argparse.Namespace, env: Mapping[str, str]) -> Plan:
 
 
 def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    from .run.binaries import check_machine
+
     plan = _slice_plan(args, env)
+    check_machine(plan, os.geteuid() == 0)  # what `run` would refuse here (binaries, their build, users)
     written = write_files(plan, render_all(plan))
     if plan.placement is not None:
         here = plan.placement.here
@@ -197,8 +200,10 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .run import access
+    from .run.binaries import check_machine
 
     plan = _slice_plan(args, env)
+    check_machine(plan, os.geteuid() == 0)  # what `run` would refuse here (binaries, their build, users)
     _warn_ephemeral(plan)
     problems = access.check(plan, os.geteuid() == 0)  # what `run` refuses before anything starts
     if problems:
