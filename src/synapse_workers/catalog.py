@@ -608,6 +608,43 @@ RULES_BY_ID = {rule.id: rule for rule in RULES}
 # Paths no public request may reach: they are only on internal listeners anyway; nginx also refuses them.
 PRIVATE_PREFIXES = ("/_synapse/replication", "/_synapse/metrics")
 
+# What Synapse mounts on an `http` listener for each resource name (synapse/app/homeserver.py
+# _configure_named_resource and _listener_http; prefixes from synapse/api/urls.py): the URL prefixes a user's
+# extra listener (homeserver.yaml `listeners[i].resources`) answers; nginx serves those on its port, through
+# the same routes as the public port. Every http listener also answers /health. A prefix mounted only with a
+# feature on (`/_synapse/mas`, `/_matrix/saml2`, `/_matrix/consent`) is listed anyway: where the feature is
+# off, main answers it as Synapse would on such a listener (404 M_UNRECOGNIZED). Everything else under a
+# parent of a mounted prefix (`/_matrix/client/...` on a federation-only listener) is Synapse's
+# UnrecognizedRequestResource: 404 {"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}; anything
+# else is Twisted's plain 404.
+_MEDIA = ("/_matrix/media/r0", "/_matrix/media/v3", "/_matrix/media/v1")  # MEDIA_R0/V3, LEGACY_MEDIA_PREFIX
+LISTENER_RESOURCES: dict[str, tuple[str, ...]] = {
+    "client": (
+        "/_matrix/client",  # CLIENT_API_PREFIX
+        "/.well-known",
+        "/_synapse/admin",
+        "/_synapse/client",  # build_synapse_client_resource_tree (SSO pages, password reset, rendezvous, ...)
+        "/_synapse/mas",  # with MAS
+        "/_matrix/saml2",  # with SAML2
+        "/_matrix/static",  # "static" is mounted with "client"
+        *_MEDIA,  # media is mounted with "client" (when the process can load the media repository)
+    ),
+    "federation": ("/_matrix/federation", "/_matrix/key", *_MEDIA),  # keys and media come with federation
+    "keys": ("/_matrix/key",),  # SERVER_KEY_PREFIX
+    # The media servlet groups only: federation media download/thumbnail and the client v1 media endpoints.
+    "media": (*_MEDIA, "/_matrix/federation/v1/media", "/_matrix/client/v1/media"),
+    "openid": ("/_matrix/federation/v1/openid",),  # the "openid" federation servlet group: userinfo
+    "static": ("/_matrix/static",),  # STATIC_PREFIX; also what `/` redirects to
+    "consent": ("/_matrix/consent",),
+    "health": (),  # /health is on every http listener
+}
+# Resource names whose listeners nginx does not serve from outside: internal (Synapse's own wiring per
+# process: SYNAPSE_METRICS for metrics; replication between our processes).
+INTERNAL_RESOURCES = ("metrics", "replication")
+# With one of these, Synapse redirects `/` to the static page (RootOptionsRedirectResource(STATIC_PREFIX)).
+ROOT_REDIRECT_RESOURCES = ("client", "static")
+UNRECOGNIZED_BODY = '{"errcode":"M_UNRECOGNIZED","error":"Unrecognized request"}'
+
 # Endpoints generic workers register that we keep on main on purpose (see docs/design.md).
 KEPT_ON_MAIN = (
     "^/_matrix/client/v1/appservice/.*/ping$",

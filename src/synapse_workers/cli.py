@@ -94,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     routes = sub.add_parser("routes", help="explain where a request goes: routes [METHOD] PATH")
     routes.add_argument("words", nargs="+", metavar="[METHOD] PATH")
     routes.add_argument("--json", action="store_true")
+    routes.add_argument(
+        "--port", type=int, help="as received on this port: the public one (default) or a listener of homeserver.yaml"
+    )
     routes.set_defaults(func=cmd_routes)
     run = sub.add_parser("run", help="generate, then start and supervise the whole stack (container entrypoint)")
     _host_option(run)
@@ -148,6 +151,8 @@ def _slice_plan(args: argparse.Namespace, env: Mapping[str, str]) -> Plan:
     if plan.placement is not None and plan.placement.here is None:
         hosts = ", ".join(plan.placement.hosts)
         raise UserError(f"SYNAPSE_HOSTS is set: expected --host NAME, the host this runs on (one of {hosts}).")
+    for warning in plan.warnings:  # generate, check and run: listeners of the user's file that are not served
+        print(f"synapse-workers: warning: {warning}", file=sys.stderr)
     return plan
 
 
@@ -185,6 +190,10 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     print(
         f"server_name {plan.homeserver.server_name}; public port {plan.public.port}; Synapse {catalog.SYNAPSE_VERSION}"
     )
+    for extra in plan.extra_listeners:
+        tls = " (TLS)" if extra.tls_cert else ""
+        addresses = ", ".join(f"[{a}]" if ":" in a else a for a in extra.bind_addresses)
+        print(f"  nginx also serves {extra.source}: port {extra.port}{tls} on {addresses}: {'+'.join(extra.resources)}")
     for proc in plan.processes:
         listeners = ", ".join(f"{lst.kind}={lst.address}" for lst in proc.listeners)
         types = "+".join(proc.types) or "main"
@@ -392,7 +401,7 @@ def cmd_routes(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         raise UserError("routes: expected [METHOD] PATH, for example: routes PUT /_matrix/client/v3/sendToDevice/m.x/1")
     method = words[0] if len(words) == 2 else "GET"
     plan = load_plan(env)
-    result = explain(plan, method, words[-1])
+    result = explain(plan, method, words[-1], args.port)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

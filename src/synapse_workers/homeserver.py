@@ -309,7 +309,12 @@ def _primary_listener(listeners: tuple[UserListener, ...]) -> int | None:
     """The first plain-HTTP TCP listener serving client traffic (the official images use 8008), whose port
     becomes nginx's public port: its position in `listeners`."""
     for position, listener in enumerate(listeners):
-        if listener.type == "http" and not listener.tls and listener.port is not None and "client" in listener.resources:
+        if (
+            listener.type == "http"
+            and not listener.tls
+            and listener.port is not None
+            and "client" in listener.resources
+        ):
             return position
     return None
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import UserError
-from .homeserver import describe, read_homeserver
+from .homeserver import HomeserverInfo, describe, read_homeserver
 from .layout import RUNTIME_MARKER, make_layout
 from .plan import Plan, make_plan
 from .settings import DEFAULT_HTTP_PORT, SYSTEM_DIRS, Settings, load_settings
@@ -43,6 +43,8 @@ def load_plan(env: Mapping[str, str], host: str | None = None) -> Plan:
     info = attempt(
         lambda: describe(settings, read_homeserver(settings.core.homeserver_config_path), has_workers=bool(workers))
     )
+    if info is not None:
+        attempt(lambda: _check_listener_tls(info))
     if info is None or workers is None:
         raise UserError(*problems)
     ported = attempt(lambda: host_network_ports(settings, info.public_port, env))
@@ -113,6 +115,31 @@ def _check_copied(plan: Plan) -> None:
             f"({main_host}) creates homeserver.yaml and the secrets. Expected them copied here (same paths, 0600) "
             f"after `synapse-workers generate --host {main_host}` there."
         )
+
+
+def _check_listener_tls(info: HomeserverInfo) -> None:
+    """A `tls: true` listener of the user's file is served by nginx with the file's certificate and key: they
+    must be readable now (nginx would refuse to start). Missing keys are the plan's to report."""
+    if not any(lst.tls and lst.type == "http" and lst.port is not None for lst in info.listeners):
+        return
+    problems = []
+    for key, path in (
+        ("tls_certificate_path", info.tls_certificate_path),
+        ("tls_private_key_path", info.tls_private_key_path),
+    ):
+        if path is None or not path.startswith("/"):
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            tls = next(lst.yaml_path for lst in info.listeners if lst.tls)
+            problems.append(
+                f"{info.path} (SYNAPSE_CONFIG_PATH) at {key!r}: {path!r} cannot be read ({exc.strerror}): expected "
+                f"a readable PEM file, which nginx serves the TLS listener {tls} with."
+            )
+    if problems:
+        raise UserError(*problems)
 
 
 def _raw_workers(env: Mapping[str, str]) -> str:

@@ -160,6 +160,64 @@ class Public:
         }
 
 
+WILDCARDS = ("0.0.0.0", "::")
+
+
+@dataclass(frozen=True)
+class ExtraListener:
+    """An http listener of the user's homeserver.yaml besides the one that became the public port: nginx serves
+    it on its own port and addresses with the resources it names (catalog.LISTENER_RESOURCES), through the same
+    routes as the public port; what Synapse would not answer there is refused as Synapse refuses it."""
+
+    source: str  # its YAML path, listeners[i]
+    port: int
+    # Where nginx listens: the listener's addresses (Synapse's default ['::', '0.0.0.0'] when it names none).
+    # `::` is both families (nginx `[::]:port ipv6only=off`, as Synapse's `::` on Linux), so 0.0.0.0 beside it
+    # is dropped, as Synapse ignores its failing bind then.
+    bind_addresses: tuple[str, ...]
+    resources: tuple[str, ...]  # the names it lists (internal ones, metrics and replication, left out)
+    tls_cert: str | None = None  # tls: true: the file's tls_certificate_path / tls_private_key_path
+    tls_key: str | None = None
+
+    @property
+    def served_prefixes(self) -> tuple[str, ...]:
+        """The URL prefixes Synapse mounts for these resource names (no duplicates, none inside another)."""
+        prefixes = sorted({p for name in self.resources for p in catalog.LISTENER_RESOURCES.get(name, ())})
+        return tuple(p for p in prefixes if not any(p != q and p.startswith(q + "/") for q in prefixes))
+
+    @property
+    def unrecognized_prefixes(self) -> tuple[str, ...]:
+        """The parents of served prefixes (`/_matrix`, `/_synapse`, ...) not themselves served: Synapse answers
+        everything under them that is not mounted with 404 M_UNRECOGNIZED."""
+        served = self.served_prefixes
+        parents = set()
+        for prefix in served:
+            parts = prefix.split("/")[1:-1]
+            for n in range(1, len(parts) + 1):
+                parents.add("/" + "/".join(parts[:n]))
+        return tuple(sorted(p for p in parents if not any(p == q or p.startswith(q + "/") for q in served)))
+
+    @property
+    def root_redirect(self) -> bool:
+        return any(name in catalog.ROOT_REDIRECT_RESOURCES for name in self.resources)
+
+    def serves(self, path: str) -> bool:
+        """Does Synapse answer `path` (normalised) on this listener with something it mounted?"""
+        if path == "/health" or (path == "/" and self.root_redirect):
+            return True
+        return any(path == p or path.startswith(p) for p in self.served_prefixes)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "port": self.port,
+            "bind_addresses": list(self.bind_addresses),
+            "resources": list(self.resources),
+            "tls": self.tls_cert is not None,
+            "prefixes": list(self.served_prefixes),
+        }
+
+
 @dataclass(frozen=True)
 class Service:
     """An add-on program the stack runs beside Synapse (coturn; Prometheus and exporters later): where it
@@ -288,6 +346,10 @@ class Plan:
     turn_uris: tuple[str, ...] = ()
     jobs: tuple[Job, ...] = ()  # scheduled maintenance (the `scheduler` program runs when there is one)
     placement: Placement | None = None  # several hosts (SYNAPSE_HOSTS); None: everything here
+    # The user's other http listeners, served by nginx on their own ports (homeserver.yaml `listeners`).
+    extra_listeners: tuple[ExtraListener, ...] = ()
+    # One line each, printed by generate, check and run: listeners of the user's file that are not served.
+    warnings: tuple[str, ...] = ()
 
     def local(self, name: str) -> bool:
         """Does `name` (a Synapse process, nginx, postgres or redis) run on the host this plan is rendered for?"""
@@ -328,6 +390,7 @@ class Plan:
             "server_name": self.homeserver.server_name,
             "homeserver_yaml": {"path": self.homeserver.path, "exists": self.homeserver.exists},
             "public": self.public.as_json(),
+            "extra_listeners": [x.as_json() for x in self.extra_listeners],
             "main": self.main.as_json(),
             "workers": [w.as_json() for w in self.workers],
             "redis": None if self.redis is None else self.redis.as_json(),
@@ -387,8 +450,7 @@ def make_plan(
     addons = (_coturn(settings, ports), _prometheus(settings), _nginx_exporter(settings, ports))
     services = tuple(s for s in addons if s is not None)
     public = _public(settings, homeserver)
-    _check_ports(settings, public, ports)
-    _check_service_ports(settings, public, ports, services)
+    extra_listeners, warnings = _extra_listeners(settings, homeserver)
 
     stream_writers = _stream_writers(worker_procs)
     writer_names = {n for names in stream_writers.values() for n in names}
@@ -419,6 +481,8 @@ def make_plan(
         listener = Listener(METRICS, ("metrics",), host=LOOPBACK, port=ports.addon(POSTGRES_EXPORTER))
         services = (*services, Service(POSTGRES_EXPORTER, (listener,)))
 
+    # Every port is allocated now (the exporters' last): one check sees them all.
+    _check_ports(settings, homeserver, public, ports, (main, *worker_procs), services, extra_listeners)
     _check_socket_paths(settings, layout, (main, *worker_procs))
     upstreams, routes = _routing(main, worker_procs)
     appservices = tuple(dict.fromkeys((*homeserver.app_service_config_files, *app_service_files)))
@@ -444,6 +508,8 @@ def make_plan(
         turn_uris=_turn_uris(settings, homeserver.server_name),
         jobs=_jobs(settings, homeserver),
         placement=placement,
+        extra_listeners=extra_listeners,
+        warnings=warnings,
     )
 
 
@@ -648,23 +714,202 @@ def _public(settings: Settings, homeserver: HomeserverInfo) -> Public:
     )
 
 
-def _check_ports(settings: Settings, public: Public, ports: _PortAllocator) -> None:
+def _extra_listeners(
+    settings: Settings, homeserver: HomeserverInfo
+) -> tuple[tuple[ExtraListener, ...], tuple[str, ...]]:
+    """The user's listeners besides the primary one: the http ones nginx serves on their own ports, and a
+    warning for each that is not served (metrics, manhole, replication, unix sockets)."""
+    extras: list[ExtraListener] = []
+    warnings: list[str] = []
+    where = homeserver.path
+    problems: list[str] = []
+    for listener in homeserver.listeners:
+        name = listener.yaml_path
+        if listener.index == homeserver.primary_listener:
+            port = settings.listen.http_port
+            if port is not None and port != listener.port:
+                warnings.append(
+                    f"{where}: {name} (port {listener.port}, {'+'.join(listener.resources)}) is served by nginx's "
+                    f"public listener on SYNAPSE_HTTP_PORT={port} instead (unset SYNAPSE_HTTP_PORT to keep "
+                    f"{listener.port})."
+                )
+            continue
+        at = f"port {listener.port}" if listener.port is not None else f"unix socket {listener.path}"
+        if listener.type != "http":
+            instead = (
+                "each Synapse process gets its own metrics listener with SYNAPSE_METRICS=yes (scraped by the "
+                "built-in Prometheus)"
+                if listener.type == "metrics"
+                else "synapse-workers starts no manhole (use the admin API, or Synapse outside synapse-workers)"
+            )
+            warnings.append(f"{where}: {name} (type: {listener.type}, {at}) is not served: {instead}.")
+            continue
+        internal = [r for r in listener.resources if r in catalog.INTERNAL_RESOURCES]
+        served = tuple(r for r in listener.resources if r not in catalog.INTERNAL_RESOURCES)
+        if internal:
+            uses = []
+            if "metrics" in internal:
+                uses.append("metrics: SYNAPSE_METRICS=yes gives each process its own metrics listener")
+            if "replication" in internal:
+                uses.append("replication: synapse-workers wires its own between its processes")
+            what = "is not served" if not served else f"is served without {'+'.join(internal)}"
+            warnings.append(f"{where}: {name} ({at}, {'+'.join(listener.resources)}) {what}: {'; '.join(uses)}.")
+            if not served and listener.resources:
+                continue
+        if listener.port is None:
+            warnings.append(
+                f"{where}: {name} (unix socket {listener.path}) is not served: nginx serves everything the public "
+                "port does on a unix socket with NGINX_LISTEN_UNIX_SOCKET instead."
+            )
+            continue
+        addresses = listener.bind_addresses
+        if "::" in addresses:
+            addresses = tuple(a for a in addresses if a != "0.0.0.0")
+        cert = key = None
+        if listener.tls:
+            cert, key, missing = _listener_tls(homeserver, name)
+            problems += missing
+        extras.append(ExtraListener(name, listener.port, addresses, served, cert, key))
+    if problems:
+        raise UserError(*problems)
+    return tuple(extras), tuple(warnings)
+
+
+def _listener_tls(homeserver: HomeserverInfo, name: str) -> tuple[str | None, str | None, list[str]]:
+    """tls: true: nginx serves the listener with the file's certificate and key (checked readable by load)."""
+    problems = []
+    found = []
+    for key, value in (
+        ("tls_certificate_path", homeserver.tls_certificate_path),
+        ("tls_private_key_path", homeserver.tls_private_key_path),
+    ):
+        if value is None:
+            problems.append(
+                f"{homeserver.path} (SYNAPSE_CONFIG_PATH) at {name + '.tls'!r}: the listener is TLS, but "
+                f"{key!r} is not set: expected the path of a PEM file nginx serves it with."
+            )
+        elif not value.startswith("/"):
+            problems.append(
+                f"{homeserver.path} (SYNAPSE_CONFIG_PATH) at {key!r}: expected an absolute path for nginx "
+                f"({name} is TLS), found {value!r}."
+            )
+        found.append(value)
+    return found[0], found[1], problems
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A port or range the plan listens on, and who asked for it (a variable, or a YAML path)."""
+
+    owner: str
+    first: int
+    last: int
+    protocols: frozenset[str]
+    hosts: tuple[str, ...]
+    internal: bool = False
+
+    def meets(self, other: _Claim) -> bool:
+        return (
+            self.first <= other.last
+            and other.first <= self.last
+            and bool(self.protocols & other.protocols)
+            and any(a == b or a in WILDCARDS or b in WILDCARDS for a in self.hosts for b in other.hosts)
+        )
+
+
+def _check_ports(
+    settings: Settings,
+    homeserver: HomeserverInfo,
+    public: Public,
+    ports: _PortAllocator,
+    procs: tuple[Process, ...],
+    services: tuple[Service, ...],
+    extras: tuple[ExtraListener, ...],
+) -> None:
+    """After every port is allocated: every port the plan uses against every other (exit 2, both owners
+    named), and the public ones against the internal range (base..highest, the add-ons' reserved ones too)."""
     base = settings.listen.internal_port_base
     if max(ports.used) > 65535:
         raise UserError(
             f"SYNAPSE_INTERNAL_PORT_BASE={base} leaves no room for {ports.next - base} internal ports: "
             "expected a lower base."
         )
-    low, high = base, max(ports.used)
-    http_source = "SYNAPSE_HTTP_PORT" if settings.listen.http_port else "the client port in homeserver.yaml, port"
-    for name, port in ((http_source, public.port), ("SYNAPSE_TLS_PORT", public.tls_port)):
-        if port is not None and low <= port <= high:
-            raise UserError(
-                f"{name}={port} collides with the internal ports {low}-{high} "
-                f"(SYNAPSE_INTERNAL_PORT_BASE={low}): expected a port outside that range."
+    tcp, udp = frozenset({"tcp"}), frozenset({"udp"})
+    claims: list[_Claim] = []
+
+    def internal(what: str, host: str | None, port: int | None) -> None:
+        if port is not None:
+            owner = f"SYNAPSE_INTERNAL_PORT_BASE={base}+{port - base} ({what})"
+            claims.append(_Claim(owner, port, port, tcp, (host or LOOPBACK,), internal=True))
+
+    for proc in procs:
+        for lst in proc.listeners:
+            internal(f"{proc.name}'s {lst.kind} listener", lst.host, lst.port)
+    for kind, offset in MAIN_PORT_OFFSETS.items():
+        if kind == "aggregate" and base + offset in ports.used:
+            internal("the stack's /health", LOOPBACK, base + offset)
+    for name, offset in ADDON_PORT_OFFSETS.items():
+        if name == "metrics_proxy" and settings.metrics.enabled:
+            internal("nginx's loopback metrics server", LOOPBACK, base + offset)
+    for service in services:
+        for lst in service.listeners:
+            if lst.kind == METRICS and lst.port is not None:
+                internal(f"{service.name}'s metrics listener", lst.host, lst.port)
+
+    listen = settings.listen
+    if listen.http_port is not None:
+        http_owner = f"SYNAPSE_HTTP_PORT={public.port}"
+    elif homeserver.public_port is not None:
+        http_owner = f"listeners[{homeserver.primary_listener}].port={public.port} in {homeserver.path}"
+    else:
+        http_owner = f"SYNAPSE_HTTP_PORT={public.port} (its default)"
+    public_hosts = (public.bind_address,)
+    claims.append(_Claim(http_owner, public.port, public.port, tcp, public_hosts))
+    if public.tls_port is not None:
+        claims.append(
+            _Claim(f"SYNAPSE_TLS_PORT={public.tls_port}", public.tls_port, public.tls_port, tcp, public_hosts)
+        )
+    for extra in extras:
+        owner = f"{extra.source}.port={extra.port} in {homeserver.path}"
+        claims.append(_Claim(owner, extra.port, extra.port, tcp, extra.bind_addresses))
+    for service in services:
+        main_listener = service.main
+        if service.name == COTURN and main_listener.port is not None:
+            host = main_listener.host or "0.0.0.0"
+            port = main_listener.port
+            claims.append(_Claim(f"COTURN_PORT={port}", port, port, tcp | udp, (host,)))
+            if service.relay_ports:
+                low, high = service.relay_ports
+                owner = f"COTURN_MIN_PORT-COTURN_MAX_PORT={low}-{high} (coturn's UDP relays)"
+                claims.append(_Claim(owner, low, high, udp, ("0.0.0.0",)))
+        elif service.name == PROMETHEUS and main_listener.port is not None:
+            port = main_listener.port
+            claims.append(_Claim(f"PROMETHEUS_PORT={port}", port, port, tcp, (main_listener.host or "0.0.0.0",)))
+
+    problems = []
+    clashing: set[int] = set()
+    for i, one in enumerate(claims):
+        for j in range(i + 1, len(claims)):
+            other = claims[j]
+            if one.meets(other):
+                port = max(one.first, other.first)
+                protocol = "/".join(sorted(one.protocols & other.protocols))
+                problems.append(
+                    f"{other.owner} and {one.owner} both use port {port} ({protocol}): expected a port of its own "
+                    "for each."
+                )
+                clashing.update((i, j))
+    high = max(ports.used)
+    for i, claim in enumerate(claims):
+        if claim.internal or i in clashing or "tcp" not in claim.protocols:
+            continue
+        if claim.first <= high and base <= claim.last:
+            problems.append(
+                f"{claim.owner} collides with the internal ports {base}-{high} "
+                f"(SYNAPSE_INTERNAL_PORT_BASE={base}): expected a port outside that range."
             )
-    if public.tls_port is not None and public.tls_port == public.port:
-        raise UserError(f"SYNAPSE_TLS_PORT={public.tls_port} equals the HTTP port: expected two different ports.")
+    if problems:
+        raise UserError(*problems)
 
 
 def _coturn(settings: Settings, ports: _PortAllocator) -> Service | None:
@@ -717,27 +962,6 @@ def server_host(server_name: str) -> str:
     if server_name.startswith("["):
         return server_name[: server_name.index("]") + 1]
     return server_name.split(":")[0]
-
-
-def _check_service_ports(
-    settings: Settings, public: Public, ports: _PortAllocator, services: tuple[Service, ...]
-) -> None:
-    """An add-on's public port must not be one the stack already listens on."""
-    base, high = settings.listen.internal_port_base, max(ports.used)
-    taken: dict[int | None, str] = {public.port: "the HTTP port", public.tls_port: "SYNAPSE_TLS_PORT"}
-    for name, variable in ((COTURN, "COTURN_PORT"), (PROMETHEUS, "PROMETHEUS_PORT")):
-        service = next((s for s in services if s.name == name), None)
-        if service is None:
-            continue
-        port = service.main.port
-        if port in taken:
-            raise UserError(f"{variable}={port} equals {taken[port]}: expected a port of its own.")
-        if port is not None and base <= port <= high:
-            raise UserError(
-                f"{variable}={port} collides with the internal ports {base}-{high} "
-                f"(SYNAPSE_INTERNAL_PORT_BASE={base}): expected a port outside that range."
-            )
-        taken[port] = variable
 
 
 SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL

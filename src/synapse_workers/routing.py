@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from . import catalog
+from .errors import UserError
 from .plan import MAIN, Plan, Route
 
 
@@ -41,9 +42,29 @@ def match_route(plan: Plan, path: str) -> Route | None:
     return None
 
 
-def explain(plan: Plan, method: str, path: str) -> dict[str, Any]:
-    """Where nginx sends METHOD PATH, and why."""
+def explain(plan: Plan, method: str, path: str, port: int | None = None) -> dict[str, Any]:
+    """Where nginx sends METHOD PATH, and why; `port`: received on that port (one of the user's extra listeners
+    only answers what Synapse mounts for its resources, then routes like the public port)."""
     method = method.upper()
+    extra = None
+    if port is not None and port not in (plan.public.port, plan.public.tls_port):
+        extra = next((x for x in plan.extra_listeners if x.port == port), None)
+        if extra is None:
+            ports = [plan.public.port, *(x.port for x in plan.extra_listeners)]
+            raise UserError(f"routes --port {port}: nginx does not listen there: expected one of {ports}.")
+    if extra is not None and not extra.serves(normalise(path)):
+        uri = normalise(path)
+        parent = next((p for p in extra.unrecognized_prefixes if uri.startswith(p + "/")), None)
+        answer = "404 M_UNRECOGNIZED (Synapse's answer there)" if parent else "a plain 404"
+        return {
+            "method": method,
+            "path": path,
+            "status": 404,
+            "upstream": None,
+            "servers": [],
+            "why": f"{extra.source} (port {extra.port}) serves {', '.join(extra.resources) or 'health only'}, "
+            f"which do not mount this path: nginx answers {answer}",
+        }
     if normalise(path) == "/health":
         return {
             "method": method,

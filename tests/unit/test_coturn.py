@@ -224,7 +224,7 @@ def test_every_address_when_no_internal_ip(env):
     "extra, words",
     [
         ({"COTURN_PORT": "49160"}, "inside the relay range"),
-        ({"COTURN_PORT": "8008"}, "equals the HTTP port"),
+        ({"COTURN_PORT": "8008"}, "COTURN_PORT=8008 and SYNAPSE_HTTP_PORT=8008 both use port 8008"),
         ({"COTURN_PORT": "30003"}, "collides with the internal ports"),
         ({"COTURN_PORT": "80"}, "from 1024 to 65535"),
     ],

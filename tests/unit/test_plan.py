@@ -128,8 +128,13 @@ def test_tls_port_inside_the_internal_range_is_refused(env, tmp_root):
 
 
 def test_public_port_from_an_existing_homeserver_yaml(env):
+    tls = Path(env["SYNAPSE_CONFIG_DIR"]) / "tls"
+    tls.mkdir(parents=True)
+    (tls / "cert.pem").write_text("x")
+    (tls / "key.pem").write_text("x")
     write_homeserver(env, {
         "server_name": "example.test", "database": POSTGRES_DB,
+        "tls_certificate_path": str(tls / "cert.pem"), "tls_private_key_path": str(tls / "key.pem"),
         "listeners": [
             {"port": 9000, "type": "metrics"},
             {"port": 8448, "type": "http", "tls": True, "resources": [{"names": ["federation"]}]},

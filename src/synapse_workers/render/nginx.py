@@ -16,7 +16,7 @@ from pathlib import Path
 import jinja2
 
 from .. import catalog
-from ..plan import MAIN, METRICS, PUBLIC, UNAVAILABLE, Plan, Route, Upstream
+from ..plan import MAIN, METRICS, PUBLIC, UNAVAILABLE, ExtraListener, Plan, Route, Upstream
 from ..settings import NginxSettings
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -113,8 +113,30 @@ def render_nginx(plan: Plan) -> dict[str, str]:
         connect_timeout=CONNECT_TIMEOUT,
         metrics_proxy_port=plan.metrics_proxy_port,
         metrics_sockets=metrics_sockets(plan),
+        extras=[_extra(extra) for extra in plan.extra_listeners],
+        unrecognized_body=nginx_single_quote(catalog.UNRECOGNIZED_BODY),
     )
     return {plan.layout.nginx_conf: text}
+
+
+def _extra(extra: ExtraListener) -> dict[str, object]:
+    """A user's extra listener as its server block needs it. `::` is both families (ipv6only=off), as Synapse's
+    `::` is on Linux; plan.ExtraListener already dropped a 0.0.0.0 beside it."""
+    return {
+        "source": extra.source,
+        "resources": ", ".join(extra.resources) or "health only",
+        "port": extra.port,
+        "listen": [listen_address(address) for address in extra.bind_addresses],
+        "tls_cert": extra.tls_cert,
+        "tls_key": extra.tls_key,
+        "root_redirect": extra.root_redirect,
+        "served": [nginx_quote(prefix) for prefix in extra.served_prefixes],
+        "unrecognized": list(extra.unrecognized_prefixes),
+    }
+
+
+def listen_address(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
 
 
 def metrics_sockets(plan: Plan) -> list[tuple[str, str]]:
