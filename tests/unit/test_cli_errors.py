@@ -123,8 +123,49 @@ def _cert_without_key(root: Path) -> dict[str, str]:
     return {"SYNAPSE_TLS_CERT": str(cert)}
 
 
+def _tls_on_the_exporter(root: Path) -> dict[str, str]:
+    cert, key = root / "tls.crt", root / "tls.key"
+    cert.write_text("cert")
+    key.write_text("key")
+    return {"SYNAPSE_TLS_CERT": str(cert), "SYNAPSE_TLS_KEY": str(key), **EXPORTER, "SYNAPSE_TLS_PORT": "30008"}
+
+
+def _tls_listener(root: Path, **files: str) -> Path:
+    """A homeserver.yaml with a client listener and a `tls: true` federation listener on 8448."""
+    path = root / "tls-listener" / "homeserver.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump({
+        "server_name": "example.test",
+        "database": {"name": "psycopg2", "args": {"user": "synapse", "host": "db", "database": "synapse"}},
+        "listeners": [
+            {"port": 8008, "type": "http", "resources": [{"names": ["client"]}]},
+            {"port": 8448, "type": "http", "tls": True, "resources": [{"names": ["federation"]}]},
+        ],
+        **files,
+    }))
+    return path
+
+
+def _tls_listener_without_key(root: Path) -> dict[str, str]:
+    cert = root / "tls.crt"
+    cert.write_text("cert")
+    return {"SYNAPSE_CONFIG_PATH": str(_tls_listener(root, tls_certificate_path=str(cert)))}
+
+
+def _tls_listener_unreadable_cert(root: Path) -> dict[str, str]:
+    key = root / "tls.key"
+    key.write_text("key")
+    files = {"tls_certificate_path": str(root / "missing.crt"), "tls_private_key_path": str(key)}
+    return {"SYNAPSE_CONFIG_PATH": str(_tls_listener(root, **files))}
+
+
 def _no(_root):
     return {}
+
+
+# The PostgreSQL exporter (SYNAPSE_METRICS + its switch; POSTGRES_PASSWORD names an external database) is on base+8.
+EXPORTER = {"SYNAPSE_METRICS": "yes", "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT": "yes", "SYNAPSE_WORKER_TYPES": "",
+            "SYNAPSE_INTERNAL_PORT_BASE": "30000"}
 
 
 # (id, overrides, variables to remove, setup, strings stderr must contain)
@@ -150,6 +191,14 @@ CASES = [
     ("port-in-internal-range", {"SYNAPSE_INTERNAL_PORT_BASE": "30000", "SYNAPSE_HTTP_PORT": "30011"}, (), _no,
      ["SYNAPSE_HTTP_PORT=30011", "SYNAPSE_INTERNAL_PORT_BASE=30000"]),
     ("postgres-port", {"POSTGRES_PORT": "70000"}, (), _no, ["POSTGRES_PORT='70000'"]),
+    # The exporter's port used to be chosen after the port checks: each of these passed.
+    ("exporter-on-http-port", {**EXPORTER, "SYNAPSE_INTERNAL_PORT_BASE": "8000"}, (), _no,
+     ["SYNAPSE_HTTP_PORT=8008", "SYNAPSE_INTERNAL_PORT_BASE=8000+8 (postgres_exporter's metrics listener)",
+      "both use port 8008"]),
+    ("prometheus-on-exporter", {**EXPORTER, "PROMETHEUS_PORT": "30008"}, (), _no,
+     ["PROMETHEUS_PORT=30008", "SYNAPSE_INTERNAL_PORT_BASE=30000+8 (postgres_exporter's metrics listener)"]),
+    ("tls-port-on-exporter", {}, (), _tls_on_the_exporter,
+     ["SYNAPSE_TLS_PORT=30008", "SYNAPSE_INTERNAL_PORT_BASE=30000+8 (postgres_exporter's metrics listener)"]),
     ("gzip-level", {"NGINX_GZIP_COMP_LEVEL": "10"}, (), _no, ["NGINX_GZIP_COMP_LEVEL='10'", "from 1 to 9"]),
     ("read-timeout", {"NGINX_PROXY_READ_TIMEOUT": "abc"}, (), _no, ["NGINX_PROXY_READ_TIMEOUT='abc'"]),
     ("upload-size", {"SYNAPSE_MAX_UPLOAD_SIZE": "lots"}, (), _no, ["SYNAPSE_MAX_UPLOAD_SIZE='lots'"]),
@@ -183,6 +232,10 @@ CASES = [
      ["number/homeserver.yaml (SYNAPSE_CONFIG_PATH) at 'server_name': expected a server name", "the integer 12345"]),
     ("tls-cert-without-key", {}, (), _cert_without_key, ["SYNAPSE_TLS_CERT", "SYNAPSE_TLS_KEY"]),
     ("tls-cert-missing", {}, (), _missing_cert, ["SYNAPSE_TLS_CERT=", "existing file"]),
+    ("tls-listener-without-key", {}, (), _tls_listener_without_key,
+     ["tls-listener/homeserver.yaml (SYNAPSE_CONFIG_PATH) at 'listeners[1].tls'", "'tls_private_key_path' is not set"]),
+    ("tls-listener-unreadable-cert", {}, (), _tls_listener_unreadable_cert,
+     ["tls-listener/homeserver.yaml (SYNAPSE_CONFIG_PATH) at 'tls_certificate_path'", "missing.crt' cannot be read"]),
     ("appservice-dir-missing", {"SYNAPSE_AS_REGISTRATION_DIR": "/nonexistent/appservices"}, (), _no,
      ["SYNAPSE_AS_REGISTRATION_DIR='/nonexistent/appservices'"]),
     ("appservice-file-missing", {"SYNAPSE_APPSERVICES": "/nonexistent/bridge.yaml"}, (), _no,
@@ -243,7 +296,8 @@ SCRIPT_CASES = [c for c in CASES if c[0] in {
     "unknown-type", "singleton-twice", "singleton-via-merged", "bad-boolean", "report-stats-true", "bad-port",
     "port-in-internal-range", "gzip-level", "several-at-once", "temp-file-write-size", "server-name-missing",
     "server-name-differs", "workers-on-sqlite", "homeserver-not-a-mapping", "tls-cert-without-key",
-    "tls-cert-missing", "appservice-dir-missing", "homeserver-listeners-int", "homeserver-not-utf8",
+    "tls-cert-missing", "appservice-dir-missing", "exporter-on-http-port", "tls-listener-without-key",
+    "homeserver-listeners-int", "homeserver-not-utf8",
 }]
 
 
