@@ -213,7 +213,7 @@ def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     plan = _slice_plan(args, env)
     check_machine(plan, os.geteuid() == 0)  # what `run` would refuse here (binaries, their build, users)
-    _warn_ephemeral(plan)
+    _warn_start(plan, env)
     problems = access.check(plan, os.geteuid() == 0)  # what `run` refuses before anything starts
     if problems:
         raise UserError(*problems)
@@ -223,6 +223,15 @@ def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     ok = _logrotate_test(plan) and ok
     print("check: OK" if ok else "check: FAILED")
     return 0 if ok else 1
+
+
+def _warn_start(plan: Plan, env: Mapping[str, str]) -> None:
+    """Settings that will do nothing here (start_warnings.py), and internal ports in the ephemeral range."""
+    from .start_warnings import facts_here, start_warnings
+
+    for warning in start_warnings(plan, env, facts_here(plan, env)):
+        print(f"synapse-workers: warning: {warning}", file=sys.stderr)
+    _warn_ephemeral(plan)
 
 
 def _warn_ephemeral(plan: Plan) -> None:
@@ -289,7 +298,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .run.supervise import Stack, lock_runtime_dir
 
     plan = _slice_plan(args, env)
-    _warn_ephemeral(plan)
+    _warn_start(plan, env)
     as_root = os.geteuid() == 0
     binaries = find_binaries(plan)
     pg_owner = postgres.cluster_owner(as_root) if plan.postgres else None

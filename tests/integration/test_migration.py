@@ -74,6 +74,8 @@ def test_a_signing_key_made_by_root_stops_the_start_with_its_chown(root, command
            f"UID=991/GID=991 (Synapse's user): it cannot read it. Run as root: `chown 991:991 {key}`." \
            in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+    assert f"synapse-workers: warning: log_config {data}/localhost.log.config in {data}/homeserver.yaml is not " \
+           "used" in result.stderr  # said at start, before the refusal
     assert snapshot(data) == before  # nothing re-owned, nothing generated next to it
     assert not Stack(env).leftovers()
 
@@ -92,3 +94,18 @@ def test_a_root_owned_data_dir_without_media_store_stops_the_start(root):
     assert "All of the above, as root" in errors[-1] and len(errors) == 3
     assert snapshot(data) == before and (data.stat().st_uid, data.stat().st_mode & 0o777) == (0, 0o755)
     assert not Stack(env).leftovers()
+
+
+def test_an_official_data_dir_passes_check_and_its_log_config_is_named(root):
+    """The same data dir, as the official image leaves it: `check` passes (nginx -t, Synapse's own config
+    loader on every process), and says that the file's log config is not used and how to apply it."""
+    data, env = official_data_dir(root)
+    result = _sw(env, "check")
+    assert result.returncode == 0, result.stdout + result.stderr
+    warning = [line for line in result.stderr.splitlines() if "log_config" in line]
+    assert warning == [
+        f"synapse-workers: warning: log_config {data}/localhost.log.config in {data}/homeserver.yaml is not used: "
+        "every process gets its own generated log config (its output goes to the container's log; "
+        "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK adds files). To apply that file to every process instead, set "
+        f"SYNAPSE_LOG_CONFIG={data}/localhost.log.config (its file handlers are then shared by every process)."
+    ]

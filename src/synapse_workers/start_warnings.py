@@ -1,0 +1,189 @@
+"""Settings that will silently do nothing, said at start (`run`, `check`): one pure function, plan → warnings.
+
+A variable counts as set when it is non-empty and its value differs from its default (Unraid passes every
+field of a template, its defaults included: those never warn). The facts only the machine knows (are we in a
+container? is the file's log config one we generated?) are gathered by `facts_here`, the edge.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from .homeserver import GENERATED_LOG_CONFIG
+from .plan import POSTGRES_EXPORTER, REDIS_EXPORTER, Plan
+from .settings import SECTIONS, VARIABLES
+
+# Read only to generate homeserver.yaml: the key of the file that holds the same setting afterwards.
+GENERATION_ONLY = {
+    "SYNAPSE_MEDIA_STORE_PATH": "media_store_path",
+    "SYNAPSE_EVENT_CACHE_SIZE": "event_cache_size",
+    "SYNAPSE_ENABLE_REGISTRATION": "enable_registration",
+    "SYNAPSE_ALLOW_GUEST": "allow_guest_access",
+    "SYNAPSE_REGISTRATION_SHARED_SECRET": "registration_shared_secret_path",
+    "SYNAPSE_MACAROON_SECRET_KEY": "macaroon_secret_key_path",
+    "SYNAPSE_FORM_SECRET": "form_secret_path",
+    "SYNAPSE_SERVE_SERVER_WELLKNOWN": "serve_server_wellknown",
+    "SYNAPSE_PUBLIC_BASEURL": "public_baseurl",
+    "SYNAPSE_URL_PREVIEW_ENABLED": "url_preview_enabled",
+    "SYNAPSE_DATABASE": "database",
+}
+# Only with SYNAPSE_METRICS (the built-in Prometheus and the exporters it scrapes).
+NEEDS_METRICS = (
+    "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT",
+    "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT",
+    "SYNAPSE_METRICS_UNIX_SOCKETS",
+    "PROMETHEUS_SCRAPE_INTERVAL",
+    "PROMETHEUS_STORAGE_RETENTION_TIME",
+    "PROMETHEUS_BIND_ADDRESS",
+    "PROMETHEUS_PORT",
+    "PROMETHEUS_REMOTE_WRITE_HTTP_URL",
+)  # PROMETHEUS_STORAGE_PATH: the image sets it (ENV), so it is always there
+NEEDS_COTURN = (
+    "COTURN_PORT",
+    "COTURN_MIN_PORT",
+    "COTURN_MAX_PORT",
+    "COTURN_EXTERNAL_IP",
+    "COTURN_INTERNAL_IP",
+    "COTURN_METRICS",
+    "COTURN_ALLOW_LOOPBACK_PEERS",
+)
+NEEDS_EXTERNAL_POSTGRES = (
+    "POSTGRES_HOST",
+    "POSTGRES_PORT",
+    "POSTGRES_DB",
+    "POSTGRES_USER",
+    "POSTGRES_EXPORTER_SSLMODE",
+)
+
+
+@dataclass(frozen=True)
+class Facts:
+    """What only the machine knows, gathered by facts_here()."""
+
+    in_container: bool = False
+    file_log_config_is_ours: bool = False  # the existing file's log_config carries our generated header
+    env_log_config_exists: bool = False  # SYNAPSE_LOG_CONFIG names an existing file (ours or the user's)
+
+
+@cache
+def _defaults() -> dict[str, Any]:
+    sections = {name: model.model_validate({}) for name, model in SECTIONS.items()}
+    return {name: getattr(sections[v.section], v.field) for name, v in VARIABLES.items()}
+
+
+def _set(plan: Plan, env: Mapping[str, str], name: str) -> bool:
+    """Given (non-empty) and not its default."""
+    return bool(env.get(name, "").strip()) and plan.settings.value(name) != _defaults()[name]
+
+
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _do(names: list[str]) -> str:
+    return "does" if len(names) == 1 else "do"
+
+
+def start_warnings(plan: Plan, env: Mapping[str, str], facts: Facts) -> list[str]:
+    """Every setting that will do nothing in this combination, with what would make it count."""
+    s, hs = plan.settings, plan.homeserver
+    warnings: list[str] = []
+
+    def given(names: tuple[str, ...] | list[str]) -> list[str]:
+        return [name for name in names if _set(plan, env, name)]
+
+    if hs.exists:
+        unused = given(list(GENERATION_ONLY))
+        if unused:
+            keys = ", ".join(GENERATION_ONLY[name] for name in unused)
+            warnings.append(
+                f"{_names(unused)} {_do(unused)} nothing: {hs.path} exists, and these are read only to generate "
+                f"it. Change the same settings in {hs.path} instead ({keys})."
+            )
+        log_config = s.homeserver.log_config
+        if log_config and not facts.env_log_config_exists:
+            warnings.append(
+                f"SYNAPSE_LOG_CONFIG={log_config} does nothing: it is not an existing file, so every process "
+                "keeps its own generated log config."
+            )
+        elif hs.log_config and hs.user_log_config is None and not facts.file_log_config_is_ours:
+            warnings.append(
+                f"log_config {hs.log_config} in {hs.path} is not used: every process gets its own generated log "
+                "config (its output goes to the container's log; SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK adds files). "
+                f"To apply that file to every process instead, set SYNAPSE_LOG_CONFIG={hs.log_config} (its file "
+                "handlers are then shared by every process)."
+            )
+    if not s.metrics.enabled:
+        unused = given(NEEDS_METRICS)
+        if unused:
+            warnings.append(
+                f"{_names(unused)} {_do(unused)} nothing without SYNAPSE_METRICS=on (the built-in Prometheus, "
+                "the metrics listeners and the exporters all come with it)."
+            )
+    else:
+        if s.metrics.redis_export and plan.service(REDIS_EXPORTER) is None:
+            why = (
+                f"Redis is external ({hs.path} sets redis)"
+                if plan.redis is not None
+                else "the stack runs Redis only with workers (SYNAPSE_WORKER_TYPES)"
+            )
+            warnings.append(f"SYNAPSE_ENABLE_REDIS_METRIC_EXPORT does nothing: {why}.")
+        if s.metrics.postgres_export and plan.service(POSTGRES_EXPORTER) is None:
+            warnings.append(
+                "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT does nothing: there is no embedded PostgreSQL and no "
+                "POSTGRES_PASSWORD for the exporter to reach an external one"
+                + (f" ({hs.path} uses SQLite)." if hs.database == "sqlite" else ".")
+            )
+    if not s.turn.builtin_coturn:
+        unused = given(NEEDS_COTURN)
+        if unused:
+            warnings.append(f"{_names(unused)} {_do(unused)} nothing without SYNAPSE_ENABLE_BUILTIN_COTURN=on.")
+    elif facts.in_container and s.turn.external_ip is None:
+        warnings.append(
+            "SYNAPSE_ENABLE_BUILTIN_COTURN is on in a container without COTURN_EXTERNAL_IP: coturn then announces "
+            "the container's own address, which callers outside cannot reach (the original image looked the "
+            "public address up on the internet at every start; this one never does). Set COTURN_EXTERNAL_IP to "
+            "the public IPv4 address your router forwards COTURN_PORT and the relay ports from."
+        )
+    if _set(plan, env, "SYNAPSE_TURN_SECRET") and not plan.turn_uris:
+        warnings.append(
+            "SYNAPSE_TURN_SECRET does nothing without SYNAPSE_TURN_URIS or SYNAPSE_ENABLE_BUILTIN_COTURN=on "
+            "(a turn_shared_secret in homeserver.yaml is Synapse's own and stays as it is)."
+        )
+    if s.database.kind != "postgres":
+        unused = given(NEEDS_EXTERNAL_POSTGRES)
+        if unused:
+            warnings.append(
+                f"{_names(unused)} {_do(unused)} nothing without POSTGRES_PASSWORD (which selects an external "
+                "PostgreSQL for a generated homeserver.yaml and lets the exporter reach it)."
+            )
+    if _set(plan, env, "SYNAPSE_TLS_PORT") and plan.public.tls_port is None:
+        warnings.append("SYNAPSE_TLS_PORT does nothing without SYNAPSE_TLS_CERT and SYNAPSE_TLS_KEY.")
+    if _set(plan, env, "SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS") and not plan.workers:
+        warnings.append(
+            "SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS does nothing without workers (a monolith has no replication)."
+        )
+    if _set(plan, env, "NGINX_DISABLE_LOGROTATE") and not s.logging.to_disk:
+        warnings.append(
+            "NGINX_DISABLE_LOGROTATE does nothing without SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK (no log files to rotate)."
+        )
+    return warnings
+
+
+def facts_here(plan: Plan, env: Mapping[str, str]) -> Facts:
+    """The edge: container markers (Docker's /.dockerenv, podman's /run/.containerenv, the `container`
+    variable systemd and podman set) and the header of the file's log config."""
+    in_container = os.path.exists("/.dockerenv") or os.path.exists("/run/.containerenv") or bool(env.get("container"))
+    ours = False
+    if plan.homeserver.log_config:
+        try:
+            with open(plan.homeserver.log_config, encoding="utf-8", errors="replace") as handle:
+                ours = handle.read(len(GENERATED_LOG_CONFIG)) == GENERATED_LOG_CONFIG
+        except OSError:
+            ours = False
+    env_log_config = plan.settings.homeserver.log_config
+    return Facts(in_container, ours, bool(env_log_config and os.path.isfile(env_log_config)))
