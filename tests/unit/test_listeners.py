@@ -8,6 +8,7 @@ synapse/api/urls.py), written out here, not taken from catalog.py.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,18 @@ def test_an_extra_listener_inside_the_internal_range_is_refused(env):
     write_homeserver(env, [CLIENT, {**FEDERATION, "port": 30007}])
     with pytest.raises(UserError, match=r"listeners\[1\]\.port=30007 .* collides with the internal ports 30000-"):
         load_plan({**env, "SYNAPSE_INTERNAL_PORT_BASE": "30000", "SYNAPSE_WORKER_TYPES": "pusher"})
+
+
+def test_preflight_names_an_extra_listeners_port_held_by_another_program(env):
+    from synapse_workers.run.preflight import check_ports
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        path = write_homeserver(env, [CLIENT, {**FEDERATION, "port": port, "bind_addresses": ["127.0.0.1"]}])
+        problems = check_ports(load_plan(env))
+    assert [p for p in problems if "listeners[1]" in p] == [
+        f"listeners[1].port={port} in {path} cannot be used: 127.0.0.1:{port} is in use by another program. "
+        "Stop the program that holds it, or choose another."
+    ]

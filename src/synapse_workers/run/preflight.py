@@ -29,6 +29,9 @@ def check_ports(plan: Plan) -> list[str]:
     wanted: list[tuple[str, int, str]] = [(public.bind_address, public.port, f"{source}{public.port}")] if front else []
     if public.tls_port and front:
         wanted.append((public.bind_address, public.tls_port, f"SYNAPSE_TLS_PORT={public.tls_port}"))
+    for extra in plan.extra_listeners if front else ():  # the user's other listeners, served by nginx
+        for host in extra.bind_addresses:
+            wanted.append((host, extra.port, f"{extra.source}.port={extra.port} in {plan.homeserver.path}"))
     internal = f"SYNAPSE_INTERNAL_PORT_BASE={listen.internal_port_base}: port"
     wanted.append(("127.0.0.1", plan.health_port, f"{internal} {plan.health_port} (the launcher's /health)"))
     if plan.metrics_proxy_port is not None:
