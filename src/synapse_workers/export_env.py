@@ -290,8 +290,9 @@ def unraid_template() -> str:
             "TLS port",
             tls_port,
             "tcp",
-            "Optional: fill in only with SYNAPSE_TLS_CERT and SYNAPSE_TLS_KEY (nginx's own TLS listener); empty: "
-            "not published.",
+            "Optional; empty: not published. Fill in for nginx's TLS listener (with SYNAPSE_TLS_CERT and "
+            "SYNAPSE_TLS_KEY), or when your homeserver.yaml has a listener of its own on 8448 (the original "
+            "image's historical federation port).",
         ),
         _port(
             "TURN port (UDP)",
