@@ -268,6 +268,23 @@ def _secret_text(value: Any) -> Any:
     return text
 
 
+# A secret we would otherwise generate (Synapse's keys, the TURN secret): at least this long. Synapse's own
+# `--generate-config` makes 50 random characters, the original image 64 hex digits, we 64 hex digits; a shorter
+# one is a placeholder (and `export kubernetes` could no longer tell it from the configuration's own text).
+# POSTGRES_PASSWORD is not held to it: it is the password of the user's existing database, which we do not choose.
+SECRET_MIN_LENGTH = 16
+
+
+def _key_secret(value: Any) -> Any:
+    text = _secret_text(value)
+    if len(text) < SECRET_MIN_LENGTH:
+        raise ValueError(
+            f"a secret of at least {SECRET_MIN_LENGTH} characters (this one has {len(text)}), such as the output "
+            "of `openssl rand -hex 32`; leave it unset to have one generated and kept in the data dir"
+        )
+    return text
+
+
 HOST_NAME_RE = re.compile(r"[a-z][a-z0-9-]{0,30}")
 PLACEMENT_KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*")
 HOSTS_HELP = "comma-separated NAME=ADDRESS pairs (a lowercase name, an IPv4 or IPv6 address), such as db=10.0.0.11"
@@ -329,6 +346,7 @@ OwnDir = Annotated[str, BeforeValidator(_passthrough(_own_dir))]
 Port = Annotated[int, _int(1, 65535)]
 Bytes = Annotated[int, _int(512, 1 << 30)]
 Secret = Annotated[SecretStr, BeforeValidator(_passthrough(_secret_text))]
+KeySecret = Annotated[SecretStr, BeforeValidator(_passthrough(_key_secret))]  # at least SECRET_MIN_LENGTH
 ServerName = Annotated[str, BeforeValidator(_passthrough(_server_name))]
 CacheSize = Annotated[str, BeforeValidator(_passthrough(_cache_size))]
 Size = Annotated[int, BeforeValidator(parse_size)]
@@ -460,19 +478,22 @@ class HomeserverSettings(Section):
         help="Open registration without verification: anyone can create an account (generation only)",
     )
     allow_guest: Bool = var("SYNAPSE_ALLOW_GUEST", False, help="Allow guest access (generation only)")
-    registration_shared_secret: Secret | None = var(
+    registration_shared_secret: KeySecret | None = var(
         "SYNAPSE_REGISTRATION_SHARED_SECRET",
-        help="Shared secret for register_new_matrix_user and the admin register API; stored in the data dir (0600)",
+        help=(
+            "Shared secret for register_new_matrix_user and the admin register API; at least 16 characters; "
+            "stored in the data dir (0600)"
+        ),
         default_text="generated",
     )
-    macaroon_secret_key: Secret | None = var(
+    macaroon_secret_key: KeySecret | None = var(
         "SYNAPSE_MACAROON_SECRET_KEY",
-        help="Key that signs access tokens' macaroons; stored in the data dir (0600)",
+        help="Key that signs access tokens' macaroons; at least 16 characters; stored in the data dir (0600)",
         default_text="generated",
     )
-    form_secret: Secret | None = var(
+    form_secret: KeySecret | None = var(
         "SYNAPSE_FORM_SECRET",
-        help="Secret for Synapse's forms (consent, terms); stored in the data dir (0600)",
+        help="Secret for Synapse's forms (consent, terms); at least 16 characters; stored in the data dir (0600)",
         default_text="generated",
     )
     log_config: AbsPath | None = var(
@@ -631,9 +652,12 @@ class TurnSettings(Section):
         help="Comma-separated turn:/turns:/stun: URIs Synapse hands to clients, on every start",
         default_text="with the built-in coturn: turn:<server name>:<COTURN_PORT> over udp and tcp; else none",
     )
-    secret: Secret | None = var(
+    secret: KeySecret | None = var(
         "SYNAPSE_TURN_SECRET",
-        help="The TURN shared secret (use-auth-secret) of Synapse and the TURN server; stored in the data dir (0600)",
+        help=(
+            "The TURN shared secret (use-auth-secret) of Synapse and the TURN server; at least 16 characters; "
+            "stored in the data dir (0600)"
+        ),
         default_text="generated",
     )
     builtin_coturn: Bool = var(

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import catalog
+from ..errors import UserError
 from ..plan import HEALTH, METRICS, PUBLIC, REPLICATION, Plan
 from .export import (
     DEFAULT_IMAGE,
@@ -68,6 +69,7 @@ HEADER = (
 def render_kubernetes(plan: Plan, secrets: Mapping[str, str], image: str = DEFAULT_IMAGE) -> dict[str, tuple[str, int]]:
     """Export files: name → (text, mode). `secrets`: each of `Export.secret_files()` → its content."""
     objects, secret = manifests(make_export(plan, KUBERNETES), secrets, image)
+    _refuse_secrets_in_configuration(plan, objects, secrets)
     problems = check_manifests([*objects, secret])
     if problems:  # a bug of ours, not the user's input
         raise AssertionError("export kubernetes made manifests Kubernetes would refuse:\n" + "\n".join(problems))
@@ -623,6 +625,43 @@ def _secret_values(secret: dict[str, Any]) -> list[str]:
         found.append(value.strip())
         found += [t for t in re.split(r"[\s:]+", value) if len(t) >= 8]  # a password inside a passfile line
     return [v for v in found if v]
+
+
+def _refuse_secrets_in_configuration(plan: Plan, objects: list[dict[str, Any]], secrets: Mapping[str, str]) -> None:
+    """A secret whose value is also text of the configuration (SYNAPSE_FORM_SECRET=worker_replication_secret_path,
+    POSTGRES_PASSWORD=synapse-workers) is the input's doing, not a leak of ours: exit 2 naming where it came from
+    (the variable, else its key file), before `check_manifests` would take it for a bug. Random secrets never
+    match; our own renderers never see a secret (the ConfigMaps are made without `secrets`)."""
+    paths, settings = plan.secrets, plan.settings
+    variables = {
+        paths.registration: ("SYNAPSE_REGISTRATION_SHARED_SECRET", settings.homeserver.registration_shared_secret),
+        paths.macaroon: ("SYNAPSE_MACAROON_SECRET_KEY", settings.homeserver.macaroon_secret_key),
+        paths.form: ("SYNAPSE_FORM_SECRET", settings.homeserver.form_secret),
+        paths.turn: ("SYNAPSE_TURN_SECRET", settings.turn.secret),
+        paths.external_postgres: ("POSTGRES_PASSWORD", settings.database.password),
+        paths.postgres: ("POSTGRES_PASSWORD", settings.database.password),
+    }
+    texts = [
+        (obj["metadata"]["name"], key, text)
+        for obj in objects
+        if obj.get("kind") == "ConfigMap"
+        for key, text in obj.get("data", {}).items()
+    ]
+    problems = []
+    for path, content in secrets.items():
+        values = _secret_values({"stringData": {"value": content}})
+        found = next(((name, key) for name, key, text in texts if any(v in text for v in values)), None)
+        if found is None:
+            continue
+        variable, given = variables.get(path, ("", None))
+        who = variable if given is not None else f"The key file {path} (or the earlier export's {secret_key(path)})"
+        problems.append(
+            f"{who}: its value is also text of the exported configuration (ConfigMap {found[0]!r}, {found[1]!r}), "
+            "so it cannot be kept apart from it: expected a random secret, such as the output of "
+            "`openssl rand -hex 32`."
+        )
+    if problems:
+        raise UserError(*sorted(set(problems)))
 
 
 def _check_secret_values(config_maps: dict[str, Any], secrets: dict[str, Any]) -> list[str]:
