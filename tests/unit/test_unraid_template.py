@@ -14,6 +14,7 @@ import json
 import re
 import shlex
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from synapse_workers.load import load_plan
 from synapse_workers.programs import programs
 from synapse_workers.render import render_all
 from synapse_workers.settings import SECRET_NAMES, VARIABLES
+from synapse_workers.start_warnings import facts_here, start_warnings
 from tests.support.unraid import xml_to_command
 
 REPO = Path(__file__).resolve().parents[2]
@@ -144,14 +146,15 @@ class _Binaries(dict):
 
 def outcome(env: dict[str, str]) -> tuple:
     """Everything the program makes of an environment: the parsed settings (the secrets it stores among them),
-    the plan, and every file `run` writes (supervisord.conf included) with its mode and, for private files,
-    the secret lines it gets."""
+    the plan, every file `run` writes (supervisord.conf included) with its mode and, for private files, the
+    secret lines it gets, and the warnings `run` prints at start (in a container)."""
     plan = load_plan(env)
     progs = programs(plan, True, _Binaries(), postgres_user=("postgres", 101, 101), coturn_user=(102, 102),
                      prometheus_user=(103, 103))  # fmt: skip
     files = render_all(plan, progs, as_root=True)
     plan_json = json.dumps(plan.as_json(), sort_keys=True, default=str)
-    return plan.settings, plan_json, files.managed, files.once, files.private
+    warnings = start_warnings(plan, env, replace(facts_here(plan, env), in_container=True))
+    return plan.settings, plan_json, files.managed, files.once, files.private, warnings
 
 
 class Container:
@@ -240,7 +243,7 @@ def test_clearing_any_field_gives_what_leaving_it_unset_gives(tmp_path, scenario
             differ.append(f"{name}={default!r}: refused: {exc.problems}")
             continue
         if got != unset:
-            parts = ("settings", "plan", "managed", "once", "private")
+            parts = ("settings", "plan", "managed", "once", "private", "warnings")
             what = [label for label, a, b in zip(parts, got, unset, strict=True) if a != b]
             differ.append(f"{name}={default!r}: the {', '.join(what)} differ from leaving it unset")
     assert not differ, "\n".join(differ)
