@@ -285,3 +285,32 @@ def test_host_network_listens_on_the_host_port_unraid_passes(tmp_path, capsys):
     assert cli_main(["plan"], env=container.env(bad.env)) == 2
     err = capsys.readouterr().err
     assert "TCP_PORT_8008" in err and "Traceback" not in err
+
+
+def test_the_emulation_builds_what_the_reference_describes():
+    """tests/support/unraid.py itself, on a small template, against the rules of unraid-dockerman.md."""
+    template = """<?xml version="1.0"?>
+<Container version="2">
+  <Name>demo</Name><Repository>demo:1</Repository><Network>bridge</Network>
+  <ExtraParams>--stop-timeout=30 --tmpfs /run</ExtraParams><PostArgs>-m synapse.app.homeserver</PostArgs>
+  <Config Name="Web" Target="80" Default="8080" Mode="tcp" Type="Port"></Config>
+  <Config Name="Stun" Target="3478" Default="" Mode="udp" Type="Port">3479</Config>
+  <Config Name="Unused" Target="443" Default="" Mode="tcp" Type="Port"></Config>
+  <Config Name="Data" Target="/data" Default="/mnt/a" Mode="rw" Type="Path">/mnt/b</Config>
+  <Config Name="Media" Target="/media" Default="" Mode="ro" Type="Path"></Config>
+  <Config Name="A" Target="A" Default="from-default" Type="Variable"></Config>
+  <Config Name="B" Target="B" Default="" Type="Variable"></Config>
+  <Config Name="C" Target="C" Default="x" Type="Variable">&lt;b&gt;bold&lt;/b&gt;</Config>
+</Container>"""
+    bridge = xml_to_command(template, {"B": "typed"})
+    assert bridge.argv() == [
+        "create", "--name=demo", "--net=bridge",
+        "-e", "TZ=Europe/Berlin", "-e", "HOST_OS=Unraid", "-e", "A=from-default", "-e", "B=typed", "-e", "C=bbold/b",
+        "-p", "8080:80/tcp", "-p", "3479:3478/udp",
+        "-v", "/mnt/b:/data:rw",
+        "--stop-timeout=30", "--tmpfs", "/run", "demo:1", "-m", "synapse.app.homeserver",
+    ]  # fmt: skip
+    assert xml_to_command(template).env["B"] == ""  # empty, and still passed
+    host = xml_to_command(template, network="host")
+    assert host.ports == [] and host.env["TCP_PORT_80"] == "8080" and host.env["UDP_PORT_3478"] == "3479"
+    assert "TCP_PORT_443" not in host.env
