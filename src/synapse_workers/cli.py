@@ -214,6 +214,7 @@ def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     plan = _slice_plan(args, env)
     check_machine(plan, os.geteuid() == 0)  # what `run` would refuse here (binaries, their build, users)
     _warn_start(plan, env)
+    _warn_memory(plan, now=False)  # beside a running stack, its own memory is not available: ceilings only
     problems = access.check(plan, os.geteuid() == 0)  # what `run` refuses before anything starts
     if problems:
         raise UserError(*problems)
@@ -238,6 +239,16 @@ def _warn_ephemeral(plan: Plan) -> None:
     from .run.preflight import ephemeral_overlap, ephemeral_ports
 
     warning = ephemeral_overlap(plan, ephemeral_ports())
+    if warning:
+        print(f"synapse-workers: warning: {warning}", file=sys.stderr)
+
+
+def _warn_memory(plan: Plan, now: bool) -> None:
+    """The Synapse processes of this host against the memory we may use (memory.py: measured idle PSS)."""
+    from .memory import memory_warning
+    from .run.memory import read_limits
+
+    warning = memory_warning(len(plan.local_processes), plan.settings.core.launch_mode, read_limits(now))
     if warning:
         print(f"synapse-workers: warning: {warning}", file=sys.stderr)
 
@@ -299,6 +310,7 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     plan = _slice_plan(args, env)
     _warn_start(plan, env)
+    _warn_memory(plan, now=True)
     as_root = os.geteuid() == 0
     binaries = find_binaries(plan)
     pg_owner = postgres.cluster_owner(as_root) if plan.postgres else None

@@ -17,6 +17,11 @@ from .errors import UserError
 VAR = "SYNAPSE_WORKER_TYPES"
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*[A-Za-z_+-]|[A-Za-z]")  # no trailing digit: we append one
 MAX_COUNT = 64
+# More workers than any deployment could use: matrix.org ran on the order of a hundred across many machines;
+# 255 workers cost 10-22 GiB at idle alone (41-88 MiB each, docs/benchmarks.md) and are likelier a typo
+# (`:64` on every type) than a plan. A list that fits under it but not the machine is warned about at
+# `check` and `run` (memory.py).
+MAX_WORKERS = 255  # + main: 256 Synapse processes
 RESERVED_NAMES = ("main", "master")
 
 
@@ -49,6 +54,12 @@ def parse_workers(spec: str) -> tuple[Worker, ...]:
         for _ in range(count):
             counters[base] += 1
             workers.append(Worker(f"{base}{counters[base]}", types, roles))
+    if len(workers) > MAX_WORKERS:
+        raise UserError(
+            f"{VAR}: {len(workers)} workers (with main, {len(workers) + 1} Synapse processes): expected at most "
+            f"{MAX_WORKERS}. More cannot be useful: they would need {len(workers) * 41 // 1024} GiB or more at idle "
+            "alone (docs/benchmarks.md). Check the counts (:N) and presets in the list."
+        )
     _check_instances(workers)
     return tuple(workers)
 
