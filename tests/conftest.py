@@ -75,8 +75,10 @@ def free_port_range(size: int = 120) -> int:
 
 @pytest.fixture
 def tmp_root():
-    # Short paths: unix socket paths must stay under 108 bytes.
+    # Short paths: unix socket paths must stay under 108 bytes. 0755: Synapse's user (UID 991) must reach the
+    # data dir in it, as `run` and `check` verify before anything starts (mkdtemp makes 0700 dirs).
     root = Path(tempfile.mkdtemp(prefix="sw-", dir="/tmp"))
+    os.chmod(root, 0o755)
     try:
         yield root
     finally:

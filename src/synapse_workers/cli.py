@@ -284,11 +284,18 @@ def _nginx_test(plan: Plan) -> bool:
 
 def _synapse_test(plan: Plan) -> bool:
     procs = [{"name": p.name, "app": p.app, "config_files": list(p.config_files)} for p in plan.local_processes]
+    core = plan.settings.core
+    # As root, the loader runs as Synapse's user (no supplementary groups, as setpriv starts Synapse): it reads
+    # what Synapse will read, and what it creates (the media store) is Synapse's, not root's.
+    as_root = os.geteuid() == 0
     result = subprocess.run(
         [sys.executable, "-m", "synapse_workers.synapse_check"],
         input=json.dumps(procs),
         capture_output=True,
         text=True,
+        user=core.uid if as_root else None,
+        group=core.gid if as_root else None,
+        extra_groups=[] if as_root else None,
     )
     seen = 0
     for line in result.stdout.splitlines():

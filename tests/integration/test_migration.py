@@ -100,8 +100,12 @@ def test_an_official_data_dir_passes_check_and_its_log_config_is_named(root):
     """The same data dir, as the official image leaves it: `check` passes (nginx -t, Synapse's own config
     loader on every process), and says that the file's log config is not used and how to apply it."""
     data, env = official_data_dir(root)
+    (data / "media_store").rmdir()  # Synapse's config loader creates it: as Synapse's user, not as root
     result = _sw(env, "check")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert (data / "media_store").stat().st_uid == 991
+    again = _sw(env, "check")  # a root-owned media store would now be refused
+    assert again.returncode == 0, again.stdout + again.stderr
     warning = [line for line in result.stderr.splitlines() if "log_config" in line]
     assert warning == [
         f"synapse-workers: warning: log_config {data}/localhost.log.config in {data}/homeserver.yaml is not used: "

@@ -398,6 +398,10 @@ def synapse_generated():
             text,
         )
         assert postgres != text, "could not find the sqlite3 database block to replace"
+        if os.geteuid() == 0:  # as the official image leaves its data dir: Synapse's user (991) owns it
+            os.chmod(root, 0o755)
+            for path in [root, *root.iterdir()]:
+                os.chown(path, 991, 991)
         yield {"sqlite": text, "postgres": postgres, "dir": root}
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -422,6 +426,8 @@ def _place(tmp_root: Path, text: str) -> tuple[Path, bytes]:
     path = folder / "homeserver.yaml"
     path.write_text(text)
     os.chmod(path, 0o640)
+    if os.geteuid() == 0:
+        os.chown(path, 991, 991)  # Synapse's user reads it (run and check verify that before anything starts)
     return path, path.read_bytes()
 
 

@@ -85,7 +85,8 @@ def test_a_root_owned_data_dir_without_media_store_names_every_problem_at_once(r
     )
     assert found[1].startswith(f"{data}/media_store (media_store_path in {data}/homeserver.yaml) does not exist, ")
     assert f"`mkdir -p {data}/media_store && chown 991:991 {data}/media_store`" in found[1]
-    assert found[-1].endswith(f"`chown 991:991 {data}` && `mkdir -p {data}/media_store && chown 991:991 {data}/media_store`")
+    media = f"{data}/media_store"
+    assert found[-1].endswith(f"`chown 991:991 {data}` && `mkdir -p {media} && chown 991:991 {media}`")
     assert not (data / "media_store").exists()
 
 
@@ -138,8 +139,8 @@ def test_an_unwritable_sqlite_database_and_appservice_and_log_files(root):
     log_config.write_text(yaml.safe_dump({"version": 1, "handlers": {"file": {"filename": f"{root}/logs/hs.log"}}}))
     env["SYNAPSE_LOG_CONFIG"] = str(log_config)
     found = check(env)
-    assert f"{data}/homeserver.db (the SQLite database in {data}/homeserver.yaml) is not accessible to UID=991/GID=991 " \
-           "(Synapse's user): it cannot write it." in found[0]
+    assert f"{data}/homeserver.db (the SQLite database in {data}/homeserver.yaml) is not accessible to " \
+           "UID=991/GID=991 (Synapse's user): it cannot write it." in found[0]
     assert found[1] == (
         f"{root}/bridge.yaml (an application service registration file) is not accessible to UID=991/GID=991 "
         f"(Synapse's user): it cannot read it. Run as root: `chown 991:991 {root}/bridge.yaml`."

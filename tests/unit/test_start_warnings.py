@@ -57,7 +57,8 @@ def test_exporter_switches_without_metrics(tmp_root):
     }
     assert warnings(env) == [
         "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT, SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT and PROMETHEUS_PORT do nothing "
-        "without SYNAPSE_METRICS=on (the built-in Prometheus, the metrics listeners and the exporters all come with it)."
+        "without SYNAPSE_METRICS=on (the built-in Prometheus, the metrics listeners and the exporters all come "
+        "with it)."
     ]
     env["SYNAPSE_METRICS"] = "on"
     assert warnings(env) == []
@@ -66,7 +67,8 @@ def test_exporter_switches_without_metrics(tmp_root):
 def test_the_redis_exporter_of_a_monolith_does_nothing(tmp_root):
     env = {**isolated_env(tmp_root), "SYNAPSE_METRICS": "on", "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT": "on"}
     assert warnings(env) == [
-        "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT does nothing: the stack runs Redis only with workers (SYNAPSE_WORKER_TYPES)."
+        "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT does nothing: the stack runs Redis only with workers "
+        "(SYNAPSE_WORKER_TYPES)."
     ]
 
 
