@@ -161,6 +161,7 @@ def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     plan = _slice_plan(args, env)
     check_machine(plan, os.geteuid() == 0)  # what `run` would refuse here (binaries, their build, users)
+    _warn_weak_secrets(plan)
     written = write_files(plan, render_all(plan))
     if plan.placement is not None:
         here = plan.placement.here
@@ -233,6 +234,22 @@ def _warn_start(plan: Plan, env: Mapping[str, str]) -> None:
     for warning in start_warnings(plan, env, facts_here(plan, env)):
         print(f"synapse-workers: warning: {warning}", file=sys.stderr)
     _warn_ephemeral(plan)
+    _warn_weak_secrets(plan)
+
+
+def _warn_weak_secrets(plan: Plan) -> None:
+    """Stored secrets too short to be secrets (`files.weak_secret_files`): replaced by the writer, said here."""
+    from .files import weak_secret_files
+    from .settings import SECRET_MIN_LENGTH
+
+    for path in weak_secret_files(plan):
+        print(
+            f"synapse-workers: warning: {path} holds a secret shorter than {SECRET_MIN_LENGTH} characters (the "
+            "Unraid template before 0.2 sent the word 'generated' as every secret): it is replaced with a random "
+            "one now. If it was the macaroon key, guest sessions and unfinished SSO logins start again; nothing "
+            "else changes for users.",
+            file=sys.stderr,
+        )
 
 
 def _warn_ephemeral(plan: Plan) -> None:

@@ -21,6 +21,7 @@ from .errors import UserError
 from .layout import RUNTIME_MARKER
 from .plan import POSTGRES_EXPORTER, Plan
 from .render import FileSet, PrivateFile
+from .settings import SECRET_MIN_LENGTH
 
 SECRET_MODE = 0o600
 
@@ -173,9 +174,14 @@ def ensure_secrets(plan: Plan) -> list[str]:
         _rewrite_secret(paths.external_postgres, line, written)
     if external is not None and plan.postgres is None and plan.service(POSTGRES_EXPORTER) is not None:
         _rewrite_secret(paths.external_postgres_password, external.get_secret_value(), written)
+    if plan.homeserver.exists:
+        # Not created or changed from the environment any more (generation only), but a placeholder must not
+        # stay: the file is the one our generated homeserver.yaml names.
+        wanted += [(path, None) for path in (paths.registration, paths.macaroon, paths.form) if os.path.exists(path)]
+    weak = set(weak_secret_files(plan))
     for path, given in wanted:
         current = Path(path).read_text().strip() if os.path.exists(path) else None
-        if current is not None and (given is None or given == current):
+        if current is not None and (given is None or given == current) and path not in weak:
             continue
         _write_new(path, (given or pysecrets.token_hex(32)) + "\n", SECRET_MODE)
         written.append(path)
@@ -190,6 +196,33 @@ def ensure_secrets(plan: Plan) -> list[str]:
             _write_new(paths.redis_conf, line, SECRET_MODE)
             written.append(paths.redis_conf)
     return written
+
+
+def weak_secret_files(plan: Plan) -> list[str]:
+    """Stored secrets that a new value from the environment does not replace and that are too short to be
+    secrets: the Unraid template before 0.2 sent the word `generated` as every secret, so a server started from
+    it keeps a known registration shared secret (anyone may register an admin). `ensure_secrets` replaces each
+    with a random one; the caller warns. Only our own key files (`SecretPaths`), never a user's file."""
+    hs, turn, paths = plan.settings.homeserver, plan.settings.turn, plan.secrets
+    given = {
+        paths.registration: hs.registration_shared_secret,
+        paths.macaroon: hs.macaroon_secret_key,
+        paths.form: hs.form_secret,
+        paths.turn: turn.secret,
+    }
+    weak = []
+    for path, value in given.items():
+        if value is not None and (path == paths.turn or not plan.homeserver.exists):
+            continue  # the environment's (long enough: settings refuse shorter ones) replaces it
+        if path == paths.turn and not plan.turn_uris:
+            continue  # not used
+        try:
+            current = Path(path).read_text().strip()
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if len(current) < SECRET_MIN_LENGTH:
+            weak.append(path)
+    return weak
 
 
 def _secret(value: SecretStr | None) -> str | None:
