@@ -91,8 +91,8 @@ def translate(argv: list[str], env: Mapping[str, str]) -> Translation | None:
         )
     if first == "run":
         ours, synapse = _split_host(argv[1:])
-        if not synapse:
-            return None  # `run` or `run --host NAME`: ours
+        if not any(_known(word) for word in synapse):
+            return None  # `run`, `run --host NAME`, `run --help`: ours (argparse answers anything else, as always)
         return _start(["run", *ours], synapse, env, given="run " + shlex.join(synapse))
     if first.startswith("-") and first not in ("-h", "--help", "--version") and _known(first):
         return _start(["run"], argv, env, given=shlex.join(argv))

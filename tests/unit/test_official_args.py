@@ -128,7 +128,8 @@ def test_config_path_argument_is_honoured_when_the_variable_is_unset(tmp_path, c
          "--generate-config (an option of Synapse's) cannot be followed here: it writes a new homeserver.yaml"),
         (["-m", "synapse.app.homeserver", "--bogus"], {},
          "--bogus: not an argument of synapse-workers nor of the official Synapse image"),
-        (["run", "--bogus", "x"], {}, "--bogus x: not an argument of synapse-workers nor of the official"),
+        (["run", "-m", "synapse.app.homeserver", "--bogus", "x"], {},
+         "--bogus x: not an argument of synapse-workers nor of the official"),
         (["-m", "synapse.app.homeserver", "-d", "/data/homeserver.db"], {},
          "-d /data/homeserver.db (an option of Synapse's) cannot be followed here: it replaces the database"),
     ],
@@ -166,3 +167,14 @@ def test_the_entrypoint_script_uses_it():
     script = (Path(__file__).parents[2] / "scripts" / "container-entrypoint.sh").read_text()
     assert 'python3 -m synapse_workers.official_args "$@"' in script
     assert '= run ]' not in script
+
+
+def test_run_with_words_of_neither_kind_is_left_to_our_parser(capsys):
+    """`run --help` shows run's help and `run --bogus` is argparse's error, exactly as before."""
+    assert translate(["run", "--help"], {}) is None and translate(["run", "--bogus"], {}) is None
+    with pytest.raises(SystemExit) as help_exit:
+        cli.main(["run", "--help"], {})
+    assert help_exit.value.code == 0 and "--host NAME" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as error_exit:
+        cli.main(["run", "--bogus"], {})
+    assert error_exit.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
