@@ -18,7 +18,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import secrets
+import shutil
+import tempfile
+from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -161,3 +165,35 @@ async def _room_with_messages(base_url: str) -> bool:
         await alice.close()
         await bob.close()
 
+
+
+def test_post_arguments_of_an_official_template_start_the_stack(podman):
+    """Unraid pastes a template's Post Arguments after the image name, so they replace CMD `run`: an official
+    image's template carries `-m synapse.app.homeserver --config-path /data/homeserver.yaml`. The stack starts
+    (healthy, serving the published port) and says what it ignored; the entrypoint's first-start step for `run`
+    (an empty bind-mounted data dir, root's, given to 991:991) follows the same decision."""
+    host = Path(tempfile.mkdtemp(prefix="sw-post-", dir="/tmp"))
+    os.chmod(host, 0o755)  # root's and empty, as a runtime creates a missing bind-mount source
+    try:
+        port = free_port()
+        name = f"sw-test-{secrets.token_hex(4)}"
+        podman.created.append(("container", name))
+        podman(
+            "run", "-d", "--name", name, "-v", f"{host}:/data", "-p", f"127.0.0.1:{port}:8008",
+            "-e", f"SYNAPSE_SERVER_NAME={SERVER}", "-e", "SYNAPSE_REPORT_STATS=no",
+            IMAGE, "-m", "synapse.app.homeserver", "--config-path", "/data/homeserver.yaml",
+        )  # fmt: skip
+        TIMINGS["post arguments to healthy (s)"] = round(podman.wait_healthy(name), 1)
+        logs = podman.logs(name)
+        assert (
+            "synapse-workers: warning: ignored the arguments `-m synapse.app.homeserver --config-path "
+            "/data/homeserver.yaml`, written for the official Synapse image" in logs
+        ), logs[-3000:]
+        assert "/data is an empty mount point: giving it to 991:991" in logs
+        assert (host.stat().st_uid, (host / "homeserver.yaml").stat().st_uid) == (991, 991)
+        versions = httpx.get(f"http://127.0.0.1:{port}/_matrix/client/versions", timeout=10)
+        assert versions.status_code == 200 and "versions" in versions.json()
+        assert podman.stop(name) < 10
+        assert podman("inspect", "--format", "{{.State.ExitCode}}", name).stdout.strip() == "0"
+    finally:
+        shutil.rmtree(host, ignore_errors=True)
