@@ -178,6 +178,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key("database.args.host", "a host name, address or socket directory (a string)", _string),
     Key("database.args.port", "a port number from 1 to 65535", _db_port),
+    Key("database.args.database", "a database name, or for sqlite3 a file path (a string)", _string),
     Key("redis", "a mapping of Redis settings", _mapping),
     Key("redis.enabled", "a boolean (true or false)", _bool),
     Key("enable_metrics", "a boolean (true or false)", _bool),
@@ -194,6 +195,12 @@ KEYS: tuple[Key, ...] = (
     Key("media_store_path", "a directory path (a string)", _string, nullable=False),
     Key("tls_certificate_path", "a file path (a string)", _string),
     Key("tls_private_key_path", "a file path (a string)", _string),
+    # The secret files Synapse reads (homeserver.KEY_FILE_KEYS: checked as Synapse's user before a start).
+    Key("registration_shared_secret_path", "a file path (a string)", _string),
+    Key("macaroon_secret_key_path", "a file path (a string)", _string),
+    Key("form_secret_path", "a file path (a string)", _string),
+    Key("recaptcha_private_key_path", "a file path (a string)", _string),
+    Key("turn_shared_secret_path", "a file path (a string)", _string),
 )
 
 _TOKEN = re.compile(r"\[\]|[^.\[\]]+")

@@ -40,7 +40,10 @@ GOOD: dict[str, Any] = {
         },
         {"port": 9118, "type": "metrics", "bind_address": "127.0.0.1"},
     ],
-    "database": {"name": "psycopg2", "args": {"user": "synapse", "password": "hunter2", "host": "db", "port": 5432}},
+    "database": {
+        "name": "psycopg2",
+        "args": {"user": "synapse", "password": "hunter2", "host": "db", "port": 5432, "database": "synapse"},
+    },
     "redis": {"enabled": False},
     "enable_metrics": False,
     "max_upload_size": "50M",
@@ -74,6 +77,7 @@ ACCEPTS: dict[str, tuple[str, bool]] = {
     "database.args": ("mapping", False),  # psycopg2.connect(**args)
     "database.args.host": ("text", True),
     "database.args.port": ("port", True),
+    "database.args.database": ("text", True),  # psycopg2's dbname, SQLite's file
     "redis": ("mapping", True),  # `or {}`
     "redis.enabled": ("boolean", True),
     "enable_metrics": ("boolean", True),
@@ -85,6 +89,11 @@ ACCEPTS: dict[str, tuple[str, bool]] = {
     "media_store_path": ("text", False),  # ensure_directory(None) fails
     "tls_certificate_path": ("text", True),
     "tls_private_key_path": ("text", True),
+    "registration_shared_secret_path": ("text", True),  # read_file(path): a path string
+    "macaroon_secret_key_path": ("text", True),
+    "form_secret_path": ("text", True),
+    "recaptcha_private_key_path": ("text", True),
+    "turn_shared_secret_path": ("text", True),
 }
 
 _text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12)
@@ -285,3 +294,10 @@ def test_unreadable_homeserver_is_named(deployment):
     config.chmod(0)
     code, _out, err = _generate(env)
     assert code == 2 and f"{config} (SYNAPSE_CONFIG_PATH) cannot be read" in err
+
+
+def test_every_key_file_read_is_checked():
+    """homeserver.KEY_FILE_KEYS (the secret files checked before a start) are all in the table."""
+    from synapse_workers.homeserver import KEY_FILE_KEYS
+
+    assert set(KEY_FILE_KEYS) <= set(ACCEPTS)
