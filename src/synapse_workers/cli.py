@@ -211,12 +211,14 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .run import access
     from .run.binaries import check_machine
+    from .run.prepare import dir_problems
 
     plan = _slice_plan(args, env)
     check_machine(plan, os.geteuid() == 0)  # what `run` would refuse here (binaries, their build, users)
     _warn_start(plan, env)
     _warn_memory(plan, now=False)  # beside a running stack, its own memory is not available: ceilings only
     problems = access.check(plan, os.geteuid() == 0)  # what `run` refuses before anything starts
+    problems += dir_problems(plan, os.geteuid() == 0)  # the runtime dir's and Prometheus's storage's way
     if problems:
         raise UserError(*problems)
     write_files(plan, render_all(plan))

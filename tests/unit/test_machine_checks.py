@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import subprocess
 
 import pytest
@@ -63,3 +64,46 @@ def test_generate_still_writes_when_the_machine_has_everything(env, tmp_root):
     with contextlib.redirect_stdout(out):
         assert cli_main(["generate"], env=env) == 0
     assert (tmp_root / "run" / "nginx" / "nginx.conf").exists()
+
+
+@pytest.fixture
+def hidden(base_env, tmp_root):
+    """As root: a runtime dir under a 0700 directory, and a 0700 Prometheus storage dir of root's."""
+    if os.geteuid() != 0:
+        pytest.skip("the start-up directory checks are made as root (for UID/GID, nginx's and Prometheus's users)")
+    (tmp_root / "hidden").mkdir(mode=0o700)
+    (tmp_root / "prom").mkdir(mode=0o700)
+    (tmp_root / "data").mkdir()
+    os.chown(tmp_root / "data", 991, 991)
+    env = {**base_env, "SYNAPSE_HTTP_PORT": "8008", "SYNAPSE_RUNTIME_DIR": str(tmp_root / "hidden" / "run")}
+    return env, tmp_root
+
+
+@pytest.mark.parametrize("command", ["check", "run"])
+def test_a_runtime_dir_synapse_and_nginx_cannot_enter_is_refused(hidden, command):
+    """`run` used to write its files and then refuse (unix sockets) or start Synapse into a crash loop
+    (PermissionError on shared.yaml); `check` said FAILED after Synapse's loader. Now both: exit 2, before."""
+    env, root = hidden
+    env = {**env, "SYNAPSE_PUBLIC_UNIX_SOCKETS": "1"}
+    result = subprocess.run([SCRIPT, command], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr and "nginx: OK" not in result.stdout
+    hidden_dir = str(root / "hidden")
+    assert f"SYNAPSE_RUNTIME_DIR='{hidden_dir}/run' is under '{hidden_dir}', which Synapse's user" in result.stderr
+    assert (
+        "which nginx's worker user (nobody) cannot enter: it connects" in result.stderr
+        and f"`chmod o+x {hidden_dir}`" in result.stderr
+    )
+    assert not (root / "data" / "homeserver.yaml").exists()
+
+
+def test_a_prometheus_storage_its_user_cannot_use_is_refused_by_check(hidden):
+    env, root = hidden
+    env = {**env, "SYNAPSE_METRICS": "yes", "PROMETHEUS_STORAGE_PATH": str(root / "prom")}
+    env.pop("SYNAPSE_RUNTIME_DIR")
+    env["SYNAPSE_RUNTIME_DIR"] = str(root / "run")
+    result = subprocess.run([SCRIPT, "check"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"cannot use its storage PROMETHEUS_STORAGE_PATH='{root / 'prom'}'" in result.stderr
+    assert "does not let it write and enter" in result.stderr and "Traceback" not in result.stderr
+    assert not (root / "run").exists()

@@ -19,7 +19,73 @@ def check_before_start(plan: Plan, as_root: bool) -> None:
     """What would make the stack fail, checked on what exists now: `run` calls it before writing anything
     (so a refused start leaves no generated file behind) and again once the files and dirs exist. Every
     problem at once: ports someone holds, and every path Synapse's user cannot use (run/access.py)."""
-    preflight.raise_if(preflight.check_ports(plan) + files_access.check(plan, as_root))
+    preflight.raise_if(preflight.check_ports(plan) + files_access.check(plan, as_root) + dir_problems(plan, as_root))
+
+
+def dir_problems(plan: Plan, as_root: bool) -> list[str]:
+    """As root, on what exists now (nothing is created): the runtime dir lies under directories that Synapse's
+    user (its config files, its sockets) and, with unix sockets, nginx's worker user can enter; an existing
+    PROMETHEUS_STORAGE_PATH (or the dirs above a new one) the built-in Prometheus's user can use. `run` refused
+    these only once it had written its files (or Synapse crash-looped on them); `check` shares this."""
+    if not as_root:
+        return []
+    from .binaries import prometheus_user
+
+    core, layout = plan.settings.core, plan.layout
+    users = [(core.uid, core.gid, f"Synapse's user (UID={core.uid}/GID={core.gid})", "it reads its config files there")]
+    if any(lst.path for p in plan.local_processes for lst in p.listeners if lst.kind in ("public", "metrics")):
+        worker = pwd.getpwnam(NGINX_WORKER_USER)
+        why = "it connects to Synapse's unix sockets there (SYNAPSE_PUBLIC_UNIX_SOCKETS/SYNAPSE_METRICS_UNIX_SOCKETS)"
+        users.append((worker.pw_uid, _nginx_worker_gid(worker), f"nginx's worker user ({NGINX_WORKER_USER})", why))
+    problems = []
+    for folder in _existing_dirs(layout.runtime_dir):
+        for uid, gid, who, why in users:
+            if not _allows(folder, uid, gid, "x"):
+                problems.append(
+                    f"SYNAPSE_RUNTIME_DIR={layout.runtime_dir!r} is under {folder!r}, which {who} cannot enter: "
+                    f"{why}. Use a runtime dir under a traversable path (the default /run/synapse-workers is one), "
+                    f"or `chmod o+x {folder}`."
+                )
+    if plan.service(PROMETHEUS) is not None:
+        uid, gid = prometheus_user(core.uid, core.gid)
+        storage = prometheus_storage(plan)
+        for folder in _existing_dirs(storage):
+            access = "wx" if folder == os.path.normpath(storage) else "x"
+            missing = [w for w in access if not _allows(folder, uid, gid, w)]
+            if missing:
+                verbs = " and ".join({"w": "write", "x": "enter"}[m] for m in missing)
+                problems.append(
+                    f"The built-in Prometheus (UID={uid}/GID={gid}) cannot use its storage "
+                    f"PROMETHEUS_STORAGE_PATH={storage!r}: {folder!r} does not let it {verbs}. Choose a path it "
+                    f"can reach, or `chown {uid}:{gid} {storage}` and make the directories above it traversable "
+                    "(o+x)."
+                )
+    return problems
+
+
+def _existing_dirs(path: str) -> list[str]:
+    """`path` (when it exists) and each existing directory above it, up to /."""
+    found, here = [], os.path.normpath(path)
+    while True:
+        if os.path.isdir(here):
+            found.append(here)
+        if here == "/":
+            return found
+        here = os.path.dirname(here)
+
+
+def _allows(path: str, uid: int, gid: int, what: str) -> bool:
+    """Whether UID:GID (no supplementary groups, as setpriv starts our programs) may `what` (r/w/x) on path."""
+    st = os.stat(path)
+    klass = 0 if st.st_uid == uid else 1 if st.st_gid == gid else 2
+    return bool(st.st_mode & BITS[what][klass])
+
+
+def _nginx_worker_gid(worker: pwd.struct_passwd) -> int:
+    try:
+        return grp.getgrnam(NGINX_WORKER_GROUP).gr_gid
+    except KeyError:
+        return worker.pw_gid
 
 
 def prepare(plan: Plan, as_root: bool, setpriv: str, prometheus_user: tuple[int, int] | None = None) -> None:
