@@ -89,8 +89,8 @@ def test_a_root_owned_data_dir_without_media_store_stops_the_start(root):
     result = _sw(env, "run")
     assert result.returncode == 2, result.stdout + result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("synapse-workers: error: ")]
-    assert errors[0].endswith(f"Run as root: `chown 991:991 {data}`."), result.stderr
-    assert f"`mkdir -p {data}/media_store && chown 991:991 {data}/media_store`" in errors[1]
+    assert f"`mkdir -p {data}/media_store && chown 991:991 {data}/media_store`" in errors[0], result.stderr
+    assert errors[1].endswith(f"Run as root: `chown 991:991 {data}`.")  # SQLite's journal beside homeserver.db
     assert "All of the above, as root" in errors[-1] and len(errors) == 3
     assert snapshot(data) == before and (data.stat().st_uid, data.stat().st_mode & 0o777) == (0, 0o755)
     assert not Stack(env).leftovers()

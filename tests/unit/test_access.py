@@ -79,15 +79,31 @@ def test_a_root_owned_data_dir_without_media_store_names_every_problem_at_once(r
     (data / "media_store").rmdir()
     os.chown(data, 0, 0)
     found = check(env)
-    assert found[0] == (
-        f"{data} (SYNAPSE_DATA_DIR) is not accessible to UID=991/GID=991 (Synapse's user): it cannot write "
-        f"in it. Run as root: `chown 991:991 {data}`."
-    )
-    assert found[1].startswith(f"{data}/media_store (media_store_path in {data}/homeserver.yaml) does not exist, ")
-    assert f"`mkdir -p {data}/media_store && chown 991:991 {data}/media_store`" in found[1]
     media = f"{data}/media_store"
-    assert found[-1].endswith(f"`chown 991:991 {data}` && `mkdir -p {media} && chown 991:991 {media}`")
+    assert found[0].startswith(f"{media} (media_store_path in {data}/homeserver.yaml) does not exist, ")
+    assert f"`mkdir -p {media} && chown 991:991 {media}`" in found[0]
+    assert found[1] == (  # SQLite writes its journal next to the database
+        f"{data} (the directory of {data}/homeserver.db, the SQLite database in {data}/homeserver.yaml) is not "
+        f"accessible to UID=991/GID=991 (Synapse's user): it cannot write in it. Run as root: "
+        f"`chown 991:991 {data}`."
+    )
+    assert found[-1].endswith(f"`mkdir -p {media} && chown 991:991 {media}` && `chown 991:991 {data}`")
     assert not (data / "media_store").exists()
+
+
+def test_a_root_owned_data_dir_is_fine_when_synapse_writes_nothing_in_it(root):
+    """PostgreSQL, and the media store already Synapse's: Synapse only passes through the data dir."""
+    env = homeserver(root, database={"name": "psycopg2", "args": {"user": "synapse", "host": "db"}})
+    data = root / "data"
+    (data / "homeserver.db").unlink()
+    os.chown(data, 0, 0)
+    os.chmod(data, 0o755)
+    assert check({**env, "POSTGRES_PASSWORD": "x" * 16}) == []
+    os.chmod(data, 0o750)  # now 991 (other) cannot even enter it
+    assert check({**env, "POSTGRES_PASSWORD": "x" * 16})[0] == (
+        f"{data} (SYNAPSE_DATA_DIR) is not accessible to UID=991/GID=991 (Synapse's user): it cannot enter it. "
+        f"Run as root: `chown 991:991 {data}`."
+    )
 
 
 def test_supplementary_groups_are_dropped_as_setpriv_drops_them(root):

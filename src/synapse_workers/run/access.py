@@ -28,6 +28,7 @@ SYNAPSE = "synapse"  # Synapse's processes: UID/GID (as root), no supplementary 
 LAUNCHER = "launcher"  # whoever runs `run` (root in the container): nginx's master reads TLS files as it
 
 READ = "read"  # a file to read
+ENTER = "enter"  # a directory to pass through (what Synapse creates or writes in it has needs of its own)
 WRITE_DIR = "write-dir"  # a directory to create files in (and enter)
 READ_WRITE = "read-write"  # a file to read and write, whose directory is written too (SQLite journal, log rotation)
 
@@ -78,7 +79,9 @@ def needs(plan: Plan, cwd: str, log_files: Iterable[str] = ()) -> list[Need]:
         return os.path.normpath(os.path.join(cwd, path))
 
     in_file = f"in {hs.path}"
-    wanted = [Need(core.data_dir, WRITE_DIR, "SYNAPSE_DATA_DIR", ours=True)]
+    # Synapse writes nothing in the data dir itself: what it creates there (media store, SQLite database, log
+    # files) is a need of its own, so a root-owned 0755 data dir whose media store is Synapse's still works.
+    wanted = [Need(core.data_dir, ENTER, "SYNAPSE_DATA_DIR", ours=True)]
     if hs.exists:
         wanted.append(Need(hs.path, READ, "SYNAPSE_CONFIG_PATH"))
         if hs.signing_key_path:
@@ -103,6 +106,8 @@ def needs(plan: Plan, cwd: str, log_files: Iterable[str] = ()) -> list[Need]:
     else:  # generated now: we create the media store (given to Synapse's user) when it is missing
         media = plan.settings.homeserver.media_store_path or f"{core.data_dir}/media_store"
         wanted.append(Need(media, WRITE_DIR, "SYNAPSE_MEDIA_STORE_PATH", ours=True, tree=True))
+        if hs.database == "sqlite":  # the generated database block's file (homeserver.database_block)
+            wanted.append(Need(f"{core.data_dir}/homeserver.db", READ_WRITE, "SYNAPSE_DATABASE=sqlite", create=True))
     for path in plan.app_service_config_files:
         wanted.append(Need(absolute(path), READ, "an application service registration file"))
     if hs.user_log_config:
@@ -197,7 +202,14 @@ def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid:
                 command,
             )
             continue
-        if need.kind == READ:
+        if need.kind == ENTER:
+            if not fact.is_dir:
+                report(f"{need.path} ({need.what}) is not a directory: expected a directory.", None)
+                continue
+            missing = [] if fact.x else ["enter it"]
+            if not fact.x:
+                closed.add((need.who, need.path))
+        elif need.kind == READ:
             if fact.is_dir:
                 report(f"{need.path} ({need.what}) is a directory: expected a file.", None)
                 continue
