@@ -56,6 +56,11 @@ def _string(value: Any) -> bool:
     return isinstance(value, str) and value != ""
 
 
+def _text(value: Any) -> bool:
+    """A string, empty allowed: where Synapse reads "" as unset (`if path:`, abspath("") → "")."""
+    return isinstance(value, str)
+
+
 def _bool(value: Any) -> bool:
     return isinstance(value, bool)
 
@@ -143,7 +148,7 @@ KEYS: tuple[Key, ...] = (
     Key("listeners[].tls", "a boolean (true or false)", _bool),
     Key("listeners[].bind_addresses", "a list of addresses such as ['::', '0.0.0.0']", _list, nullable=False),
     Key("listeners[].bind_addresses[]", "an address (a string) such as 0.0.0.0", _string, nullable=False),
-    Key("listeners[].bind_address", "an address (a string) such as 0.0.0.0", _string),
+    Key("listeners[].bind_address", "an address (a string) such as 0.0.0.0", _text),
     Key(
         "listeners[].resources",
         "a list of mappings with 'names', such as [{names: [client, federation]}]",
@@ -176,9 +181,9 @@ KEYS: tuple[Key, ...] = (
         nullable=False,
         found=_extra_keys(None),
     ),
-    Key("database.args.host", "a host name, address or socket directory (a string)", _string),
+    Key("database.args.host", "a host name, address or socket directory (a string)", _text),
     Key("database.args.port", "a port number from 1 to 65535", _db_port),
-    Key("database.args.database", "a database name, or for sqlite3 a file path (a string)", _string),
+    Key("database.args.database", "a database name, or for sqlite3 a file path (a string)", _text),
     Key("redis", "a mapping of Redis settings", _mapping),
     Key("redis.enabled", "a boolean (true or false)", _bool),
     Key("enable_metrics", "a boolean (true or false)", _bool),
@@ -191,16 +196,16 @@ KEYS: tuple[Key, ...] = (
     Key("signing_key_path", "a file path (a string)", _string),
     Key("app_service_config_files", "a list of file paths", _list, nullable=False),
     Key("app_service_config_files[]", "a file path (a string)", _string, nullable=False),
-    Key("log_config", "a file path (a string)", _string),
+    Key("log_config", "a file path (a string)", _text),
     Key("media_store_path", "a directory path (a string)", _string, nullable=False),
-    Key("tls_certificate_path", "a file path (a string)", _string),
-    Key("tls_private_key_path", "a file path (a string)", _string),
+    Key("tls_certificate_path", "a file path (a string)", _text),
+    Key("tls_private_key_path", "a file path (a string)", _text),
     # The secret files Synapse reads (homeserver.KEY_FILE_KEYS: checked as Synapse's user before a start).
-    Key("registration_shared_secret_path", "a file path (a string)", _string),
-    Key("macaroon_secret_key_path", "a file path (a string)", _string),
-    Key("form_secret_path", "a file path (a string)", _string),
-    Key("recaptcha_private_key_path", "a file path (a string)", _string),
-    Key("turn_shared_secret_path", "a file path (a string)", _string),
+    Key("registration_shared_secret_path", "a file path (a string)", _text),
+    Key("macaroon_secret_key_path", "a file path (a string)", _text),
+    Key("form_secret_path", "a file path (a string)", _text),
+    Key("recaptcha_private_key_path", "a file path (a string)", _text),
+    Key("turn_shared_secret_path", "a file path (a string)", _text),
 )
 
 _TOKEN = re.compile(r"\[\]|[^.\[\]]+")

@@ -55,7 +55,8 @@ GOOD: dict[str, Any] = {
     "tls_private_key_path": "/data/tls.key",
 }
 
-# What Synapse accepts at each path, said again here: (kind, null accepted). Kinds are defined by WRONG below.
+# What Synapse accepts at each path, said again here: (kind, null accepted). Kinds are defined by WRONG below
+# ("text or empty": Synapse reads "" as unset there).
 ACCEPTS: dict[str, tuple[str, bool]] = {
     "server_name": ("server name", False),  # synapse.util.stringutils.parse_and_validate_server_name
     "listeners": ("list", False),  # server.py: "Expected a list"
@@ -66,7 +67,7 @@ ACCEPTS: dict[str, tuple[str, bool]] = {
     "listeners[].tls": ("boolean", True),
     "listeners[].bind_addresses": ("list", False),  # instance_of(list)
     "listeners[].bind_addresses[]": ("text", False),
-    "listeners[].bind_address": ("text", True),
+    "listeners[].bind_address": ("text or empty", True),
     "listeners[].resources": ("list", False),  # iterated, each item HttpResourceConfig(**item)
     "listeners[].resources[]": ("mapping", False),
     "listeners[].resources[].names": ("list", False),  # deep_iterable(in_(KNOWN_RESOURCES))
@@ -75,9 +76,9 @@ ACCEPTS: dict[str, tuple[str, bool]] = {
     "database": ("mapping", True),  # falsy: SQLite
     "database.name": ("database engine", False),  # "sqlite3" or "psycopg2"
     "database.args": ("mapping", False),  # psycopg2.connect(**args)
-    "database.args.host": ("text", True),
+    "database.args.host": ("text or empty", True),
     "database.args.port": ("port", True),
-    "database.args.database": ("text", True),  # psycopg2's dbname, SQLite's file
+    "database.args.database": ("text or empty", True),  # psycopg2's dbname, SQLite's file
     "redis": ("mapping", True),  # `or {}`
     "redis.enabled": ("boolean", True),
     "enable_metrics": ("boolean", True),
@@ -85,15 +86,15 @@ ACCEPTS: dict[str, tuple[str, bool]] = {
     "signing_key_path": ("text", True),  # null: <config dir>/<server name>.signing.key
     "app_service_config_files": ("list", False),  # appservice.py: a list of strings
     "app_service_config_files[]": ("text", False),
-    "log_config": ("text", True),
+    "log_config": ("text or empty", True),
     "media_store_path": ("text", False),  # ensure_directory(None) fails
-    "tls_certificate_path": ("text", True),
-    "tls_private_key_path": ("text", True),
-    "registration_shared_secret_path": ("text", True),  # read_file(path): a path string
-    "macaroon_secret_key_path": ("text", True),
-    "form_secret_path": ("text", True),
-    "recaptcha_private_key_path": ("text", True),
-    "turn_shared_secret_path": ("text", True),
+    "tls_certificate_path": ("text or empty", True),
+    "tls_private_key_path": ("text or empty", True),
+    "registration_shared_secret_path": ("text or empty", True),  # read_file(path): a path string
+    "macaroon_secret_key_path": ("text or empty", True),
+    "form_secret_path": ("text or empty", True),
+    "recaptcha_private_key_path": ("text or empty", True),
+    "turn_shared_secret_path": ("text or empty", True),
 }
 
 _text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=12)
@@ -110,6 +111,7 @@ WRONG = {
     "mapping": st.one_of(st.booleans(), _numbers, _text, st.lists(st.integers(), max_size=2)),
     "boolean": st.one_of(_numbers, _text, _containers),  # "false" would switch it on in Synapse
     "text": st.one_of(_not_text, st.just("")),
+    "text or empty": _not_text,  # Synapse reads "" as unset there (`if path:`, abspath(""))
     "port": st.one_of(
         st.booleans(),
         st.integers(max_value=0),
@@ -301,3 +303,63 @@ def test_every_key_file_read_is_checked():
     from synapse_workers.homeserver import KEY_FILE_KEYS
 
     assert set(KEY_FILE_KEYS) <= set(ACCEPTS)
+
+
+# The official image's docker/conf/homeserver.yaml as its start.py renders it (SYNAPSE_SERVER_NAME=example.com,
+# POSTGRES_PASSWORD set, TLS on), the file people move to us: every key we read in the shapes it writes.
+OFFICIAL = """
+tls_certificate_path: "/data/example.com.tls.crt"
+tls_private_key_path: "/data/example.com.tls.key"
+server_name: "example.com"
+pid_file: /homeserver.pid
+web_client: False
+log_config: "/data/example.com.log.config"
+listeners:
+  -
+    port: 8448
+    bind_addresses: ['::']
+    type: http
+    tls: true
+    x_forwarded: false
+    resources:
+      - names: [client]
+        compress: true
+      - names: [federation]  # Federation APIs
+        compress: false
+  - port: 8008
+    tls: false
+    bind_addresses: ['::']
+    type: http
+    x_forwarded: false
+    resources:
+      - names: [client]
+        compress: true
+      - names: [federation]
+        compress: false
+database:
+  name: "psycopg2"
+  args:
+    user: "synapse"
+    password: "hunter2"
+    database: "synapse"
+    host: "db"
+    port: "5432"
+    cp_min: 5
+    cp_max: 10
+media_store_path: "/data/media"
+max_upload_size: "50M"
+enable_metrics: False
+report_stats: False
+app_service_config_files:
+    - "/data/bridge.yaml"
+macaroon_secret_key: "x"
+signing_key_path: "/data/example.com.signing.key"
+"""
+
+
+def test_the_official_images_file_has_every_shape_we_read():
+    from synapse_workers.homeserver_keys import check_shape
+
+    assert check_shape(yaml.safe_load(OFFICIAL), "homeserver.yaml") == []
+    empty_log_config = yaml.safe_load(OFFICIAL.replace('log_config: "/data/example.com.log.config"', 'log_config: ""'))
+    assert check_shape(empty_log_config, "homeserver.yaml") == []  # {{ SYNAPSE_LOG_CONFIG }} unset
