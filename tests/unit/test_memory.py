@@ -196,3 +196,15 @@ def test_an_absurd_worker_list_is_refused(base_env, tmp_root):
     )
     assert not any(tmp_root.iterdir())
     assert len(parse_workers(spec.replace("federation_reader:64", "federation_reader:63"))) == 255  # the bound
+
+
+def test_run_warns_in_a_real_cgroup_before_it_starts(memory_cgroup, base_env, tmp_root):
+    """`run` says it too, before anything starts (here it then stops: its runtime dir is under a closed dir)."""
+    closed = tmp_root / "closed"
+    closed.mkdir(mode=0o700)
+    env = {**base_env, "SYNAPSE_HTTP_PORT": "8008", "SYNAPSE_WORKER_TYPES": "synchrotron:8",
+           "SYNAPSE_RUNTIME_DIR": str(closed / "run"), "PATH": os.environ["PATH"]}  # fmt: skip
+    result = _in_cgroup(memory_cgroup, [SCRIPT, "run"], env)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "warning: SYNAPSE_WORKER_TYPES: 9 Synapse processes need about 544 MiB" in result.stderr
+    assert "256 MiB the memory limit of this container or service (cgroup)" in result.stderr
