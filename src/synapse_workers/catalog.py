@@ -10,6 +10,7 @@ process answers them with an error).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 SYNAPSE_VERSION = "1.163.2"
@@ -176,11 +177,30 @@ class Rule:
         return tuple(dict.fromkeys(r for b in self.branches for r in b.roles))
 
 
-def _r(rid, group, pattern, *roles, balance=ROUND_ROBIN, hard=False, why="", examples=()):
+def _r(
+    rid: str,
+    group: str,
+    pattern: str,
+    *roles: str,
+    balance: str | None = ROUND_ROBIN,
+    hard: bool = False,
+    why: str = "",
+    examples: Iterable[str] = (),
+) -> Rule:
     return Rule(rid, group, pattern, (Branch(ANY, tuple(roles)),), balance, hard, why, tuple(examples))
 
 
-def _split(rid, group, pattern, all_roles, read_roles, balance=ROUND_ROBIN, hard=False, why="", examples=()):
+def _split(
+    rid: str,
+    group: str,
+    pattern: str,
+    all_roles: Iterable[str],
+    read_roles: Iterable[str],
+    balance: str | None = ROUND_ROBIN,
+    hard: bool = False,
+    why: str = "",
+    examples: Iterable[str] = (),
+) -> Rule:
     """Writes only to `all_roles` (else main); reads also to `read_roles`."""
     branches = (Branch(ANY, tuple(all_roles)), Branch(READ, tuple(read_roles)))
     return Rule(rid, group, pattern, branches, balance, hard, why, tuple(examples))

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from . import __version__, catalog
@@ -22,6 +22,9 @@ from .settings import runtime_dir, unknown_variables
 
 if TYPE_CHECKING:
     from .run.status import StackStatus
+
+# What `set_defaults(func=...)` stores for each subcommand: parsed arguments and the environment in, exit code out.
+Command = Callable[[argparse.Namespace, Mapping[str, str]], int]
 
 
 def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -39,7 +42,8 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         for warning in unknown_variables(env):
             print(f"synapse-workers: warning: {warning}", file=sys.stderr)
     try:
-        code = args.func(args, env)
+        command: Command = args.func
+        code = command(args, env)
         sys.stdout.flush()
         return code
     except BrokenPipeError:
