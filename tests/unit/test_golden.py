@@ -1,4 +1,5 @@
-"""Golden files: the exact rendered output for two fixed topologies.
+"""Golden files: the exact rendered output for two fixed topologies, and `export kubernetes|compose` of the
+workers topology (every file the export writes, with fixed stand-in secrets).
 
 A diff here means the generated configuration changed. If the change is intended, regenerate with
 
@@ -21,6 +22,9 @@ import yaml
 
 from synapse_workers.load import load_plan
 from synapse_workers.render import render_all
+from synapse_workers.render.compose import render_compose
+from synapse_workers.render.export import make_export
+from synapse_workers.render.kubernetes import render_kubernetes
 
 GOLDEN = Path(__file__).parent / "golden"
 ROOT = Path("/tmp/sw-golden")  # fixed, never written to by these tests: rendering is pure
@@ -175,6 +179,78 @@ def test_workers_facts(base_env):
     assert typing < conf.index("/sendToDevice/") < conf.index("/pushrules/") < conf.index("/.*/(tags|account_data)")
 
 
+# ---- exports: every file `export kubernetes|compose` writes, for the workers topology with metrics ------------
+
+EXPORTS = {"kubernetes": "export-kubernetes", "compose": "export-compose"}
+EXPORT_IMAGE = "registry.example/synapse-workers:golden"
+
+
+def _export(base_env, target: str) -> dict[str, tuple[str, int]]:
+    env = {**_env(base_env, "workers"), "SYNAPSE_METRICS": "1"}
+    if (ROOT / "workers").exists():
+        shutil.rmtree(ROOT / "workers")
+    plan = load_plan(env)
+    # Stand-ins for the secrets `export` reads or makes (a libpq passfile line for the database's).
+    secrets = {
+        path: f"golden-{os.path.basename(path)}-secret\n" for path in make_export(plan, target).secret_files()
+    }
+    secrets[plan.secrets.external_postgres] = "*:*:*:*:golden-password\n"
+    if target == "kubernetes":
+        return render_kubernetes(plan, secrets, EXPORT_IMAGE)
+    return render_compose(plan, secrets, "golden-password", EXPORT_IMAGE)
+
+
+def _export_golden_files(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): p.read_text(encoding="utf-8") for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("target", EXPORTS)
+def test_export_golden(base_env, target):
+    files = _export(base_env, target)
+    directory = GOLDEN / EXPORTS[target]
+    for name, (_text, mode) in files.items():  # as the README says: secrets private, the rest readable
+        secret = name == "secret.yaml" or name.startswith("secrets/")
+        assert mode == (0o600 if secret else 0o644), name
+    actual = {name: text for name, (text, _mode) in files.items()}
+    if UPDATE:
+        if IN_CI:
+            pytest.fail("SW_UPDATE_GOLDEN=1 under CI: golden files are updated by hand and reviewed, never in CI")
+        if directory.exists():
+            shutil.rmtree(directory)
+        for name, text in actual.items():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            (directory / name).write_text(text, encoding="utf-8")
+        pytest.skip(f"golden/{EXPORTS[target]} rewritten, not compared: review `git diff tests/unit/golden/`")
+    expected = _export_golden_files(directory)
+    assert sorted(actual) == sorted(expected), "the export writes other files than the golden directory holds"
+    diffs = []
+    for name in sorted(actual):
+        if actual[name] != expected[name]:
+            diffs.append("".join(difflib.unified_diff(
+                expected[name].splitlines(keepends=True), actual[name].splitlines(keepends=True),
+                fromfile=f"golden/{EXPORTS[target]}/{name}", tofile="rendered", n=2)))
+    if diffs:
+        pytest.fail(f"export {target} differs from the golden files (SW_UPDATE_GOLDEN=1 to accept):\n"
+                    + "".join(diffs)[:6000])
+
+
+def test_export_golden_facts(base_env):
+    """Facts stated from the README's export section, not from the golden files."""
+    manifests = list(yaml.safe_load_all(_export(base_env, "kubernetes")["synapse-workers.yaml"][0]))
+    workloads = {o["metadata"]["name"]: o["spec"].get("replicas") for o in manifests if o["kind"] == "StatefulSet"}
+    assert workloads == {
+        "synapse-main": 1, "synapse-synchrotron": 2, "synapse-event-persister": 2, "synapse-media-repository": 1,
+        "synapse-stream-writers": 1,
+    }
+    compose = yaml.safe_load(_export(base_env, "compose")["compose.yaml"][0])
+    assert set(compose["services"]) == {
+        "synapse-init", "synapse-main", "synapse-synchrotron-0", "synapse-synchrotron-1",
+        "synapse-event-persister-0", "synapse-event-persister-1", "synapse-media-repository-0",
+        "synapse-stream-writers-0", "synapse-nginx", "synapse-postgres", "synapse-redis",
+    }
+    assert compose["services"]["synapse-nginx"]["ports"] == ["8008:8008"]  # only nginx publishes a port
+
+
 def test_golden_env_ignores_base_env_randomness(base_env):
     """The golden environment overrides every path and port base_env randomises."""
     env = _env(base_env, "workers")
@@ -186,5 +262,7 @@ def test_golden_env_ignores_base_env_randomness(base_env):
 def test_golden_files_are_all_used():
     if UPDATE:
         pytest.skip("regenerating")
-    on_disk = {(p.parent.name, p.name) for p in GOLDEN.rglob("*") if p.is_file()}
-    assert on_disk == set(CASES)
+    on_disk = {str(p.relative_to(GOLDEN)) for p in GOLDEN.rglob("*") if p.is_file()}
+    exports = {f"{EXPORTS[t]}/{name}" for t in EXPORTS for name in _export_golden_files(GOLDEN / EXPORTS[t])}
+    assert exports, "the export golden directories are missing"
+    assert on_disk == {f"{topology}/{filename}" for topology, filename in CASES} | exports
