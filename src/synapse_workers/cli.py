@@ -503,7 +503,8 @@ def cmd_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .files import check_export_dir, export_secrets, write_export
     from .render.compose import render_compose
     from .render.export import make_export
-    from .render.kubernetes import render_kubernetes
+    from .render.kubernetes import manifests, secrets_in_configuration
+    from .render.kubernetes_check import check_manifests
 
     if not args.image or any(c.isspace() for c in args.image):
         raise UserError(f"export --image {args.image!r}: expected an image reference such as synapse-workers:latest.")
@@ -512,9 +513,22 @@ def cmd_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     export = make_export(plan, args.target)
     secrets, password = export_secrets(plan, args.target, args.output, export.secret_files())
     if args.target == "kubernetes":
-        files = render_kubernetes(plan, secrets, args.image)
+        objects = manifests(export, secrets, args.image)
+        refused = secrets_in_configuration(plan, objects.objects, secrets)
+        if refused:  # the input's secrets (exit 2 naming each); before the checker would take them for a leak
+            raise UserError(*refused)
+        bugs = check_manifests(objects.all)
+        if bugs:  # manifests Kubernetes would refuse: ours to fix, not the user's input; nothing is written
+            for bug in bugs:
+                print(f"synapse-workers: internal error: export kubernetes: {bug}", file=sys.stderr)
+            print(
+                "synapse-workers: this is a bug of synapse-workers (please report it); nothing was written.",
+                file=sys.stderr,
+            )
+            return 1
+        files = objects.files()
     else:
-        files = render_compose(plan, secrets, password, args.image)
+        files = render_compose(export, secrets, password, args.image)
     written = write_export(args.output, args.target, files)
     print(f"synapse-workers: wrote {len(written)} files for main + {len(plan.workers)} workers to {args.output}")
     return 0

@@ -172,3 +172,38 @@ def test_refuses_worker_names_kubernetes_cannot_take(env, tmp_root):
     result = refused({**env, "SYNAPSE_WORKER_TYPES": f"{long}=synchrotron"}, tmp_root, "kubernetes", "at most 52")
     refused({**env, "SYNAPSE_WORKER_TYPES": "nginx=synchrotron"}, tmp_root, "compose", "SYNAPSE_WORKER_TYPES")
     refused(env, tmp_root, "kubernetes", "--image", "--image", "bad image")
+
+
+# ---- in-process: what the CLI decides, and how often it plans -------------------------------------------------
+
+
+@pytest.mark.parametrize("target", ["kubernetes", "compose"])
+def test_one_export_plan_per_export(env, tmp_root, monkeypatch, target):
+    from synapse_workers.cli import main as cli_main
+    from synapse_workers.render import export as export_module
+
+    made = []
+    real = export_module._groups  # every make_export calls it, whichever module imported make_export
+
+    def counting(plan, target):
+        made.append(target)
+        return real(plan, target)
+
+    monkeypatch.setattr(export_module, "_groups", counting)
+    assert cli_main(["export", target, "-o", str(tmp_root / "out")], env) == 0
+    assert made == [target]
+
+
+def test_a_manifest_problem_is_our_bug_exit_1_and_nothing_written(env, tmp_root, monkeypatch, capsys):
+    """The checker returns problems; the CLI reports them as a bug of ours (not exit 2: the input is fine), with no
+    traceback, and writes nothing. The checker is replaced by one that finds a problem: ours never does here."""
+    from synapse_workers.cli import main as cli_main
+    from synapse_workers.render import kubernetes_check
+
+    monkeypatch.setattr(kubernetes_check, "check_manifests", lambda objects: ["Service 'x': made up for the test"])
+    out = tmp_root / "out"
+    assert cli_main(["export", "kubernetes", "-o", str(out)], env) == 1
+    err = capsys.readouterr().err
+    assert "internal error: export kubernetes: Service 'x': made up for the test" in err
+    assert "bug of synapse-workers" in err and "nothing was written" in err and "Traceback" not in err
+    assert not out.exists()

@@ -16,7 +16,8 @@ from synapse_workers import catalog
 from synapse_workers.load import load_plan
 from synapse_workers.render import render_all
 from synapse_workers.render.export import KUBERNETES, make_export, passfile
-from synapse_workers.render.kubernetes import MANIFESTS, SECRET_FILE, check_manifests, render_kubernetes
+from synapse_workers.render.kubernetes import MANIFESTS, SECRET_FILE, render_kubernetes
+from synapse_workers.render.kubernetes_check import check_manifests
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is not installed: pip install -e '.[test]'"
@@ -54,7 +55,7 @@ def fake_secrets(plan) -> dict[str, str]:
 
 def objects_for(env, spec: str, **extra: str) -> tuple[list[dict], object]:
     plan = load_plan({**env, "SYNAPSE_WORKER_TYPES": spec, **extra})
-    files = render_kubernetes(plan, fake_secrets(plan))
+    files = render_kubernetes(make_export(plan, KUBERNETES), fake_secrets(plan))
     docs = [d for name in (MANIFESTS, SECRET_FILE) for d in yaml.safe_load_all(files[name][0]) if d]
     return docs, plan
 

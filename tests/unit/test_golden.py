@@ -190,14 +190,13 @@ def _export(base_env, target: str) -> dict[str, tuple[str, int]]:
     if (ROOT / "workers").exists():
         shutil.rmtree(ROOT / "workers")
     plan = load_plan(env)
+    export = make_export(plan, target)
     # Stand-ins for the secrets `export` reads or makes (a libpq passfile line for the database's).
-    secrets = {
-        path: f"golden-{os.path.basename(path)}-secret\n" for path in make_export(plan, target).secret_files()
-    }
+    secrets = {path: f"golden-{os.path.basename(path)}-secret\n" for path in export.secret_files()}
     secrets[plan.secrets.external_postgres] = "*:*:*:*:golden-password\n"
     if target == "kubernetes":
-        return render_kubernetes(plan, secrets, EXPORT_IMAGE)
-    return render_compose(plan, secrets, "golden-password", EXPORT_IMAGE)
+        return render_kubernetes(export, secrets, EXPORT_IMAGE)
+    return render_compose(export, secrets, "golden-password", EXPORT_IMAGE)
 
 
 def _export_golden_files(directory: Path) -> dict[str, str]:

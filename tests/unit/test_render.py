@@ -460,3 +460,76 @@ def test_a_generated_log_config_named_by_synapse_log_config_stays_ours(env, tmp_
     worker = yaml.safe_load(render_all(again).managed[again.process("synchrotron1").config_files[-1]])
     assert worker["worker_log_config"] == str(tmp_root / "run" / "synapse" / "log" / "synchrotron1.log.config")
     yaml.safe_load(path.read_text())  # still a log config Synapse can read
+
+
+# ---- render parameters (an export renders with them; nothing edits a rendered text) --------------------------
+
+
+@pytest.mark.parametrize("header", ["", "# one line\n", "# one\n# two\n", "# one\n# two\n# three\n"])
+def test_dump_keeps_every_key_under_any_header(header):
+    from synapse_workers.render.synapse import dump
+
+    doc = {"server_name": "example.test", "listeners": [{"port": 8008}], "report_stats": False}
+    text = dump(doc, header=header)
+    assert text.startswith(header)
+    assert yaml.safe_load(text) == doc  # the first key too: a header is never cut off by counting lines
+    assert list(yaml.safe_load(text)) == list(doc)
+
+
+def test_generated_homeserver_yaml_is_its_header_and_every_key(env):
+    from synapse_workers.homeserver import generated_homeserver
+    from synapse_workers.render import HOMESERVER_HEADER, render_homeserver
+    from synapse_workers.render.synapse import log_config
+
+    plan, files = rendered(env, BIG)
+    doc = generated_homeserver(plan.settings, plan.secrets, plan.layout.postgres_socket_dir, plan.public.port)
+    assert list(doc)[0] == "server_name"
+    text, mode = files.once[plan.homeserver.path]
+    assert (text, mode) == render_homeserver(plan)[plan.homeserver.path]
+    assert text.startswith(HOMESERVER_HEADER) and "rewritten on every start" not in text  # the user's file, not ours
+    assert yaml.safe_load(text) == doc
+    log_text, log_mode = files.once[doc["log_config"]]
+    assert log_mode == 0o644 and log_text.startswith("#") and yaml.safe_load(log_text) == log_config(plan, plan.main)
+
+
+def test_nginx_health_upstream_is_a_parameter(env):
+    """`/health` of every server block (the public one and a homeserver.yaml listener's) asks the launcher by
+    default, the given address (an export's main) otherwise."""
+    from synapse_workers.render.nginx import render_nginx
+
+    path = Path(env["SYNAPSE_CONFIG_DIR"]) / "homeserver.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    client = {"port": 8008, "type": "http", "x_forwarded": True, "resources": [{"names": ["client"]}]}
+    federation = {"port": 8448, "type": "http", "resources": [{"names": ["federation"]}]}
+    database = {"name": "psycopg2", "args": {"user": "synapse", "password": "x", "host": "db", "database": "synapse"}}
+    path.write_text(yaml.safe_dump({"server_name": "example.test", "database": database,
+                                    "listeners": [client, federation]}))
+    plan = load_plan({k: v for k, v in env.items() if k != "SYNAPSE_HTTP_PORT"})
+    assert len(plan.extra_listeners) == 1
+
+    def health_targets(conf: str) -> list[str]:
+        return re.findall(r"location = /health \{\s*proxy_pass http://([^;]+);\s*\}", conf)
+
+    default = render_nginx(plan)[plan.layout.nginx_conf]
+    assert health_targets(default) == [f"127.0.0.1:{plan.health_port}"] * 2
+    given = render_nginx(plan, health_upstream="synapse-main:8080")[plan.layout.nginx_conf]
+    assert health_targets(given) == ["synapse-main:8080"] * 2
+    assert given.replace("synapse-main:8080", f"127.0.0.1:{plan.health_port}") == default  # nothing else differs
+
+
+def test_shared_yaml_redis_password_is_a_parameter(env):
+    """Redis over TCP (several hosts) asks for our key file's password; an export's Redis has none."""
+    from dataclasses import replace
+
+    from synapse_workers.plan import Redis
+    from synapse_workers.render.synapse import shared_config
+
+    plan = load_plan({**env, "SYNAPSE_WORKER_TYPES": "synchrotron"})
+    tcp = replace(plan, redis=Redis(external=False, path=None, host="10.0.0.5", port=6380))
+    assert shared_config(tcp)["redis"] == {
+        "enabled": True, "host": "10.0.0.5", "port": 6380, "password_path": plan.secrets.redis,
+    }
+    assert shared_config(tcp, redis_password=False)["redis"] == {"enabled": True, "host": "10.0.0.5", "port": 6380}
+    # A unix socket (one host) is unchanged by it.
+    assert shared_config(plan, redis_password=False)["redis"] == shared_config(plan)["redis"]
+    assert shared_config(plan)["redis"] == {"enabled": True, "path": plan.redis.path}

@@ -17,6 +17,12 @@ from .scheduler import render_scheduler
 from .supervisor import render_supervisor
 from .synapse import dump, log_config, render_synapse
 
+# The generated homeserver.yaml's (not `synapse.HEADER`: this file is the user's once written).
+HOMESERVER_HEADER = (
+    "# Generated once by synapse-workers from the environment; yours to edit from now on.\n"
+    "# synapse-workers never modifies this file: workers and listeners are layered on top of it.\n"
+)
+
 
 @dataclass(frozen=True)
 class PrivateFile:
@@ -59,13 +65,17 @@ def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = Fal
         private[plan.layout.coturn_conf] = PrivateFile(coturn_conf, ((SECRET_KEY, plan.secrets.turn),), owner)
     once: dict[str, tuple[str, int]] = {}
     if not plan.homeserver.exists and plan.local(MAIN):  # several hosts: main's host creates it, the rest copy it
-        doc = generated_homeserver(plan.settings, plan.secrets, plan.layout.postgres_socket_dir, plan.public.port)
-        text = (
-            "# Generated once by synapse-workers from the environment; yours to edit from now on.\n"
-            "# synapse-workers never modifies this file: workers and listeners are layered on top of it.\n"
-        ) + dump(doc).split("\n", 2)[2]
-        once[plan.homeserver.path] = (text, 0o600)
-        # Marked as ours: SYNAPSE_LOG_CONFIG naming it later must not make it every process's log config.
-        log_text = f"{GENERATED_LOG_CONFIG} (Synapse without synapse-workers reads it).\n"
-        once[doc["log_config"]] = (log_text + dump(log_config(plan, plan.main)).split("\n", 2)[2], 0o644)
+        once.update(render_homeserver(plan))
     return FileSet(managed, once, private)
+
+
+def render_homeserver(plan: Plan) -> dict[str, tuple[str, int]]:
+    """The generated homeserver.yaml and the log config it names: path → (text, mode), as `generate` creates
+    them once (`render_all`'s `once`; an export's homeserver.yaml)."""
+    doc = generated_homeserver(plan.settings, plan.secrets, plan.layout.postgres_socket_dir, plan.public.port)
+    # Marked as ours: SYNAPSE_LOG_CONFIG naming it later must not make it every process's log config.
+    log_header = f"{GENERATED_LOG_CONFIG} (Synapse without synapse-workers reads it).\n"
+    return {
+        plan.homeserver.path: (dump(doc, header=HOMESERVER_HEADER), 0o600),
+        doc["log_config"]: (dump(log_config(plan, plan.main), header=log_header), 0o644),
+    }

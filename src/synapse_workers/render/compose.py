@@ -18,12 +18,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from .. import catalog
-from ..plan import HEALTH, Plan
+from ..plan import HEALTH, MAIN
 from .export import (
-    COMPOSE,
     DEFAULT_IMAGE,
     MASKED,
-    NGINX,
+    NGINX_WORKLOAD,
     PORTS,
     POSTGRES_HOST,
     POSTGRES_IMAGE,
@@ -31,8 +30,8 @@ from .export import (
     REDIS_HOST,
     REDIS_IMAGE,
     REDIS_PORT,
+    Export,
     dump_yaml,
-    make_export,
     nginx_conf,
     secret_key,
 )
@@ -42,7 +41,7 @@ PROJECT = "synapse-workers"
 INIT = "synapse-init"
 SECRETS_DIR = "/run/secrets/synapse-workers"
 POSTGRES_SECRET_DIR = "/run/synapse-postgres"  # PostgreSQL's password file, in a volume of its own
-POSTGRES_PASSWORD = "postgres.password"  # its name under secrets/
+POSTGRES_PASSWORD_SECRET = "postgres.password"  # the Compose secret with PostgreSQL's password (under secrets/)
 POSTGRES_UID = 999  # the official PostgreSQL image's postgres user
 POSTGRES_PORT = 5432
 HEADER = (
@@ -51,122 +50,177 @@ HEADER = (
 )
 
 
-def database(plan: Plan) -> dict[str, object]:
+def database() -> dict[str, object]:
     """The database settings Synapse gets here: the synapse-postgres service, with POSTGRES_DB/USER."""
     return {"database": "postgres", "host": POSTGRES_HOST, "port": POSTGRES_PORT}
 
 
 def render_compose(
-    plan: Plan, secrets: Mapping[str, str], postgres_password: str, image: str = DEFAULT_IMAGE
+    export: Export, secrets: Mapping[str, str], postgres_password: str, image: str = DEFAULT_IMAGE
 ) -> dict[str, tuple[str, int]]:
     """Export files: relative name → (text, mode). `secrets`: each of `Export.secret_files()` → its content (the
     passfile's password is `postgres_password`, the synapse-postgres service's)."""
-    export = make_export(plan, COMPOSE)
-    files: dict[str, tuple[str, int]] = {}
-    configs: dict[str, dict[str, str]] = {}
+    project = _Project()
+    init_secrets = _secrets(project, export, secrets, postgres_password)
+    services: dict[str, Any] = {
+        INIT: _init(export, image, init_secrets),
+        **_synapse(project, export, image),
+        NGINX_WORKLOAD: _nginx(project, export, image),
+        POSTGRES_HOST: _postgres(export),
+        REDIS_HOST: _redis(),
+    }
+    doc = {
+        "name": PROJECT,
+        "services": services,
+        "volumes": {"synapse-data": {}, "synapse-media": {}, "postgres-data": {}, "postgres-secret": {}},
+        "configs": project.configs,
+        "secrets": project.secrets,
+    }
+    project.files[COMPOSE_FILE] = (HEADER.format(version=catalog.SYNAPSE_VERSION) + dump_yaml(doc), 0o644)
+    return project.files
 
-    def config(name: str, text: str, relative: str) -> str:
-        files[relative] = (text, 0o644)
-        configs[name] = {"file": f"./{relative}"}
+
+class _Project:
+    """What the Compose file refers to: the files beside it (relative name → (text, mode)) and its top-level
+    `configs` and `secrets`, in the order the services name them."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, tuple[str, int]] = {}
+        self.configs: dict[str, dict[str, str]] = {}
+        self.secrets: dict[str, dict[str, str]] = {}
+
+    def config(self, name: str, text: str, relative: str) -> str:
+        """A config `name` read from ./`relative` (0644)."""
+        self.files[relative] = (text, 0o644)
+        self.configs[name] = {"file": f"./{relative}"}
         return name
 
-    synapse_files = export.synapse_files(database(plan))
-    layout = export.plan.layout
-    hs_path = export.source.homeserver.path
-    common = [
-        {"source": config("homeserver", synapse_files[hs_path], "config/homeserver.yaml"), "target": hs_path},
-        {
-            "source": config("shared", synapse_files[layout.shared_config], "config/shared.yaml"),
-            "target": layout.shared_config,
-        },
-    ]
-    secret_defs: dict[str, dict[str, str]] = {}
-    init_secrets = []
-    for path in export.secret_files():
-        key = secret_key(path)
-        files[f"secrets/{key}"] = (secrets[path], 0o600)
-        secret_defs[key] = {"file": f"./secrets/{key}"}
-        init_secrets.append({"source": key, "target": f"{SECRETS_DIR}/{posixpath.basename(path)}"})
-    files[f"secrets/{POSTGRES_PASSWORD}"] = (postgres_password, 0o600)
-    secret_defs[POSTGRES_PASSWORD] = {"file": f"./secrets/{POSTGRES_PASSWORD}"}
-    init_secrets.append({"source": POSTGRES_PASSWORD, "target": f"{POSTGRES_SECRET_DIR}-in/password"})
+    def secret(self, name: str, text: str) -> str:
+        """A secret `name` read from ./secrets/`name` (0600)."""
+        self.files[f"secrets/{name}"] = (text, 0o600)
+        self.secrets[name] = {"file": f"./secrets/{name}"}
+        return name
 
-    settings = plan.settings
+
+def _secrets(
+    project: _Project, export: Export, secrets: Mapping[str, str], postgres_password: str
+) -> list[dict[str, str]]:
+    """Every secret as a Compose secret; returns synapse-init's mounts of them (where it copies them from)."""
+    mounts = []
+    for path in export.secret_files():
+        key = project.secret(secret_key(path), secrets[path])
+        mounts.append({"source": key, "target": f"{SECRETS_DIR}/{posixpath.basename(path)}"})
+    key = project.secret(POSTGRES_PASSWORD_SECRET, postgres_password)
+    mounts.append({"source": key, "target": f"{POSTGRES_SECRET_DIR}-in/password"})
+    return mounts
+
+
+def _volumes(export: Export) -> list[str]:
+    """The volumes every Synapse process (and synapse-init) mounts: the data dir and the media store."""
+    return [f"synapse-data:{export.source.settings.core.data_dir}", f"synapse-media:{export.media_store}"]
+
+
+def _user(export: Export) -> str:
+    core = export.source.settings.core
+    return f"{core.uid}:{core.gid}"
+
+
+def _init(export: Export, image: str, init_secrets: list[dict[str, str]]) -> dict[str, Any]:
+    """synapse-init: the secrets into the data volume as Synapse's user (0600), the media store's directory,
+    PostgreSQL's password into its own volume (and the on-disk log directory when there is one)."""
+    settings = export.source.settings
     core = settings.core
-    user = f"{core.uid}:{core.gid}"
-    data, media = core.data_dir, export.media_store
-    volumes = [f"synapse-data:{data}", f"synapse-media:{media}"]
-    services: dict[str, Any] = {}
     prepare = [
-        f"install -m 0600 -o {core.uid} -g {core.gid} {SECRETS_DIR}/* {shlex.quote(data)}/",
-        f"install -d -o {core.uid} -g {core.gid} {shlex.quote(media)}",
+        f"install -m 0600 -o {core.uid} -g {core.gid} {SECRETS_DIR}/* {shlex.quote(core.data_dir)}/",
+        f"install -d -o {core.uid} -g {core.gid} {shlex.quote(export.media_store)}",
         f"install -m 0400 -o {POSTGRES_UID} -g {POSTGRES_UID} {POSTGRES_SECRET_DIR}-in/password "
         f"{POSTGRES_SECRET_DIR}/password",
     ]
     if settings.logging.to_disk:
-        prepare.append(f"install -d -o {core.uid} -g {core.gid} {shlex.quote(layout.logs_on_disk)}")
-    services[INIT] = {
+        prepare.append(f"install -d -o {core.uid} -g {core.gid} {shlex.quote(export.plan.layout.logs_on_disk)}")
+    return {
         "image": image,
         "user": "0:0",
         "entrypoint": ["/bin/sh", "-ec", " && ".join(prepare)],
         "secrets": init_secrets,
-        "volumes": [*volumes, f"postgres-secret:{POSTGRES_SECRET_DIR}"],
+        "volumes": [*_volumes(export), f"postgres-secret:{POSTGRES_SECRET_DIR}"],
         "restart": "no",
     }
-    ready = {"condition": "service_healthy"}
-    base_depends = {INIT: {"condition": "service_completed_successfully"}, POSTGRES_HOST: ready, REDIS_HOST: ready}
-    main = export.member("main")
+
+
+READY = {"condition": "service_healthy"}
+
+
+def _synapse(project: _Project, export: Export, image: str) -> dict[str, Any]:
+    """A service per Synapse process, reading its files as Compose configs at the paths `generate` writes."""
+    synapse_files = export.synapse_files(database())
+    layout = export.plan.layout
+    hs_path = export.source.homeserver.path
+
+    def mount(name: str, path: str, relative: str) -> dict[str, str]:
+        return {"source": project.config(name, synapse_files[path], relative), "target": path}
+
+    common = [
+        mount("homeserver", hs_path, "config/homeserver.yaml"),
+        mount("shared", layout.shared_config, "config/shared.yaml"),
+    ]
+    base_depends = {INIT: {"condition": "service_completed_successfully"}, POSTGRES_HOST: READY, REDIS_HOST: READY}
+    main = export.member(MAIN)
+    services = {}
     for member in export.members:
         proc = member.process
         own, log = proc.config_files[-1], proc.log_config
         mounts = [
             *common,
-            {
-                "source": config(member.unit, synapse_files[own], f"config/{_relative(layout.synapse_dir, own)}"),
-                "target": own,
-            },
-            {
-                "source": config(
-                    f"{member.unit}-log", synapse_files[log], f"config/{_relative(layout.synapse_dir, log)}"
-                ),
-                "target": log,
-            },
+            mount(member.unit, own, f"config/{_relative(layout.synapse_dir, own)}"),
+            mount(f"{member.unit}-log", log, f"config/{_relative(layout.synapse_dir, log)}"),
         ]
         depends = dict(base_depends)
         if member is not main:
-            depends[main.unit] = ready  # main migrates the schema first; workers refuse an old one
+            depends[main.unit] = READY  # main migrates the schema first; workers refuse an old one
         services[member.unit] = {
             "image": image,
-            "user": user,
+            "user": _user(export),
             "entrypoint": [PYTHON, "-m", proc.app],
             "command": [arg for path in proc.config_files for arg in ("--config-path", path)],
             "configs": mounts,
-            "volumes": volumes,
+            "volumes": _volumes(export),
             "depends_on": depends,
             "healthcheck": _health(PORTS[HEALTH], "5m"),
             "restart": "unless-stopped",
             "stop_grace_period": "30s",
         }
+    return services
+
+
+def _nginx(project: _Project, export: Export, image: str) -> dict[str, Any]:
+    """synapse-nginx: our nginx.conf (the same routes) in front of the Synapse services; the only published port."""
+    settings, layout = export.source.settings, export.plan.layout
     flags = "daemon off;" + (" worker_processes auto;" if settings.nginx.worker_processes == "auto" else "")
     port = export.plan.public.port
+    main = export.member(MAIN)
     text = nginx_conf(export, {m.name: m.unit for m in export.members}, f"{main.unit}:{PORTS[HEALTH]}")
-    services[NGINX] = {
+    return {
         "image": image,
-        "user": user,
+        "user": _user(export),
         "entrypoint": [*MASKED, "nginx", "-e", "stderr", "-c", layout.nginx_conf, "-g", flags],
-        "configs": [{"source": config("nginx", text, "config/nginx.conf"), "target": layout.nginx_conf}],
+        "configs": [{"source": project.config("nginx", text, "config/nginx.conf"), "target": layout.nginx_conf}],
         # Scratch space; with SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK also its access log (not kept).
         "tmpfs": [layout.nginx_dir, f"{layout.nginx_dir}/tmp"]
         + ([layout.logs_on_disk] if settings.logging.to_disk else []),
         "ports": [f"{port}:{port}"],
         **({"sysctls": {"net.ipv4.ip_unprivileged_port_start": 0}} if port < 1024 else {}),  # nginx is not root
         # nginx resolves its upstream servers (the services' names) when it starts.
-        "depends_on": {m.unit: ready for m in export.members},
+        "depends_on": {m.unit: READY for m in export.members},
         "healthcheck": _health(port, "30s"),
         "restart": "unless-stopped",
     }
-    db = settings.database
-    services[POSTGRES_HOST] = {
+
+
+def _postgres(export: Export) -> dict[str, Any]:
+    """synapse-postgres: the official image, its password from the volume synapse-init fills."""
+    db = export.source.settings.database
+    return {
         "image": POSTGRES_IMAGE,
         "environment": {
             "POSTGRES_USER": db.user,
@@ -186,7 +240,10 @@ def render_compose(
         },
         "restart": "unless-stopped",
     }
-    services[REDIS_HOST] = {
+
+
+def _redis() -> dict[str, Any]:
+    return {
         "image": REDIS_IMAGE,
         # Synapse's replication bus only: nothing to persist; no password, reachable on the project network only.
         "command": ["redis-server", "--save", "", "--appendonly", "no", "--protected-mode", "no"],
@@ -198,16 +255,6 @@ def render_compose(
         },
         "restart": "unless-stopped",
     }
-    doc = {
-        "name": PROJECT,
-        "services": services,
-        "volumes": {"synapse-data": {}, "synapse-media": {}, "postgres-data": {}, "postgres-secret": {}},
-        "configs": configs,
-        "secrets": secret_defs,
-    }
-    text = dump_yaml(doc)
-    files[COMPOSE_FILE] = (HEADER.format(version=catalog.SYNAPSE_VERSION) + text, 0o644)
-    return files
 
 
 def _relative(root: str, path: str) -> str:

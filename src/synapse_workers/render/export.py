@@ -7,7 +7,9 @@ What changes against the single-host stack, and nothing else:
 - a worker is named after its pod (`synapse-<type>-<ordinal>`) or Compose service; main stays `main`.
 
 Synapse's files are then rendered by `render/synapse.py` from that plan (`Export.synapse_files`), so each
-process reads what `generate` would write for it apart from those names and addresses.
+process reads what `generate` would write for it apart from those names and addresses. What differs is a
+parameter of the render (Redis without a password, nginx's /health upstream, the database settings), never an
+edit of its output.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from ..errors import UserError
 from ..layout import Layout
 from ..plan import HEALTH, MAIN, METRICS, PUBLIC, REPLICATION, Listener, Plan, Process, Redis
 from ..workers import VAR as WORKERS_VAR
-from . import render_all
-from .synapse import dump, render_synapse, shared_config
+from . import render_homeserver
+from .nginx import render_nginx
+from .synapse import render_synapse
 
 KUBERNETES, COMPOSE = "kubernetes", "compose"
 # Inside a pod or container every process has these ports (each has an address of its own).
@@ -34,7 +37,7 @@ PREFIX = "synapse-"
 REDIS_HOST = f"{PREFIX}redis"
 REDIS_PORT = 6379
 POSTGRES_HOST = f"{PREFIX}postgres"  # Compose's PostgreSQL service
-NGINX = f"{PREFIX}nginx"
+NGINX_WORKLOAD = f"{PREFIX}nginx"  # our nginx's Deployment and Service (Kubernetes) or service (Compose)
 MAIN_WORKLOAD = f"{PREFIX}main"
 # What a Synapse container runs (the image's venv; README "Container").
 PYTHON = "/opt/synapse-workers/venv/bin/python"
@@ -89,17 +92,14 @@ class Export:
 
     def synapse_files(self, database: dict[str, object] | None = None) -> dict[str, str]:
         """Path → text of every Synapse file a process reads: homeserver.yaml (generated, as `generate`
-        writes it, with `database` replaced if given), shared.yaml, main.yaml, the workers' and log configs."""
-        files = render_synapse(self.plan)
-        shared = shared_config(self.plan)
-        if "redis" in shared:
-            shared["redis"] = {"enabled": True, "host": REDIS_HOST, "port": REDIS_PORT}
-        files[self.plan.layout.shared_config] = dump(shared)
+        writes it, from the database settings updated with `database` if given), shared.yaml (Redis at
+        REDIS_HOST without a password), main.yaml, the workers' and log configs."""
+        files = render_synapse(self.plan, redis_password=False)
         source = self.source
         if database is not None:
             database_settings = source.settings.database.model_copy(update=database)
             source = replace(source, settings=replace(source.settings, database=database_settings))
-        text, _mode = render_all(source).once[source.homeserver.path]
+        text, _mode = render_homeserver(source)[source.homeserver.path]
         return {source.homeserver.path: text, **files}
 
     def secret_files(self) -> tuple[str, ...]:
@@ -180,7 +180,7 @@ def make_export(plan: Plan, target: str) -> Export:
         stream_writers={k: tuple(rename(n) for n in v) for k, v in plan.stream_writers.items()},
         duties=duties,
         upstreams=tuple(replace(u, servers=tuple(rename(s) for s in u.servers)) for u in plan.upstreams),
-        redis=Redis(external=False, path=None) if plan.redis else None,
+        redis=Redis(external=False, path=None, host=REDIS_HOST, port=REDIS_PORT) if plan.redis else None,
         postgres=None,
         public=replace(plan.public, bind_address=ANY, unix_socket=None),
     )
@@ -202,14 +202,8 @@ def nginx_plan(export: Export, upstream_host: dict[str, str]) -> Plan:
 def nginx_conf(export: Export, upstream_host: dict[str, str], health: str) -> str:
     """Our nginx.conf (render/nginx.py) for this export; its /health asks `health` (host:port), main's
     health listener, instead of the launcher's aggregator (there is no launcher here)."""
-    from .nginx import render_nginx
-
     plan = nginx_plan(export, upstream_host)
-    text = render_nginx(plan)[plan.layout.nginx_conf]
-    launcher = f"proxy_pass http://127.0.0.1:{plan.health_port};"
-    if text.count(launcher) != 1:
-        raise AssertionError("nginx.conf: the /health location is not where the export expects it")
-    return text.replace(launcher, f"proxy_pass http://{health};")
+    return render_nginx(plan, health_upstream=health)[plan.layout.nginx_conf]
 
 
 # ------------------------------------------------------------------------------------------------------

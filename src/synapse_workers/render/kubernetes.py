@@ -12,41 +12,39 @@ per-pod ClusterIP Services (stable addresses, so nginx resolves them once at sta
 PostgreSQL is external (the plan's database settings). NetworkPolicies admit replication, health and metrics
 only from Synapse pods (the public port also from nginx), and Redis only from Synapse pods.
 
-`check_manifests` checks what schema validation does not: names, port names, selectors, references.
+`kubernetes_check.check_manifests` checks what schema validation does not (names, port names, selectors,
+references); `secrets_in_configuration` finds the input's secrets that are also text of the configuration. Both
+return problems: the CLI decides what they mean.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import posixpath
-import re
 import shlex
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from .. import catalog
-from ..errors import UserError
-from ..plan import HEALTH, METRICS, PUBLIC, REPLICATION, Plan
+from ..plan import HEALTH, MAIN, METRICS, PUBLIC, REPLICATION, Plan
 from .export import (
     DEFAULT_IMAGE,
-    KUBERNETES,
     MASKED,
-    NGINX,
+    NGINX_WORKLOAD,
     PORTS,
     PYTHON,
     REDIS_HOST,
     REDIS_IMAGE,
     REDIS_PORT,
-    STATEFULSET_NAME_MAX,
     Export,
     Group,
     dump_all,
-    make_export,
     nginx_conf,
     secret_key,
 )
+from .kubernetes_check import POD_NAME_LABEL, secret_values
 
 PART_OF = "synapse-workers"
 SHARED_CONFIG = "synapse-shared"
@@ -55,7 +53,6 @@ MEDIA_CLAIM = "synapse-media"
 MEDIA_SIZE = "50Gi"
 SECRETS_MOUNT = "/run/secrets/synapse-workers"
 HASH_ANNOTATION = "synapse-workers/config-hash"
-POD_NAME_LABEL = "statefulset.kubernetes.io/pod-name"  # set on every StatefulSet pod by the controller
 PORT_NAMES = {PUBLIC: "http", REPLICATION: "replication", HEALTH: "health", METRICS: "metrics"}
 MANIFESTS = "synapse-workers.yaml"
 SECRET_FILE = "secret.yaml"
@@ -66,25 +63,32 @@ HEADER = (
 )
 
 
-def render_kubernetes(plan: Plan, secrets: Mapping[str, str], image: str = DEFAULT_IMAGE) -> dict[str, tuple[str, int]]:
-    """Export files: name → (text, mode). `secrets`: each of `Export.secret_files()` → its content."""
-    objects, secret = manifests(make_export(plan, KUBERNETES), secrets, image)
-    _refuse_secrets_in_configuration(plan, objects, secrets)
-    problems = check_manifests([*objects, secret])
-    if problems:  # a bug of ours, not the user's input
-        raise AssertionError("export kubernetes made manifests Kubernetes would refuse:\n" + "\n".join(problems))
-    header = HEADER.format(version=catalog.SYNAPSE_VERSION)
-    return {
-        MANIFESTS: (header + dump_all(objects), 0o644),
-        SECRET_FILE: (
-            header + "# Holds every secret of the deployment: keep it private (mode 0600).\n" + dump_all([secret]),
-            0o600,
-        ),
-    }
+@dataclass(frozen=True)
+class Manifests:
+    objects: list[dict[str, Any]]  # every object but the Secret, in the order they are applied
+    secret: dict[str, Any]  # the Secret (a file of its own, 0600)
+
+    @property
+    def all(self) -> list[dict[str, Any]]:
+        return [*self.objects, self.secret]
+
+    def files(self) -> dict[str, tuple[str, int]]:
+        """Export files: name → (text, mode)."""
+        header = HEADER.format(version=catalog.SYNAPSE_VERSION)
+        secret_text = "# Holds every secret of the deployment: keep it private (mode 0600).\n" + dump_all([self.secret])
+        return {MANIFESTS: (header + dump_all(self.objects), 0o644), SECRET_FILE: (header + secret_text, 0o600)}
 
 
-def manifests(export: Export, secrets: Mapping[str, str], image: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """(every object but the Secret, the Secret)."""
+def render_kubernetes(
+    export: Export, secrets: Mapping[str, str], image: str = DEFAULT_IMAGE
+) -> dict[str, tuple[str, int]]:
+    """Export files: name → (text, mode). `secrets`: each of `Export.secret_files()` → its content. Checks
+    nothing: `manifests` and the checks are what `export kubernetes` runs before writing."""
+    return manifests(export, secrets, image).files()
+
+
+def manifests(export: Export, secrets: Mapping[str, str], image: str = DEFAULT_IMAGE) -> Manifests:
+    """Every object of the deployment."""
     layout = export.plan.layout
     files = export.synapse_files()
     hs_path = export.source.homeserver.path
@@ -112,9 +116,9 @@ def manifests(export: Export, secrets: Mapping[str, str], image: str) -> tuple[l
         services += _synapse_services(group)
         workloads.append(_statefulset(export, group, image, _hash(shared, config)))
     upstreams = {m.name: m.unit for m in export.members}
-    main = export.member("main")
+    main = export.member(MAIN)
     nginx_text = nginx_conf(export, upstreams, f"{main.unit}:{PORTS[HEALTH]}")
-    nginx_config = _config_map(f"{NGINX}-config", {"nginx.conf": nginx_text}, "nginx")
+    nginx_config = _config_map(f"{NGINX_WORKLOAD}-config", {"nginx.conf": nginx_text}, "nginx")
     objects.append(nginx_config)
     objects.append(_media_claim())
     objects += services
@@ -122,7 +126,7 @@ def manifests(export: Export, secrets: Mapping[str, str], image: str) -> tuple[l
     objects += workloads
     objects += _nginx(export, image, _hash(nginx_config))
     objects += _network_policies()
-    return objects, secret
+    return Manifests(objects, secret)
 
 
 # ---- objects ---------------------------------------------------------------------------------------------
@@ -388,7 +392,7 @@ def _redis() -> list[dict[str, Any]]:
 def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]:
     plan, layout = export.plan, export.plan.layout
     settings = plan.settings
-    labels = {**_labels(NGINX, "nginx"), "app.kubernetes.io/component": "router"}
+    labels = {**_labels(NGINX_WORKLOAD, "nginx"), "app.kubernetes.io/component": "router"}
     flags = "daemon off;" + (" worker_processes auto;" if settings.nginx.worker_processes == "auto" else "")
     port = plan.public.port
     mounts: list[dict[str, Any]] = [
@@ -399,7 +403,7 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
     volumes: list[dict[str, Any]] = [
         {"name": "run", "emptyDir": {}},
         {"name": "tmp", "emptyDir": {}},
-        {"name": "config", "configMap": {"name": f"{NGINX}-config"}},
+        {"name": "config", "configMap": {"name": f"{NGINX_WORKLOAD}-config"}},
     ]
     if settings.logging.to_disk:  # its access log (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK): the pod's, not kept
         mounts.append({"name": "logs", "mountPath": layout.logs_on_disk})
@@ -407,10 +411,10 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": NGINX, "labels": labels},
+        "metadata": {"name": NGINX_WORKLOAD, "labels": labels},
         "spec": {
             "replicas": 1,
-            "selector": {"matchLabels": _selector(NGINX)},
+            "selector": {"matchLabels": _selector(NGINX_WORKLOAD)},
             "template": {
                 "metadata": {"labels": labels, "annotations": {HASH_ANNOTATION: config_hash}},
                 "spec": {
@@ -436,7 +440,7 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
         },
     }
     ports = [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}]
-    return [_service(NGINX, labels, _selector(NGINX), ports), deployment]
+    return [_service(NGINX_WORKLOAD, labels, _selector(NGINX_WORKLOAD), ports), deployment]
 
 
 def _network_policies() -> list[dict[str, Any]]:
@@ -477,161 +481,15 @@ def _network_policy(name: str, role: str, pods: dict[str, str], ingress: list[di
     }
 
 
-# ---- invariants schema validation does not catch ---------------------------------------------------------
-
-DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
-DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
-PORT_NAME = re.compile(r"[a-z0-9]([a-z0-9]|-(?=[a-z0-9]))*")  # IANA_SVC_NAME: no "--", no "-" at either end
-WORKLOADS = ("StatefulSet", "Deployment")
+# ---- the input's secrets in the configuration ----------------------------------------------------------
 
 
-def check_manifests(objects: list[dict[str, Any]]) -> list[str]:
-    """Problems Kubernetes would refuse (or silently misroute) that its schemas accept: names (DNS-1123 labels,
-    Services DNS-1035, StatefulSets at most 52 characters), port names (IANA: at most 15 characters, no `_`),
-    selectors matching their pod templates, every referenced Service/Secret/ConfigMap/claim existing (keys
-    included), probes naming a container port, and no Secret value inside a ConfigMap."""
-    problems: list[str] = []
-    by_kind: dict[str, dict[str, dict[str, Any]]] = {}
-    for obj in objects:
-        kind, name = obj.get("kind", "?"), obj.get("metadata", {}).get("name", "")
-        what = f"{kind} {name!r}"
-        if name in by_kind.setdefault(kind, {}):
-            problems.append(f"{what}: defined twice")
-        by_kind[kind][name] = obj
-        if not (len(name) <= 63 and DNS_LABEL.fullmatch(name)):
-            problems.append(f"{what}: not a DNS-1123 label (lower case letters, digits, '-'; at most 63)")
-        if kind == "Service" and not DNS_1035.fullmatch(name):
-            problems.append(f"{what}: a Service name must start with a letter (DNS-1035)")
-        if kind == "StatefulSet" and len(name) > STATEFULSET_NAME_MAX:
-            problems.append(f"{what}: longer than {STATEFULSET_NAME_MAX} characters (its pods' revision label)")
-    services = by_kind.get("Service", {})
-    config_maps = by_kind.get("ConfigMap", {})
-    secrets = by_kind.get("Secret", {})
-    claims = by_kind.get("PersistentVolumeClaim", {})
-    templates: dict[str, tuple[dict[str, Any], dict[str, str], int]] = {}  # workload → (pod spec, labels, replicas)
-    for kind in WORKLOADS:
-        for name, obj in by_kind.get(kind, {}).items():
-            what = f"{kind} {name!r}"
-            spec = obj["spec"]
-            labels = spec["template"]["metadata"].get("labels", {})
-            selector = spec["selector"].get("matchLabels", {})
-            if not selector or any(labels.get(k) != v for k, v in selector.items()):
-                problems.append(f"{what}: selector {selector} does not match its pod template's labels {labels}")
-            templates[name] = (
-                spec["template"]["spec"],
-                labels,
-                spec.get("replicas", 1) if kind == "StatefulSet" else 0,
-            )
-            if kind == "StatefulSet":
-                governing = services.get(spec.get("serviceName", ""))
-                if governing is None:
-                    problems.append(f"{what}: serviceName {spec.get('serviceName')!r} is not a Service here")
-                elif governing["spec"].get("clusterIP") != "None":
-                    problems.append(f"{what}: serviceName {spec['serviceName']!r} is not headless")
-            problems += _check_pod(what, spec["template"]["spec"], config_maps, secrets, claims)
-    for name, svc in services.items():
-        problems += _check_service(name, svc, templates)
-    problems += _check_secret_values(config_maps, secrets)
-    return problems
-
-
-def _port_name_problem(where: str, name: str | None) -> list[str]:
-    if name is None:
-        return []
-    if len(name) > 15 or not PORT_NAME.fullmatch(name) or not re.search("[a-z]", name):
-        return [f"{where}: port name {name!r} is not an IANA service name (at most 15 of a-z, 0-9, '-')"]
-    return []
-
-
-def _check_pod(
-    what: str, pod: dict[str, Any], config_maps: dict[str, Any], secrets: dict[str, Any], claims: dict[str, Any]
-) -> list[str]:
-    problems = []
-    for volume in pod.get("volumes", []):
-        if "configMap" in volume:
-            ref, pool, keys = volume["configMap"], config_maps, "data"
-        elif "secret" in volume:
-            ref, pool, keys = {**volume["secret"], "name": volume["secret"].get("secretName")}, secrets, "stringData"
-        elif "persistentVolumeClaim" in volume:
-            if volume["persistentVolumeClaim"].get("claimName") not in claims:
-                problems.append(f"{what}: volume {volume['name']!r} names a missing PersistentVolumeClaim")
-            continue
-        else:
-            continue
-        target = pool.get(ref.get("name"))
-        kind = "ConfigMap" if pool is config_maps else "Secret"
-        if target is None:
-            problems.append(f"{what}: volume {volume['name']!r} names a missing {kind} {ref.get('name')!r}")
-            continue
-        present = set(target.get(keys, {})) | set(target.get("data", {}))
-        for item in ref.get("items", []):
-            if item["key"] not in present:
-                problems.append(
-                    f"{what}: volume {volume['name']!r} wants key {item['key']!r}, not in {kind} {ref.get('name')!r}"
-                )
-    volume_names = {v["name"] for v in pod.get("volumes", [])}
-    for container in pod.get("initContainers", []) + pod.get("containers", []):
-        where = f"{what} container {container['name']!r}"
-        ports = {p.get("name") for p in container.get("ports", [])}
-        for port in container.get("ports", []):
-            problems += _port_name_problem(where, port.get("name"))
-        for probe_kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-            probe = container.get(probe_kind) or {}
-            action = probe.get("httpGet") or probe.get("tcpSocket") or {}
-            port = action.get("port")
-            if isinstance(port, str) and port not in ports:
-                problems.append(f"{where}: {probe_kind} names port {port!r}, which the container does not have")
-        for mount in container.get("volumeMounts", []):
-            if mount["name"] not in volume_names:
-                problems.append(f"{where}: mounts volume {mount['name']!r}, which the pod does not have")
-    return problems
-
-
-def _check_service(
-    name: str, svc: dict[str, Any], templates: dict[str, tuple[dict[str, Any], dict[str, str], int]]
-) -> list[str]:
-    what = f"Service {name!r}"
-    problems = []
-    for port in svc["spec"].get("ports", []):
-        problems += _port_name_problem(what, port.get("name"))
-    selector = dict(svc["spec"].get("selector") or {})
-    pod_name = selector.pop(POD_NAME_LABEL, None)
-    matched = []
-    for workload, (pod, labels, replicas) in templates.items():
-        if not selector or any(labels.get(k) != v for k, v in selector.items()):
-            continue
-        if pod_name is not None:
-            ordinal = pod_name.removeprefix(f"{workload}-")
-            if not (ordinal.isdigit() and int(ordinal) < replicas):
-                continue
-        matched.append(pod)
-    if not matched:
-        problems.append(f"{what}: its selector {svc['spec'].get('selector')} matches no pod template")
-        return problems
-    for port in svc["spec"].get("ports", []):
-        target = port.get("targetPort")
-        if isinstance(target, str):
-            names = {p.get("name") for pod in matched for c in pod["containers"] for p in c.get("ports", [])}
-            if target not in names:
-                problems.append(f"{what}: targetPort {target!r} is no container port of the pods it selects")
-    return problems
-
-
-def _secret_values(secret: dict[str, Any]) -> list[str]:
-    values = list(secret.get("stringData", {}).values())
-    values += [base64.b64decode(v).decode("utf-8", "replace") for v in secret.get("data", {}).values()]
-    found = []
-    for value in values:
-        found.append(value.strip())
-        found += [t for t in re.split(r"[\s:]+", value) if len(t) >= 8]  # a password inside a passfile line
-    return [v for v in found if v]
-
-
-def _refuse_secrets_in_configuration(plan: Plan, objects: list[dict[str, Any]], secrets: Mapping[str, str]) -> None:
+def secrets_in_configuration(plan: Plan, objects: list[dict[str, Any]], secrets: Mapping[str, str]) -> list[str]:
     """A secret whose value is also text of the configuration (SYNAPSE_FORM_SECRET=worker_replication_secret_path,
-    POSTGRES_PASSWORD=synapse-workers) is the input's doing, not a leak of ours: exit 2 naming where it came from
-    (the variable, else its key file), before `check_manifests` would take it for a bug. Random secrets never
-    match; our own renderers never see a secret (the ConfigMaps are made without `secrets`)."""
+    POSTGRES_PASSWORD=synapse-workers) is the input's doing, not a leak of ours: one problem per secret, naming
+    where it came from (the variable, else its key file), which `export` reports with exit 2 before
+    `check_manifests` would take it for a bug. Random secrets never match; our own renderers never see a secret
+    (the ConfigMaps are made without `secrets`)."""
     paths, settings = plan.secrets, plan.settings
     variables = {
         paths.registration: ("SYNAPSE_REGISTRATION_SHARED_SECRET", settings.homeserver.registration_shared_secret),
@@ -649,7 +507,7 @@ def _refuse_secrets_in_configuration(plan: Plan, objects: list[dict[str, Any]], 
     ]
     problems = []
     for path, content in secrets.items():
-        values = _secret_values({"stringData": {"value": content}})
+        values = secret_values({"stringData": {"value": content}})
         found = next(((name, key) for name, key, text in texts if any(v in text for v in values)), None)
         if found is None:
             continue
@@ -660,15 +518,4 @@ def _refuse_secrets_in_configuration(plan: Plan, objects: list[dict[str, Any]], 
             "so it cannot be kept apart from it: expected a random secret, such as the output of "
             "`openssl rand -hex 32`."
         )
-    if problems:
-        raise UserError(*sorted(set(problems)))
-
-
-def _check_secret_values(config_maps: dict[str, Any], secrets: dict[str, Any]) -> list[str]:
-    problems = []
-    values = {v for s in secrets.values() for v in _secret_values(s)}
-    for name, config_map in config_maps.items():
-        for key, text in config_map.get("data", {}).items():
-            if any(v in text for v in values):
-                problems.append(f"ConfigMap {name!r}: key {key!r} holds a value of a Secret")
-    return problems
+    return sorted(set(problems))

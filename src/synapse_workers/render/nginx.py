@@ -54,8 +54,9 @@ def nginx_single_quote(text: str) -> str:
     return f"'{text}'"
 
 
-def render_nginx(plan: Plan) -> dict[str, str]:
+def render_nginx(plan: Plan, health_upstream: str | None = None) -> dict[str, str]:
     """Topology (listeners, upstreams, routes) from the plan; tuning from the nginx settings section.
+    `/health` asks `health_upstream` (host:port), by default the launcher's aggregator on loopback.
 
     Several hosts: only on nginx's host; its upstreams are the processes' addresses on their hosts."""
     if not plan.local("nginx"):
@@ -93,7 +94,7 @@ def render_nginx(plan: Plan) -> dict[str, str]:
         version=catalog.SYNAPSE_VERSION,
         n=tuning,
         public=plan.public,
-        health_port=plan.health_port,
+        health_upstream=health_upstream or f"127.0.0.1:{plan.health_port}",
         nginx_dir=plan.layout.nginx_dir,
         upstreams=upstreams,
         routes=routes,

@@ -20,14 +20,16 @@ HEADER = (
 )
 
 
-def dump(doc: dict[str, Any]) -> str:
+def dump(doc: dict[str, Any], header: str | None = None) -> str:
+    """`doc` as YAML after `header` (comment lines; by default HEADER: ours, rewritten on every start)."""
     text = yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, width=120, allow_unicode=True)
-    return HEADER.format(version=catalog.SYNAPSE_VERSION) + text
+    return (HEADER.format(version=catalog.SYNAPSE_VERSION) if header is None else header) + text
 
 
-def render_synapse(plan: Plan) -> dict[str, str]:
-    """Several hosts: shared.yaml on every host (the same everywhere), the rest for this host's processes."""
-    files = {plan.layout.shared_config: dump(shared_config(plan))}
+def render_synapse(plan: Plan, redis_password: bool = True) -> dict[str, str]:
+    """Several hosts: shared.yaml on every host (the same everywhere), the rest for this host's processes.
+    `redis_password`: see `shared_config`."""
+    files = {plan.layout.shared_config: dump(shared_config(plan, redis_password))}
     if plan.local(plan.main.name):
         files[plan.layout.main_config] = dump(main_config(plan))
     for proc in plan.workers:
@@ -38,11 +40,15 @@ def render_synapse(plan: Plan) -> dict[str, str]:
     return files
 
 
-def shared_config(plan: Plan) -> dict[str, Any]:
+def shared_config(plan: Plan, redis_password: bool = True) -> dict[str, Any]:
+    """`redis_password`: whether a Redis reached over TCP asks for the password of our key file (several hosts:
+    it does; an export's Redis, reachable from its own pods or project network only, has none)."""
     doc: dict[str, Any] = {}
     if plan.redis and not plan.redis.external and plan.redis.host is not None:
         # Several hosts: Redis on its host's address, with the password from the (copied) key file.
-        redis = {"host": plan.redis.host, "port": plan.redis.port, "password_path": plan.secrets.redis}
+        redis: dict[str, Any] = {"host": plan.redis.host, "port": plan.redis.port}
+        if redis_password:
+            redis["password_path"] = plan.secrets.redis
         doc["redis"] = {"enabled": True, **redis}
     elif plan.redis and not plan.redis.external:
         doc["redis"] = {"enabled": True, "path": plan.redis.path}
