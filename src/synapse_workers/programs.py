@@ -113,6 +113,10 @@ def synapse_health(proc: Process) -> Health:
 class SynapseLauncher(Protocol):
     def command(self, plan: Plan, proc: Process) -> tuple[str, ...]: ...
 
+    def arrange(self, plan: Plan, synapse: list[Program]) -> list[Program]:
+        """The supervisord programs that run these Synapse processes."""
+        ...
+
 
 @dataclass(frozen=True)
 class SeparateProcesses:
@@ -123,6 +127,9 @@ class SeparateProcesses:
     def command(self, plan: Plan, proc: Process) -> tuple[str, ...]:
         args = [arg for path in proc.config_files for arg in ("--config-path", path)]
         return (self.python, "-m", proc.app, *args)
+
+    def arrange(self, plan: Plan, synapse: list[Program]) -> list[Program]:
+        return synapse  # each its own program
 
 
 @dataclass(frozen=True)
@@ -236,7 +243,7 @@ def programs(
                 critical=proc.is_main,
             )
         )
-    result += launcher.arrange(plan, synapse) if isinstance(launcher, ForkedProcesses) else synapse
+    result += launcher.arrange(plan, synapse)
     if plan.local(NGINX):
         result += _front(plan, binaries, as_root, synapse_user, disk_logs, coturn_user, prometheus_user)
     result += redis_exporter_programs(plan, binaries, synapse_user, disk_logs)

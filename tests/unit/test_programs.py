@@ -72,6 +72,9 @@ def test_synapse_command_comes_from_the_launcher(base_env):
         def command(self, plan, proc):
             return ("fork-launcher", proc.name)
 
+        def arrange(self, plan, synapse):  # each Synapse process its own program, as SeparateProcesses
+            return synapse
+
     progs = {p.name: p for p in programs(plan, as_root=False, binaries=BINARIES, launcher=Fake())}
     assert progs["synchrotron1"].command == ("fork-launcher", "synchrotron1")
 

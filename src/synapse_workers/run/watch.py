@@ -1,7 +1,8 @@
-"""The supervision decision, pure: given what we knew and what supervisord reports now, what happened?
+"""The supervision decision, pure: given what we knew and what the back-ends report now, what happened?
 
 `observe(previous, reports, now)` → (next state, events). No processes, no clock, no I/O: the monitor loop
-in `supervise.py` polls supervisord, calls this, and acts on the events (log, stop a crash-looping program,
+in `supervise.py` polls the process-control back-ends (supervisord's programs, the zygote's children, both in
+supervisord's terms: run/control.py), calls this, and acts on the events (log, stop a crash-looping program,
 stop the stack when an essential one is lost, watch a restarted one until it is healthy again).
 """
 
@@ -11,7 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 CRASH_LIMIT, CRASH_WINDOW = 5, 600.0  # this many crashes within the window (seconds): stop and report
-ALIVE = frozenset({"STARTING", "RUNNING"})
+# A program in one of these has a process up: leaving them for DEAD, or showing a new PID, is a crash.
+UP = frozenset({"STARTING", "RUNNING"})
 DEAD = frozenset({"EXITED", "BACKOFF", "FATAL", "UNKNOWN"})
 
 CRASHED, CRASH_LOOP, RESTARTED, FATAL = "crashed", "crash_loop", "restarted", "fatal"
@@ -25,6 +27,7 @@ class Report:
     state: str  # supervisor's statename
     pid: int
     exit_status: int = 0
+    started: float = 0.0  # epoch of the current start (`status` shows the uptime); not part of the decision
 
 
 @dataclass(frozen=True)
@@ -60,10 +63,10 @@ def observe(
         last[report.name] = report
         if before is None:  # first sight: nothing to compare with
             continue
-        restarted = bool(report.pid) and report.pid != before.pid and report.state in ALIVE
-        died = before.state in ALIVE and report.state in DEAD
+        restarted = bool(report.pid) and report.pid != before.pid and report.state in UP
+        died = before.state in UP and report.state in DEAD
         # A death and the restart can fall between two polls: then only the new pid shows it.
-        if died or (restarted and before.state in ALIVE):
+        if died or (restarted and before.state in UP):
             times = tuple(t for t in crash_times.get(report.name, ()) if now - t <= window) + (now,)
             crash_times[report.name] = times
             restarts[report.name] = restarts.get(report.name, 0) + 1

@@ -4,7 +4,7 @@ supervisord runs this as one program (`synapse`), already as Synapse's UID:GID (
 privileges are dropped before anything is imported). It installs Synapse's `ProxiedReactor`, imports the
 entry points of the apps it will run, `gc.collect(); gc.freeze()` (so the children's collections do not
 dirty the inherited objects' pages), then waits, single-threaded, for requests on a unix socket from the
-launcher (`run/supervise.py`): start these, stop those, report every child's state.
+launcher (`run/zygote_control.py`): start these, stop those, report every child's state.
 
 Each child is forked from this pristine parent (never from a running one): it restores default signal
 handlers, dies with the parent (PR_SET_PDEATHSIG), points stdout/stderr at a pipe of its own, closes
@@ -34,7 +34,7 @@ from typing import Any
 PRELOAD = ("encodings.unicode_escape", "hiredis")
 NAME = "synapse"  # the supervisord program; never a Synapse process name (those are `main` or end in a digit)
 STARTRETRIES = 3  # as supervisord's startretries in render/supervisor.py
-ALIVE = ("STARTING", "RUNNING", "STOPPING")
+WITH_PROCESS = ("STARTING", "RUNNING", "STOPPING")  # the child's process exists: a start leaves it alone
 PR_SET_PDEATHSIG, PR_SET_NAME = 1, 15
 
 
@@ -302,7 +302,7 @@ class Zygote:
         for name in names:
             child = self.children[name]
             child.wanted = True
-            if child.state not in ALIVE and not self.stopping:
+            if child.state not in WITH_PROCESS and not self.stopping:
                 child.backoff = 0
                 self.spawn(child)
 
