@@ -65,6 +65,9 @@ HEADER = (
 
 @dataclass(frozen=True)
 class Manifests:
+    """Every object of the deployment, unchecked: `kubernetes_check.check_manifests(m.all)` and
+    `secrets_in_configuration` find problems, `files()` is what the export writes."""
+
     objects: list[dict[str, Any]]  # every object but the Secret, in the order they are applied
     secret: dict[str, Any]  # the Secret (a file of its own, 0600)
 
