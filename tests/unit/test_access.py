@@ -217,3 +217,14 @@ def test_missing_paths_we_create_are_fine_and_others_are_named():
         "/data/x (a db) does not exist, and UID=991/GID=991 (Synapse's user) cannot create it: /data does "
         "not let it write. Run as root: `chown 991:991 /data`."
     ]
+
+
+def test_a_new_sqlite_install_in_a_data_dir_we_create(tmp_root):
+    """A generated SQLite homeserver in a data dir that does not exist yet: we create the dir for Synapse's
+    user, so the database's future parent is not the root-owned dir above it."""
+    os.chmod(tmp_root, 0o755)
+    env = {**isolated_env(tmp_root), "SYNAPSE_DATABASE": "sqlite"}
+    assert not (tmp_root / "data").exists()
+    assert check(env) == []
+    (tmp_root / "data").mkdir()  # now it exists, root's: Synapse could not create homeserver.db there
+    assert f"`chown 991:991 {tmp_root}/data`" in check(env)[0]

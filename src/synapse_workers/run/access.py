@@ -148,6 +148,8 @@ def _parents(path: str) -> list[str]:
 def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid: int, gid: int) -> list[str]:
     """Needs and what the probe saw → one message per problem, each with its command; the same blocking
     directory is named once. uid/gid: who Synapse runs as."""
+    wanted = list(wanted)
+    ours = {need.path for need in wanted if need.ours}
     found: list[str] = []
     commands: list[str] = []
 
@@ -190,6 +192,8 @@ def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid:
             parent_fact = facts[(need.who, parent)]
             if parent_fact.w and parent_fact.x:
                 continue
+            if any(p in ours for p in parents[: parents.index(parent)]):
+                continue  # it will be in a directory we create for Synapse's user (a new data dir)
             if need.kind == WRITE_DIR:
                 command = f"mkdir -p {need.path} && chown {uid}:{gid} {need.path}"
             else:
