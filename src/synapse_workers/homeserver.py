@@ -161,9 +161,8 @@ def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) 
 
 
 def _describe_existing(settings: Settings, path: str, doc: dict[str, Any]) -> HomeserverInfo:
-    server_name = doc.get("server_name")
-    if not isinstance(server_name, str) or not server_name:
-        raise UserError(f"{path} (SYNAPSE_CONFIG_PATH) has no server_name.")
+    server_name = doc["server_name"]  # homeserver_keys.check_shape refused a missing or malformed one
+    assert isinstance(server_name, str)
     if settings.core.server_name and settings.core.server_name != server_name:
         raise UserError(
             f"SYNAPSE_SERVER_NAME={settings.core.server_name!r} differs from server_name {server_name!r} in {path}: "
@@ -225,11 +224,7 @@ def _max_upload_size(settings: Settings, path: str, doc: dict[str, Any]) -> int:
     if value is None:
         return SYNAPSE_DEFAULT_MAX_UPLOAD_SIZE
     size = _synapse_size(value)
-    if size is None:
-        raise UserError(
-            f"{path} (SYNAPSE_CONFIG_PATH) has max_upload_size: {value!r}, which Synapse cannot read: expected a "
-            "size such as 50M or a number of bytes (or set SYNAPSE_MAX_UPLOAD_SIZE, which overrides it)."
-        )
+    assert size is not None, value  # homeserver_keys.check_shape refused an unreadable one
     return size
 
 
