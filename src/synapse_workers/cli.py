@@ -500,7 +500,8 @@ def cmd_mask_output(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
-    from .files import check_export_dir, export_secrets, write_export
+    from .files import check_export_dir, export_secrets, read_export, write_export
+    from .render import compose, kubernetes
     from .render.compose import render_compose
     from .render.export import make_export
     from .render.kubernetes import manifests, secrets_in_configuration
@@ -511,7 +512,9 @@ def cmd_export(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     plan = load_plan(env)
     check_export_dir(args.output, args.target)  # before anything is read from it
     export = make_export(plan, args.target)
-    secrets, password = export_secrets(plan, args.target, args.output, export.secret_files())
+    # Each target reads its own earlier export's secrets (kept when exporting again).
+    previous = kubernetes.previous_secrets if args.target == "kubernetes" else compose.previous_secrets
+    secrets, password = export_secrets(plan, *previous(read_export(args.output)))
     if args.target == "kubernetes":
         objects = manifests(export, secrets, args.image)
         refused = secrets_in_configuration(plan, objects.objects, secrets)

@@ -9,18 +9,17 @@ environment, which win.
 from __future__ import annotations
 
 import os
-import re
-import secrets as pysecrets
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
-from pydantic import SecretStr
-
+from . import secrets
 from .errors import UserError
 from .layout import RUNTIME_MARKER
-from .plan import POSTGRES_EXPORTER, Plan
+from .plan import Plan
 from .render import FileSet, PrivateFile
+from .render.export import secret_key
 from .settings import SECRET_MIN_LENGTH
 
 SECRET_MODE = 0o600
@@ -143,58 +142,30 @@ def _write_private(plan: Plan, files: dict[str, PrivateFile]) -> list[str]:
 
 
 def ensure_secrets(plan: Plan) -> list[str]:
-    """Persisted secrets in the data dir (0600): created when missing, replaced when the env gives one."""
-    hs, turn, paths = plan.settings.homeserver, plan.settings.turn, plan.secrets
-    written = []
-    wanted: list[tuple[str, str | None]] = []
-    if not plan.homeserver.exists:
-        wanted += [
-            (paths.registration, _secret(hs.registration_shared_secret)),
-            (paths.macaroon, _secret(hs.macaroon_secret_key)),
-            (paths.form, _secret(hs.form_secret)),
-        ]
-    if plan.turn_uris:  # Synapse reads it on every start (shared.yaml), and coturn's config is written from it
-        wanted.append((paths.turn, _secret(turn.secret)))
-    if plan.workers or plan.multi_host:
-        wanted.append((paths.replication, None))
-    if plan.redis is not None and plan.redis.host is not None:  # several hosts: Redis over TCP has a password
-        wanted.append((paths.redis, None))
-    if plan.postgres and not os.path.exists(paths.postgres):
-        # libpq passfile: host:port:db:user:password; the password itself is random.
-        _write_new(paths.postgres, f"*:*:*:synapse:{pysecrets.token_hex(24)}\n", SECRET_MODE)
-        written.append(paths.postgres)
-    if plan.service(POSTGRES_EXPORTER) is not None and plan.postgres is not None:
-        # The exporter's lib/pq reads no libpq passfile: it gets the password alone (DATA_SOURCE_PASS_FILE).
-        password = Path(paths.postgres).read_text().strip().rsplit(":", 1)[1]
-        _rewrite_secret(paths.postgres_password, password, written)
-    external = plan.settings.database.password if plan.settings.database.kind == "postgres" else None
-    if external is not None and (not plan.homeserver.exists or os.path.exists(paths.external_postgres)):
-        # libpq passfile (host:port:db:user:password, ':' and '\\' escaped); only our generated file names it.
-        line = "*:*:*:*:" + re.sub(r"([:\\])", r"\\\1", external.get_secret_value()) + "\n"
-        _rewrite_secret(paths.external_postgres, line, written)
-    if external is not None and plan.postgres is None and plan.service(POSTGRES_EXPORTER) is not None:
-        _rewrite_secret(paths.external_postgres_password, external.get_secret_value(), written)
-    if plan.homeserver.exists:
-        # Not created or changed from the environment any more (generation only), but a placeholder must not
-        # stay: the file is the one our generated homeserver.yaml names.
-        wanted += [(path, None) for path in (paths.registration, paths.macaroon, paths.form) if os.path.exists(path)]
+    """The secret files this host needs (`secrets.SECRETS`), in the data dir (0600): a stored secret is created
+    when missing and replaced when its variable gives another value or it is weak; a derived one is rewritten
+    when its text differs. Returns the paths written."""
     weak = set(weak_secret_files(plan))
-    for path, given in wanted:
-        current = Path(path).read_text().strip() if os.path.exists(path) else None
-        if current is not None and (given is None or given == current) and path not in weak:
+    written = []
+    for row in secrets.SECRETS:  # a derived row comes after the row it is derived from
+        if not row.needed(plan):
             continue
-        _write_new(path, (given or pysecrets.token_hex(32)) + "\n", SECRET_MODE)
-        written.append(path)
-    if not plan.homeserver.exists and not os.path.exists(paths.signing_key):
-        _write_new(paths.signing_key, _signing_key(), SECRET_MODE)
-        written.append(paths.signing_key)
-    if plan.redis is not None and plan.redis.host is not None:
-        # What Redis includes (`requirepass`), derived from the key file Synapse reads: the two always agree.
-        line = f"requirepass {Path(paths.redis).read_text().strip()}\n"
-        current = Path(paths.redis_conf).read_text() if os.path.exists(paths.redis_conf) else None
-        if current != line:
-            _write_new(paths.redis_conf, line, SECRET_MODE)
-            written.append(paths.redis_conf)
+        path = row.path(plan)
+        exists = os.path.exists(path)
+        if row.homeserver_yaml and plan.homeserver.exists and not exists:
+            continue  # the user's homeserver.yaml may not name it
+        given = row.given(plan)
+        if row.stored:
+            if exists and path not in weak and (given is None or row.form.value(Path(path).read_text()) == given):
+                continue
+            _write_new(path, row.form.text(given if given is not None else row.form.make()), SECRET_MODE)
+            written.append(path)
+        else:
+            if row.derived_from is not None:
+                source = secrets.by_key(row.derived_from)
+                given = source.form.value(Path(source.path(plan)).read_text())
+            assert given is not None, row.key  # needed only when its variable is set
+            _rewrite_secret(path, row.form.text(given), written)
     return written
 
 
@@ -202,20 +173,13 @@ def weak_secret_files(plan: Plan) -> list[str]:
     """Stored secrets that a new value from the environment does not replace and that are too short to be
     secrets: the Unraid template before 0.2 sent the word `generated` as every secret, so a server started from
     it keeps a known registration shared secret (anyone may register an admin). `ensure_secrets` replaces each
-    with a random one; the caller warns. Only our own key files (`SecretPaths`), never a user's file."""
-    hs, turn, paths = plan.settings.homeserver, plan.settings.turn, plan.secrets
-    given = {
-        paths.registration: hs.registration_shared_secret,
-        paths.macaroon: hs.macaroon_secret_key,
-        paths.form: hs.form_secret,
-        paths.turn: turn.secret,
-    }
+    with a random one; the caller warns. Only our own key files (the table's `weak_checked` rows), never a
+    user's file."""
     weak = []
-    for path, value in given.items():
-        if value is not None and (path == paths.turn or not plan.homeserver.exists):
-            continue  # the environment's (long enough: settings refuse shorter ones) replaces it
-        if path == paths.turn and not plan.turn_uris:
-            continue  # not used
+    for row in secrets.SECRETS:
+        if not row.weak_checked or not row.needed(plan) or row.given(plan) is not None:
+            continue  # not checked, not used, or the environment's (long enough: settings refuse shorter) replaces it
+        path = row.path(plan)
         try:
             current = Path(path).read_text().strip()
         except (FileNotFoundError, NotADirectoryError):
@@ -223,18 +187,6 @@ def weak_secret_files(plan: Plan) -> list[str]:
         if len(current) < SECRET_MIN_LENGTH:
             weak.append(path)
     return weak
-
-
-def _secret(value: SecretStr | None) -> str | None:
-    return value.get_secret_value() if value is not None else None
-
-
-def _signing_key() -> str:
-    # signedjson ships with Synapse; the key id follows Synapse's own "a_XXXX".
-    from signedjson.key import encode_signing_key_base64, generate_signing_key
-
-    key = generate_signing_key("a_" + pysecrets.token_hex(2))
-    return f"{key.alg} {key.version} {encode_signing_key_base64(key)}\n"
 
 
 def _make_runtime_dirs(plan: Plan) -> None:
@@ -267,58 +219,44 @@ def _chown_for_synapse(plan: Plan, created: list[str]) -> None:
 EXPORT_MARKER = ".synapse-workers-export"  # first line: the target; then every file the export wrote
 
 
-def export_secrets(plan: Plan, target: str, directory: str, paths: tuple[str, ...]) -> tuple[dict[str, str], str]:
-    """(each secret file of `paths` → its content, PostgreSQL's password) for an export. Each secret is, first
-    found: its variable, the data dir's key file (a running server keeps its signing key), the previous export
-    in `directory` (so exporting again changes nothing), else new. Reads only."""
-    from .render.export import passfile, secret_key
+def read_export(directory: str) -> dict[str, str]:
+    """Relative name → text of each file an earlier export of ours wrote in `directory` (the ones its marker
+    lists; {} without a marker). Reads only; the target's renderer knows which hold its secrets."""
+    root = Path(directory)
+    marker = root / EXPORT_MARKER
+    if not marker.is_file():
+        return {}
+    files = {}
+    for name in marker.read_text().splitlines()[1:]:
+        path = root / name
+        if name and ".." not in Path(name).parts and not Path(name).is_absolute() and path.is_file():
+            files[name] = path.read_text(encoding="utf-8")
+    return files
 
-    previous = _previous_secrets(directory, target)
-    hs, paths_of = plan.settings.homeserver, plan.secrets
-    given = {
-        paths_of.registration: _secret(hs.registration_shared_secret),
-        paths_of.macaroon: _secret(hs.macaroon_secret_key),
-        paths_of.form: _secret(hs.form_secret),
-        paths_of.turn: _secret(plan.settings.turn.secret),
-    }
-    password = _secret(plan.settings.database.password) or previous.get("postgres.password") or pysecrets.token_hex(24)
+
+def export_secrets(
+    plan: Plan, previous: Mapping[str, str], previous_password: str | None
+) -> tuple[dict[str, str], str]:
+    """(each secret file an export of `plan` carries (`secrets.exported`) → its content, the database password).
+    The password: POSTGRES_PASSWORD, else the previous export's, else new; every passfile holds it. Any other
+    secret, first found: its variable, the data dir's key file (a running server keeps its signing key), the
+    previous export (`previous`: secret key → content, so exporting again changes nothing), else new. Reads only."""
+    password = secrets.by_key("external_postgres").given(plan) or previous_password or secrets.PASSFILE.make()
     result = {}
-    for path in paths:
-        if path in (paths_of.external_postgres, paths_of.postgres):
-            result[path] = passfile(password)
-            continue
-        value = given.get(path)
-        if value is not None:
-            result[path] = value + "\n"
+    for row in secrets.exported(plan):
+        path = row.path(plan)
+        given = row.given(plan)
+        if row.form is secrets.PASSFILE:
+            result[path] = row.form.text(password)
+        elif given is not None:
+            result[path] = row.form.text(given)
         elif os.path.isfile(path):
             result[path] = Path(path).read_text()
         elif secret_key(path) in previous:
             result[path] = previous[secret_key(path)]
-        elif path == paths_of.signing_key:
-            result[path] = _signing_key()
         else:
-            result[path] = pysecrets.token_hex(32) + "\n"
+            result[path] = row.form.text(row.form.make())
     return result, password
-
-
-def _previous_secrets(directory: str, target: str) -> dict[str, str]:
-    """Secret name → content, from an earlier export of ours in `directory` (checked by `check_export_dir`)."""
-    import yaml
-
-    from .render.kubernetes import SECRET_FILE
-
-    root = Path(directory)
-    if not (root / EXPORT_MARKER).is_file():
-        return {}
-    if target == "kubernetes":
-        if not (root / SECRET_FILE).is_file():
-            return {}
-        for doc in yaml.safe_load_all((root / SECRET_FILE).read_text()):
-            if isinstance(doc, dict) and doc.get("kind") == "Secret":
-                return {str(k): str(v) for k, v in (doc.get("stringData") or {}).items()}
-        return {}
-    folder = root / "secrets"
-    return {p.name: p.read_text() for p in sorted(folder.iterdir()) if p.is_file()} if folder.is_dir() else {}
 
 
 def check_export_dir(directory: str, target: str) -> None:

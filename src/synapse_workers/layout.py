@@ -130,7 +130,8 @@ def make_layout(runtime_dir: str, data_dir: str) -> Layout:
 
 @dataclass(frozen=True)
 class SecretPaths:
-    """Where the persisted secrets live (data dir, mode 0600); created by files.ensure_secrets."""
+    """Where the persisted secrets live (data dir, mode 0600). What each holds, from which variable and when it
+    is needed: its row in `secrets.SECRETS` (one per field); files.ensure_secrets creates them."""
 
     signing_key: str
     registration: str

@@ -17,6 +17,7 @@ from .errors import UserError
 from .homeserver import HomeserverInfo, describe, read_homeserver
 from .layout import RUNTIME_MARKER, make_layout
 from .plan import Plan, make_plan
+from .secrets import copies_needed
 from .settings import DEFAULT_HTTP_PORT, SYSTEM_DIRS, Settings, load_settings
 from .workers import parse_workers
 
@@ -97,16 +98,8 @@ def _check_copied(plan: Plan) -> None:
     placement = plan.placement
     if placement is None or placement.here is None or placement.local("main"):
         return
-    paths = plan.secrets
-    needed = []
-    if plan.local_processes:
-        needed += [plan.homeserver.path, plan.homeserver.signing_key_path or paths.signing_key, paths.replication]
-    if plan.postgres is not None and (plan.local_processes or plan.local("postgres")):
-        needed.append(paths.postgres)
-    if plan.redis is not None and plan.redis.host is not None and (plan.local_processes or plan.local("redis")):
-        needed.append(paths.redis)
-    if plan.turn_uris and plan.local_processes:
-        needed.append(paths.turn)
+    needed = [plan.homeserver.path] if plan.local_processes else []
+    needed += copies_needed(plan)  # the secrets table's rows main's host makes and this host uses
     missing = [path for path in needed if not os.path.isfile(path)]
     if missing:
         main_host = placement.where["main"]

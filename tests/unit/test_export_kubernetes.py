@@ -15,9 +15,10 @@ import yaml
 from synapse_workers import catalog
 from synapse_workers.load import load_plan
 from synapse_workers.render import render_all
-from synapse_workers.render.export import KUBERNETES, make_export, passfile
+from synapse_workers.render.export import KUBERNETES, make_export
 from synapse_workers.render.kubernetes import MANIFESTS, SECRET_FILE, render_kubernetes
 from synapse_workers.render.kubernetes_check import check_manifests
+from synapse_workers.secrets import passfile_line as passfile
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is not installed: pip install -e '.[test]'"

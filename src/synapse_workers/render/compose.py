@@ -270,3 +270,11 @@ def _health(port: int, start: str) -> dict[str, Any]:
         "retries": 3,
         "start_period": start,
     }
+
+
+def previous_secrets(files: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """(secret key → content, the database password) of an earlier export's files (name → text): what it wrote
+    under secrets/; the password is synapse-postgres's (POSTGRES_PASSWORD_SECRET), which its cluster was made with."""
+    folder = {name[len("secrets/") :]: text for name, text in files.items() if name.startswith("secrets/")}
+    folder = {name: text for name, text in folder.items() if "/" not in name}
+    return folder, folder.get(POSTGRES_PASSWORD_SECRET)

@@ -24,6 +24,7 @@ import yaml
 from ..errors import UserError
 from ..layout import Layout
 from ..plan import HEALTH, MAIN, METRICS, PUBLIC, REPLICATION, Listener, Plan, Process, Redis
+from ..secrets import exported as exported_secrets
 from ..workers import VAR as WORKERS_VAR
 from . import render_homeserver
 from .nginx import render_nginx
@@ -103,15 +104,8 @@ class Export:
         return {source.homeserver.path: text, **files}
 
     def secret_files(self) -> tuple[str, ...]:
-        """Paths (in the data dir) of the secret files the Synapse processes read."""
-        paths = self.source.secrets
-        wanted = [paths.signing_key, paths.registration, paths.macaroon, paths.form]
-        if self.source.workers:
-            wanted.append(paths.replication)
-        if self.source.turn_uris:
-            wanted.append(paths.turn)
-        wanted.append(paths.external_postgres)
-        return tuple(wanted)
+        """Paths (in the data dir) of the secret files the Synapse processes read (`secrets.exported`)."""
+        return tuple(row.path(self.source) for row in exported_secrets(self.source))
 
     @property
     def media_store(self) -> str:
@@ -122,11 +116,6 @@ class Export:
 def secret_key(path: str) -> str:
     """A data-dir secret file's name in a Secret or Compose secret (only [-._a-zA-Z0-9])."""
     return re.sub(r"[^-._a-zA-Z0-9]", "-", posixpath.basename(path))
-
-
-def passfile(password: str) -> str:
-    """A libpq passfile line for any host, database and user (':' and '\\' escaped), as `generate` writes it."""
-    return "*:*:*:*:" + re.sub(r"([:\\])", r"\\\1", password) + "\n"
 
 
 class Dumper(yaml.SafeDumper):

@@ -27,8 +27,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
+
 from .. import catalog
 from ..plan import HEALTH, MAIN, METRICS, PUBLIC, REPLICATION, Plan
+from ..secrets import exported as exported_secrets
 from .export import (
     DEFAULT_IMAGE,
     MASKED,
@@ -493,15 +496,7 @@ def secrets_in_configuration(plan: Plan, objects: list[dict[str, Any]], secrets:
     where it came from (the variable, else its key file), which `export` reports with exit 2 before
     `check_manifests` would take it for a bug. Random secrets never match; our own renderers never see a secret
     (the ConfigMaps are made without `secrets`)."""
-    paths, settings = plan.secrets, plan.settings
-    variables = {
-        paths.registration: ("SYNAPSE_REGISTRATION_SHARED_SECRET", settings.homeserver.registration_shared_secret),
-        paths.macaroon: ("SYNAPSE_MACAROON_SECRET_KEY", settings.homeserver.macaroon_secret_key),
-        paths.form: ("SYNAPSE_FORM_SECRET", settings.homeserver.form_secret),
-        paths.turn: ("SYNAPSE_TURN_SECRET", settings.turn.secret),
-        paths.external_postgres: ("POSTGRES_PASSWORD", settings.database.password),
-        paths.postgres: ("POSTGRES_PASSWORD", settings.database.password),
-    }
+    variables = {row.path(plan): row.variable for row in exported_secrets(plan) if row.given(plan) is not None}
     texts = [
         (obj["metadata"]["name"], key, text)
         for obj in objects
@@ -514,11 +509,21 @@ def secrets_in_configuration(plan: Plan, objects: list[dict[str, Any]], secrets:
         found = next(((name, key) for name, key, text in texts if any(v in text for v in values)), None)
         if found is None:
             continue
-        variable, given = variables.get(path, ("", None))
-        who = variable if given is not None else f"The key file {path} (or the earlier export's {secret_key(path)})"
+        who = variables.get(path) or f"The key file {path} (or the earlier export's {secret_key(path)})"
         problems.append(
             f"{who}: its value is also text of the exported configuration (ConfigMap {found[0]!r}, {found[1]!r}), "
             "so it cannot be kept apart from it: expected a random secret, such as the output of "
             "`openssl rand -hex 32`."
         )
     return sorted(set(problems))
+
+
+def previous_secrets(files: Mapping[str, str]) -> tuple[dict[str, str], str | None]:
+    """(secret key → content, the database password) of an earlier export's files (name → text): the Secret's
+    `stringData` in SECRET_FILE. The password is always POSTGRES_PASSWORD's here (an external database)."""
+    if SECRET_FILE not in files:
+        return {}, None
+    for doc in yaml.safe_load_all(files[SECRET_FILE]):
+        if isinstance(doc, dict) and doc.get("kind") == "Secret":
+            return {str(k): str(v) for k, v in (doc.get("stringData") or {}).items()}, None
+    return {}, None
