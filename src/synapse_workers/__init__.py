@@ -1,3 +1,3 @@
 """synapse-workers: Synapse with workers, an internal nginx and the rest, from environment variables."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
