@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -11,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from . import __version__, catalog
-from .errors import UserError
+from .errors import File, Problem, UserError, as_problem
 from .files import write_files
 from .layout import make_layout
 from .load import load_plan
@@ -31,16 +33,18 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
     parser = _parser()
     argv = sys.argv[1:] if argv is None else argv
     env = os.environ if env is None else env
+    said: list[Problem] = []  # every warning of this run, as data (`check --json` lists them)
     try:
-        argv, env = _official_arguments(argv, env)
+        argv, env = _official_arguments(argv, env, said)
     except UserError as exc:
         for problem in exc.problems:
             print(f"synapse-workers: error: {problem}", file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
+    args.warnings = said
     if args.command not in ("status", "health", "mask-output"):  # those read nothing of the environment
         for warning in unknown_variables(env):
-            print(f"synapse-workers: warning: {warning}", file=sys.stderr)
+            _warn(args, warning)
     try:
         command: Command = args.func
         code = command(args, env)
@@ -59,7 +63,17 @@ def main(argv: list[str] | None = None, env: Mapping[str, str] | None = None) ->
         return 1
 
 
-def _official_arguments(argv: list[str], env: Mapping[str, str]) -> tuple[list[str], Mapping[str, str]]:
+def _warn(args: argparse.Namespace | list[Problem], warning: str) -> None:
+    """Say a warning on stderr, and keep it (as data) for `check --json`."""
+    print(f"synapse-workers: warning: {warning}", file=sys.stderr)
+    said = args if isinstance(args, list) else getattr(args, "warnings", None)
+    if said is not None:
+        said.append(as_problem(warning))
+
+
+def _official_arguments(
+    argv: list[str], env: Mapping[str, str], said: list[Problem]
+) -> tuple[list[str], Mapping[str, str]]:
     """Arguments written for the official image (an Unraid template's Post Arguments): our own instead, with a
     warning naming what was ignored (official_args.py)."""
     from .official_args import translate
@@ -68,7 +82,7 @@ def _official_arguments(argv: list[str], env: Mapping[str, str]) -> tuple[list[s
     if translation is None:
         return argv, env
     for warning in translation.warnings:
-        print(f"synapse-workers: warning: {warning}", file=sys.stderr)
+        _warn(said, warning)
     if not translation.env:
         return translation.argv, env
     if env is os.environ:
@@ -93,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     _host_option(plan)
     plan.set_defaults(func=cmd_plan)
     check = sub.add_parser("check", help="generate, then nginx -t and Synapse's config loader on every process")
+    check.add_argument(
+        "--json",
+        action="store_true",
+        help="one object on stdout: problems and warnings as data (variable or YAML path, expected, found), the "
+        "checks run, the exit code (unchanged)",
+    )
     _host_option(check)
     check.set_defaults(func=cmd_check)
     routes = sub.add_parser("routes", help="explain where a request goes: routes [METHOD] PATH")
@@ -156,7 +176,7 @@ def _slice_plan(args: argparse.Namespace, env: Mapping[str, str]) -> Plan:
         hosts = ", ".join(plan.placement.hosts)
         raise UserError(f"SYNAPSE_HOSTS is set: expected --host NAME, the host this runs on (one of {hosts}).")
     for warning in plan.warnings:  # generate, check and run: listeners of the user's file that are not served
-        print(f"synapse-workers: warning: {warning}", file=sys.stderr)
+        _warn(args, warning)
     return plan
 
 
@@ -165,7 +185,7 @@ def cmd_generate(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     plan = _slice_plan(args, env)
     check_machine(plan, os.geteuid() == 0)  # what `run` would refuse here (binaries, their build, users)
-    _warn_weak_secrets(plan)
+    _warn_weak_secrets(plan, args)
     written = write_files(plan, render_all(plan))
     if plan.placement is not None:
         here = plan.placement.here
@@ -213,70 +233,101 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def cmd_check(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    if not args.json:
+        return _check(args, env, [])
+    checks: list[dict[str, object]] = []
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # stdout holds the one JSON object
+            code = _check(args, env, checks)
+    except UserError as exc:
+        _check_json(args, 2, exc.details, checks)
+        raise  # said on stderr as without --json: exit 2
+    _check_json(args, code, [], checks)
+    return code
+
+
+def _check_json(args: argparse.Namespace, code: int, problems: list[Problem], checks: list[dict[str, object]]) -> None:
+    """`check --json`: the refusals (exit 2) and the warnings as data, and each check that ran (nginx -t,
+    Synapse's loader per process, logrotate -d)."""
+    report = {
+        "ok": code == 0,
+        "exit_code": code,
+        "problems": [p.as_json() for p in problems],
+        "warnings": [w.as_json() for w in args.warnings],
+        "checks": checks,
+    }
+    print(json.dumps(report, indent=2))
+
+
+def _check(args: argparse.Namespace, env: Mapping[str, str], checks: list[dict[str, object]]) -> int:
     from .run import access
     from .run.binaries import check_machine
     from .run.prepare import dir_problems
 
     plan = _slice_plan(args, env)
     check_machine(plan, os.geteuid() == 0)  # what `run` would refuse here (binaries, their build, users)
-    _warn_start(plan, env)
-    _warn_memory(plan, now=False)  # beside a running stack, its own memory is not available: ceilings only
+    _warn_start(plan, env, args)
+    _warn_memory(plan, args, now=False)  # beside a running stack, its own memory is not available: ceilings only
     problems = access.check(plan, os.geteuid() == 0)  # what `run` refuses before anything starts
     problems += dir_problems(plan, os.geteuid() == 0)  # the runtime dir's and Prometheus's storage's way
     if problems:
         raise UserError(*problems)
     write_files(plan, render_all(plan))
-    ok = _nginx_test(plan) if plan.local("nginx") else True
-    ok = _synapse_test(plan) and ok
-    ok = _logrotate_test(plan) and ok
+    ok = _nginx_test(plan, checks) if plan.local("nginx") else True
+    ok = _synapse_test(plan, checks) and ok
+    ok = _logrotate_test(plan, checks) and ok
     print("check: OK" if ok else "check: FAILED")
     return 0 if ok else 1
 
 
-def _warn_start(plan: Plan, env: Mapping[str, str]) -> None:
+def _warn_start(plan: Plan, env: Mapping[str, str], args: argparse.Namespace) -> None:
     """Settings that will do nothing here (start_warnings.py), and internal ports in the ephemeral range."""
     from .start_warnings import facts_here, start_warnings
 
     for warning in start_warnings(plan, env, facts_here(plan, env)):
-        print(f"synapse-workers: warning: {warning}", file=sys.stderr)
-    _warn_ephemeral(plan)
-    _warn_weak_secrets(plan)
+        _warn(args, warning)
+    _warn_ephemeral(plan, args)
+    _warn_weak_secrets(plan, args)
 
 
-def _warn_weak_secrets(plan: Plan) -> None:
+def _warn_weak_secrets(plan: Plan, args: argparse.Namespace) -> None:
     """Stored secrets too short to be secrets (`files.weak_secret_files`): replaced by the writer, said here."""
     from .files import weak_secret_files
     from .settings import SECRET_MIN_LENGTH
 
     for path in weak_secret_files(plan):
-        print(
-            f"synapse-workers: warning: {path} holds a secret shorter than {SECRET_MIN_LENGTH} characters (the "
-            "Unraid template before 0.2 sent the word 'generated' as every secret): it is replaced with a random "
-            "one now. If it was the macaroon key, guest sessions and unfinished SSO logins start again; nothing "
-            "else changes for users.",
-            file=sys.stderr,
+        _warn(
+            args,
+            Problem(
+                f"{path} holds a secret shorter than {SECRET_MIN_LENGTH} characters (the Unraid template before 0.2 "
+                "sent the word 'generated' as every secret): it is replaced with a random one now. If it was the "
+                "macaroon key, guest sessions and unfinished SSO logins start again; nothing else changes for users.",
+                File(path),
+                expected=f"a secret of at least {SECRET_MIN_LENGTH} characters",
+                found="a shorter one",
+            ),
         )
 
 
-def _warn_ephemeral(plan: Plan) -> None:
+def _warn_ephemeral(plan: Plan, args: argparse.Namespace) -> None:
     from .run.preflight import ephemeral_overlap, ephemeral_ports
 
     warning = ephemeral_overlap(plan, ephemeral_ports())
     if warning:
-        print(f"synapse-workers: warning: {warning}", file=sys.stderr)
+        _warn(args, warning)
 
 
-def _warn_memory(plan: Plan, now: bool) -> None:
+def _warn_memory(plan: Plan, args: argparse.Namespace, now: bool) -> None:
     """The Synapse processes of this host against the memory we may use (memory.py: measured idle PSS)."""
     from .memory import memory_warning
     from .run.memory import read_limits
 
     warning = memory_warning(len(plan.local_processes), plan.settings.core.launch_mode, read_limits(now))
     if warning:
-        print(f"synapse-workers: warning: {warning}", file=sys.stderr)
+        _warn(args, warning)
 
 
-def _logrotate_test(plan: Plan) -> bool:
+def _logrotate_test(plan: Plan, checks: list[dict[str, object]]) -> bool:
     """`logrotate -d` on the generated rules (debug mode: nothing is rotated, no state is written)."""
     from .plan import ROTATE_LOGS
     from .run.binaries import find
@@ -288,24 +339,30 @@ def _logrotate_test(plan: Plan) -> bool:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode == 0 and "error:" not in result.stderr:
         print(f"logrotate: OK ({layout.logrotate_conf})")
+        checks.append({"name": "logrotate", "ok": True, "file": layout.logrotate_conf, "error": None})
         return True
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     print("logrotate: FAILED\n" + "\n".join(errors or result.stderr.splitlines()[-5:]))
+    error = "\n".join(errors or result.stderr.splitlines()[-5:])
+    checks.append({"name": "logrotate", "ok": False, "file": layout.logrotate_conf, "error": error})
     return False
 
 
-def _nginx_test(plan: Plan) -> bool:
+def _nginx_test(plan: Plan, checks: list[dict[str, object]]) -> bool:
     from .run.binaries import find
 
-    result = subprocess.run([find("nginx"), "-t", "-q", "-c", plan.layout.nginx_conf], capture_output=True, text=True)
+    conf = plan.layout.nginx_conf
+    result = subprocess.run([find("nginx"), "-t", "-q", "-c", conf], capture_output=True, text=True)
     if result.returncode == 0:
-        print(f"nginx: OK ({plan.layout.nginx_conf})")
+        print(f"nginx: OK ({conf})")
+        checks.append({"name": "nginx", "ok": True, "file": conf, "error": None})
         return True
     print(f"nginx: FAILED\n{result.stderr.strip()}")
+    checks.append({"name": "nginx", "ok": False, "file": conf, "error": result.stderr.strip()})
     return False
 
 
-def _synapse_test(plan: Plan) -> bool:
+def _synapse_test(plan: Plan, checks: list[dict[str, object]]) -> bool:
     procs = [{"name": p.name, "app": p.app, "config_files": list(p.config_files)} for p in plan.local_processes]
     core = plan.settings.core
     # As root, the loader runs as Synapse's user (no supplementary groups, as setpriv starts Synapse): it reads
@@ -325,8 +382,10 @@ def _synapse_test(plan: Plan) -> bool:
         report = json.loads(line)
         seen += 1
         print(f"{report['name']}: OK" if report["ok"] else f"{report['name']}: FAILED\n  {report['error']}")
+        checks.append({"name": report["name"], "ok": report["ok"], "file": None, "error": report.get("error")})
     if seen != len(procs):
         print(f"synapse config check crashed:\n{result.stderr.strip()[-2000:]}")
+        checks.append({"name": "synapse", "ok": False, "file": None, "error": result.stderr.strip()[-2000:]})
         return False
     return result.returncode == 0
 
@@ -339,8 +398,8 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .run.supervise import Stack, lock_runtime_dir
 
     plan = _slice_plan(args, env)
-    _warn_start(plan, env)
-    _warn_memory(plan, now=True)
+    _warn_start(plan, env, args)
+    _warn_memory(plan, args, now=True)
     as_root = os.geteuid() == 0
     binaries = find_binaries(plan)
     pg_owner = postgres.cluster_owner(as_root) if plan.postgres else None

@@ -20,7 +20,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, V
 from pydantic.json_schema import JsonDict
 
 from .cron import parse as parse_cron
-from .errors import UserError
+from .errors import Problem, UserError
+from .errors import Variable as Var  # a problem's subject; `Variable` here is the registry's row
 
 TRUTHY = ("yes", "y", "true", "t", "1", "on")
 FALSY = ("no", "n", "false", "f", "0", "off", "")
@@ -967,7 +968,7 @@ OUR_PREFIXES = ("SYNAPSE_", "NGINX_", "POSTGRES_", "COTURN_", "PROMETHEUS_")
 SYNAPSE_OWN = ("SYNAPSE_CACHE_FACTOR",)
 
 
-def unknown_variables(env: Mapping[str, str]) -> list[str]:
+def unknown_variables(env: Mapping[str, str]) -> list[Problem]:
     """A warning for every variable that looks like ours but is not one, with the closest real name."""
     warnings = []
     for name in sorted(env):
@@ -977,7 +978,14 @@ def unknown_variables(env: Mapping[str, str]) -> list[str]:
             continue
         close = difflib.get_close_matches(name, ENV_NAMES, n=1, cutoff=0.75)
         hint = f" Did you mean {close[0]}?" if close else " `synapse-workers env` lists every variable."
-        warnings.append(f"{name} is not a variable synapse-workers reads: it is ignored.{hint}")
+        warnings.append(
+            Problem(
+                f"{name} is not a variable synapse-workers reads: it is ignored.{hint}",
+                expected=f"a variable of `synapse-workers env`{', such as ' + close[0] if close else ''}",
+                found=name,
+                related=[Var(close[0])] if close else (),
+            )
+        )
     return warnings
 
 
@@ -1015,11 +1023,12 @@ def _validate(models: Mapping[str, type[Section]], env: Mapping[str, str]) -> tu
             sections[key] = model.model_validate(given)
         except ValidationError as exc:
             for err in exc.errors():
-                name = str(err["loc"][0]) if err["loc"] else "environment"
+                # Every field has an alias (VARIABLES is made of them): the error's location is the variable.
+                name = str(err["loc"][0])
                 expected = str(err.get("ctx", {}).get("error", err["msg"])).removeprefix("Value error, ")
                 if err["type"] == "literal_error":
                     expected = err["msg"]
-                problems.append(f"{name}={shown(name, env.get(name, ''))} is invalid: expected {expected}.")
+                problems.append(Problem.invalid(Var(name), shown(name, env.get(name, "")), expected))
     return sections, problems
 
 
@@ -1034,83 +1043,186 @@ def load_settings(env: Mapping[str, str]) -> Settings:
 
 
 def _check_combinations(s: Settings) -> None:
-    problems = []
-    listen, nginx = s.listen, s.nginx
-    if (listen.tls_cert is None) != (listen.tls_key is None):
-        problems.append("SYNAPSE_TLS_CERT and SYNAPSE_TLS_KEY must be set together (TLS on the 8448 port).")
-    if s.turn.min_port > s.turn.max_port:
-        problems.append(
-            f"COTURN_MIN_PORT={s.turn.min_port} is above COTURN_MAX_PORT={s.turn.max_port}: "
-            "expected a range with min <= max."
-        )
-    elif s.turn.builtin_coturn and s.turn.min_port <= s.turn.port <= s.turn.max_port:
-        problems.append(
-            f"COTURN_PORT={s.turn.port} is inside the relay range COTURN_MIN_PORT-COTURN_MAX_PORT "
-            f"({s.turn.min_port}-{s.turn.max_port}): expected a port outside it (coturn relays on those)."
-        )
-    problems += _check_placement(s)
-    compressor = s.compressor
-    if compressor.chunk_size < int(compressor.levels.split(",")[0]):
-        problems.append(
-            f"SYNAPSE_COMPRESSOR_CHUNK_SIZE={compressor.chunk_size} is below the first level size of "
-            f"SYNAPSE_COMPRESSOR_LEVELS={compressor.levels!r}: expected at least {compressor.levels.split(',')[0]} "
-            "(the compressor skips chunks smaller than its first level)."
-        )
-    if s.database.database == "postgres" and s.database.password is None:
-        problems.append("SYNAPSE_DATABASE=postgres needs POSTGRES_PASSWORD (the external database's password).")
-    buffers_total = PROXY_BUFFER_COUNT * nginx.proxy_buffer_size
-    if nginx.proxy_busy_buffers_size < nginx.proxy_buffer_size:
-        problems.append(
-            f"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES={nginx.proxy_busy_buffers_size} is below the proxy buffer size "
-            f"{nginx.proxy_buffer_size}: expected at least NGINX_PROXY_BUFFER_SIZE_BYTES."
-        )
-    if nginx.proxy_temp_file_write_size < nginx.proxy_buffer_size:
-        problems.append(
-            f"NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES={nginx.proxy_temp_file_write_size} is below the proxy buffer "
-            f"size {nginx.proxy_buffer_size}: expected at least NGINX_PROXY_BUFFER_SIZE_BYTES (nginx refuses less)."
-        )
-    if nginx.proxy_busy_buffers_size >= buffers_total - nginx.proxy_buffer_size:
-        problems.append(
-            f"NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES={nginx.proxy_busy_buffers_size} is too large: expected below "
-            f"{buffers_total - nginx.proxy_buffer_size} ({PROXY_BUFFER_COUNT - 1} proxy buffers of "
-            f"{nginx.proxy_buffer_size} bytes)."
-        )
+    """The checks across variables (each field's own check is its type): every problem at once."""
+    problems = _tls_problems(s) + _turn_problems(s) + placement_problems(s) + _compressor_problems(s)
+    problems += _database_problems(s) + _nginx_buffer_problems(s)
     if problems:
         raise UserError(*problems)
 
 
-def _check_placement(s: Settings) -> list[str]:
-    """SYNAPSE_HOSTS/SYNAPSE_PLACEMENT against each other and against what cannot cross hosts."""
-    placement = s.placement
-    if not placement.hosts:
-        if placement.placement:
-            return ["SYNAPSE_PLACEMENT is set without SYNAPSE_HOSTS: expected SYNAPSE_HOSTS naming the hosts it uses."]
+def _tls_problems(s: Settings) -> list[Problem]:
+    cert, key = Var("SYNAPSE_TLS_CERT"), Var("SYNAPSE_TLS_KEY")
+    if (s.listen.tls_cert is None) == (s.listen.tls_key is None):
+        return []
+    found = f"{cert if s.listen.tls_cert is not None else key} alone"
+    return [
+        Problem(
+            f"{cert} and {key} must be set together (TLS on the 8448 port).",
+            cert if s.listen.tls_cert is None else key,
+            expected="both set, or neither",
+            found=found,
+            related=(key if s.listen.tls_cert is None else cert,),
+        )
+    ]
+
+
+def _turn_problems(s: Settings) -> list[Problem]:
+    turn = s.turn
+    low, high, port = Var("COTURN_MIN_PORT"), Var("COTURN_MAX_PORT"), Var("COTURN_PORT")
+    if turn.min_port > turn.max_port:
+        return [
+            Problem(
+                f"{low}={turn.min_port} is above {high}={turn.max_port}: expected a range with min <= max.",
+                low,
+                expected=f"at most {high} ({turn.max_port})",
+                found=str(turn.min_port),
+                related=(high,),
+            )
+        ]
+    if turn.builtin_coturn and turn.min_port <= turn.port <= turn.max_port:
+        return [
+            Problem(
+                f"{port}={turn.port} is inside the relay range {low}-{high} ({turn.min_port}-{turn.max_port}): "
+                "expected a port outside it (coturn relays on those).",
+                port,
+                expected=f"a port outside {turn.min_port}-{turn.max_port}",
+                found=str(turn.port),
+                related=(low, high),
+            )
+        ]
+    return []
+
+
+def _compressor_problems(s: Settings) -> list[Problem]:
+    compressor = s.compressor
+    chunk, levels = Var("SYNAPSE_COMPRESSOR_CHUNK_SIZE"), Var("SYNAPSE_COMPRESSOR_LEVELS")
+    first = compressor.levels.split(",")[0]
+    if compressor.chunk_size >= int(first):
+        return []
+    return [
+        Problem(
+            f"{chunk}={compressor.chunk_size} is below the first level size of {levels}={compressor.levels!r}: "
+            f"expected at least {first} (the compressor skips chunks smaller than its first level).",
+            chunk,
+            expected=f"at least {first}",
+            found=str(compressor.chunk_size),
+            related=(levels,),
+        )
+    ]
+
+
+def _database_problems(s: Settings) -> list[Problem]:
+    database, password = Var("SYNAPSE_DATABASE"), Var("POSTGRES_PASSWORD")
+    if s.database.database != "postgres" or s.database.password is not None:
+        return []
+    return [
+        Problem(
+            f"{database}=postgres needs {password} (the external database's password).",
+            password,
+            expected="the external database's password",
+            found="nothing",
+            related=(database,),
+        )
+    ]
+
+
+def _nginx_buffer_problems(s: Settings) -> list[Problem]:
+    nginx = s.nginx
+    size, busy = Var("NGINX_PROXY_BUFFER_SIZE_BYTES"), Var("NGINX_PROXY_BUSY_BUFFERS_SIZE_BYTES")
+    temp = Var("NGINX_PROXY_TEMP_FILE_WRITE_SIZE_BYTES")
+    problems = []
+    buffer, buffers_total = nginx.proxy_buffer_size, PROXY_BUFFER_COUNT * nginx.proxy_buffer_size
+    if nginx.proxy_busy_buffers_size < buffer:
+        problems.append(
+            Problem(
+                f"{busy}={nginx.proxy_busy_buffers_size} is below the proxy buffer size {buffer}: expected at least "
+                f"{size}.",
+                busy,
+                expected=f"at least {buffer}",
+                found=str(nginx.proxy_busy_buffers_size),
+                related=(size,),
+            )
+        )
+    if nginx.proxy_temp_file_write_size < buffer:
+        problems.append(
+            Problem(
+                f"{temp}={nginx.proxy_temp_file_write_size} is below the proxy buffer size {buffer}: expected at "
+                f"least {size} (nginx refuses less).",
+                temp,
+                expected=f"at least {buffer}",
+                found=str(nginx.proxy_temp_file_write_size),
+                related=(size,),
+            )
+        )
+    if nginx.proxy_busy_buffers_size >= buffers_total - buffer:
+        problems.append(
+            Problem(
+                f"{busy}={nginx.proxy_busy_buffers_size} is too large: expected below {buffers_total - buffer} "
+                f"({PROXY_BUFFER_COUNT - 1} proxy buffers of {buffer} bytes).",
+                busy,
+                expected=f"below {buffers_total - buffer}",
+                found=str(nginx.proxy_busy_buffers_size),
+                related=(size,),
+            )
+        )
+    return problems
+
+
+# Unix sockets cannot cross hosts: replication, nginx's upstreams and metrics scrapes all may.
+NO_UNIX_SOCKETS_ACROSS_HOSTS = (
+    "SYNAPSE_PUBLIC_UNIX_SOCKETS",
+    "SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS",
+    "SYNAPSE_METRICS_UNIX_SOCKETS",
+)
+NOT_ACROSS_HOSTS_YET = (
+    "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT",
+    "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT",
+    "SYNAPSE_ENABLE_COMPRESSOR",
+)
+
+
+def placement_problems(s: Settings) -> list[Problem]:
+    """SYNAPSE_HOSTS/SYNAPSE_PLACEMENT against each other and against what cannot cross hosts. (Each pair's own
+    syntax is the field's type, `_hosts`/`_placement`; which keys name workers needs the worker list and the
+    homeserver file: plan.py's `_placement`.)"""
+    hosts, placement = Var("SYNAPSE_HOSTS"), Var("SYNAPSE_PLACEMENT")
+    if not s.placement.hosts:
+        if s.placement.placement:
+            return [
+                Problem(
+                    f"{placement} is set without {hosts}: expected {hosts} naming the hosts it uses.",
+                    hosts,
+                    expected=f"the hosts {placement} uses",
+                    found="nothing",
+                    related=(placement,),
+                )
+            ]
         return []
     problems = []
-    names = [name for name, _ in placement.hosts]
-    for key, host in placement.placement:
+    names = [name for name, _ in s.placement.hosts]
+    for key, host in s.placement.placement:
         if host not in names:
             problems.append(
-                f"SYNAPSE_PLACEMENT places {key!r} on {host!r}, which is not in SYNAPSE_HOSTS: expected one of "
-                + ", ".join(names)
-                + "."
+                Problem(
+                    f"{placement} places {key!r} on {host!r}, which is not in {hosts}: expected one of "
+                    + ", ".join(names)
+                    + ".",
+                    placement,
+                    expected="one of " + ", ".join(names),
+                    found=host,
+                    related=(hosts,),
+                )
             )
-    # Unix sockets cannot cross hosts: replication, nginx's upstreams and metrics scrapes all may.
-    for variable, on in (
-        ("SYNAPSE_PUBLIC_UNIX_SOCKETS", s.listen.public_unix_sockets),
-        ("SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS", s.listen.replication_unix_sockets),
-        ("SYNAPSE_METRICS_UNIX_SOCKETS", s.metrics.unix_sockets),
-    ):
-        if on:
-            problems.append(
-                f"{variable} is on, but SYNAPSE_HOSTS spreads the deployment over several hosts and unix sockets "
+    for name in NO_UNIX_SOCKETS_ACROSS_HOSTS + NOT_ACROSS_HOSTS_YET:
+        variable = Var(name)
+        if not s.value(name):
+            continue
+        if name in NOT_ACROSS_HOSTS_YET:
+            message = f"{variable} is not supported with {hosts} yet: expected it unset."
+        else:
+            message = (
+                f"{variable} is on, but {hosts} spreads the deployment over several hosts and unix sockets "
                 f"cannot cross hosts: expected {variable} unset (TCP on each host's address)."
             )
-    for variable, on in (
-        ("SYNAPSE_ENABLE_REDIS_METRIC_EXPORT", s.metrics.redis_export),
-        ("SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT", s.metrics.postgres_export),
-        ("SYNAPSE_ENABLE_COMPRESSOR", s.compressor.enabled),
-    ):
-        if on:
-            problems.append(f"{variable} is not supported with SYNAPSE_HOSTS yet: expected it unset.")
+        problems.append(Problem(message, variable, expected="unset", found="on", related=(hosts,)))
     return problems

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+from .errors import Problem, Variable, YamlPath
 from .homeserver import GENERATED_LOG_CONFIG
 from .plan import POSTGRES_EXPORTER, REDIS_EXPORTER, Plan
 from .settings import SECTIONS, VARIABLES
@@ -60,6 +61,30 @@ NEEDS_EXTERNAL_POSTGRES = (
 )
 
 
+# The variables the sentences below name (made at import: a name not in the registry fails there).
+METRICS = Variable("SYNAPSE_METRICS")
+BUILTIN_COTURN = Variable("SYNAPSE_ENABLE_BUILTIN_COTURN")
+EXTERNAL_IP = Variable("COTURN_EXTERNAL_IP")
+COTURN_PORT = Variable("COTURN_PORT")
+LOG_CONFIG = Variable("SYNAPSE_LOG_CONFIG")
+LOGS_TO_DISK = Variable("SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK")
+REDIS_EXPORT = Variable("SYNAPSE_ENABLE_REDIS_METRIC_EXPORT")
+POSTGRES_EXPORT = Variable("SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT")
+WORKER_TYPES = Variable("SYNAPSE_WORKER_TYPES")
+POSTGRES_PASSWORD = Variable("POSTGRES_PASSWORD")
+TURN_SECRET = Variable("SYNAPSE_TURN_SECRET")
+TURN_URIS = Variable("SYNAPSE_TURN_URIS")
+TLS_PORT, TLS_CERT, TLS_KEY = Variable("SYNAPSE_TLS_PORT"), Variable("SYNAPSE_TLS_CERT"), Variable("SYNAPSE_TLS_KEY")
+REPLICATION_SOCKETS = Variable("SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS")
+DISABLE_LOGROTATE = Variable("NGINX_DISABLE_LOGROTATE")
+
+
+def _unused(names: list[str], message: str, *needs: Variable, expected: str) -> Problem:
+    """Variables that do nothing here: the first is the subject, the others and what they need are related."""
+    first, *rest = (Variable(name) for name in names)
+    return Problem(message, first, expected=expected, found="set", related=(*rest, *needs))
+
+
 @dataclass(frozen=True)
 class Facts:
     """What only the machine knows, gathered by facts_here()."""
@@ -88,10 +113,10 @@ def _do(names: list[str]) -> str:
     return "does" if len(names) == 1 else "do"
 
 
-def start_warnings(plan: Plan, env: Mapping[str, str], facts: Facts) -> list[str]:
+def start_warnings(plan: Plan, env: Mapping[str, str], facts: Facts) -> list[Problem]:
     """Every setting that will do nothing in this combination, with what would make it count."""
     s, hs = plan.settings, plan.homeserver
-    warnings: list[str] = []
+    warnings: list[Problem] = []
 
     def given(names: tuple[str, ...] | list[str]) -> list[str]:
         return [name for name in names if _set(plan, env, name)]
@@ -101,75 +126,145 @@ def start_warnings(plan: Plan, env: Mapping[str, str], facts: Facts) -> list[str
         if unused:
             keys = ", ".join(GENERATION_ONLY[name] for name in unused)
             warnings.append(
-                f"{_names(unused)} {_do(unused)} nothing: {hs.path} exists, and these are read only to generate "
-                f"it. Change the same settings in {hs.path} instead ({keys})."
+                _unused(
+                    unused,
+                    f"{_names(unused)} {_do(unused)} nothing: {hs.path} exists, and these are read only to generate "
+                    f"it. Change the same settings in {hs.path} instead ({keys}).",
+                    expected=f"unset: {hs.path} holds these settings ({keys})",
+                )
             )
         log_config = s.homeserver.log_config
         if log_config and not facts.env_log_config_exists:
             warnings.append(
-                f"SYNAPSE_LOG_CONFIG={log_config} does nothing: it is not an existing file, so every process "
-                "keeps its own generated log config."
+                Problem(
+                    f"{LOG_CONFIG}={log_config} does nothing: it is not an existing file, so every process "
+                    "keeps its own generated log config.",
+                    LOG_CONFIG,
+                    expected="an existing file",
+                    found=log_config,
+                )
             )
         elif hs.log_config and hs.user_log_config is None and not facts.file_log_config_is_ours:
             warnings.append(
-                f"log_config {hs.log_config} in {hs.path} is not used: every process gets its own generated log "
-                "config (its output goes to the container's log; SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK adds files). "
-                f"To apply that file to every process instead, set SYNAPSE_LOG_CONFIG={hs.log_config} (its file "
-                "handlers are then shared by every process)."
+                Problem(
+                    f"log_config {hs.log_config} in {hs.path} is not used: every process gets its own generated log "
+                    f"config (its output goes to the container's log; {LOGS_TO_DISK} adds files). "
+                    f"To apply that file to every process instead, set {LOG_CONFIG}={hs.log_config} (its file "
+                    "handlers are then shared by every process).",
+                    YamlPath(hs.path, "log_config"),
+                    expected=f"{LOG_CONFIG}={hs.log_config} to apply it",
+                    found=hs.log_config,
+                    related=(LOG_CONFIG, LOGS_TO_DISK),
+                )
             )
     if not s.metrics.enabled:
         unused = given(NEEDS_METRICS)
         if unused:
             warnings.append(
-                f"{_names(unused)} {_do(unused)} nothing without SYNAPSE_METRICS=on (the built-in Prometheus, "
-                "the metrics listeners and the exporters all come with it)."
+                _unused(
+                    unused,
+                    f"{_names(unused)} {_do(unused)} nothing without {METRICS}=on (the built-in Prometheus, "
+                    "the metrics listeners and the exporters all come with it).",
+                    METRICS,
+                    expected=f"{METRICS}=on",
+                )
             )
     else:
         if s.metrics.redis_export and plan.service(REDIS_EXPORTER) is None:
             why = (
                 f"Redis is external ({hs.path} sets redis)"
                 if plan.redis is not None
-                else "the stack runs Redis only with workers (SYNAPSE_WORKER_TYPES)"
+                else f"the stack runs Redis only with workers ({WORKER_TYPES})"
             )
-            warnings.append(f"SYNAPSE_ENABLE_REDIS_METRIC_EXPORT does nothing: {why}.")
+            needs = () if plan.redis is not None else (WORKER_TYPES,)
+            warnings.append(
+                _unused([REDIS_EXPORT.name], f"{REDIS_EXPORT} does nothing: {why}.", *needs, expected="Redis we run")
+            )
         if s.metrics.postgres_export and plan.service(POSTGRES_EXPORTER) is None:
             warnings.append(
-                "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT does nothing: there is no embedded PostgreSQL and no "
-                "POSTGRES_PASSWORD for the exporter to reach an external one"
-                + (f" ({hs.path} uses SQLite)." if hs.database == "sqlite" else ".")
+                _unused(
+                    [POSTGRES_EXPORT.name],
+                    f"{POSTGRES_EXPORT} does nothing: there is no embedded PostgreSQL and no "
+                    f"{POSTGRES_PASSWORD} for the exporter to reach an external one"
+                    + (f" ({hs.path} uses SQLite)." if hs.database == "sqlite" else "."),
+                    POSTGRES_PASSWORD,
+                    expected=f"an embedded PostgreSQL, or {POSTGRES_PASSWORD}",
+                )
             )
     if not s.turn.builtin_coturn:
         unused = given(NEEDS_COTURN)
         if unused:
-            warnings.append(f"{_names(unused)} {_do(unused)} nothing without SYNAPSE_ENABLE_BUILTIN_COTURN=on.")
+            warnings.append(
+                _unused(
+                    unused,
+                    f"{_names(unused)} {_do(unused)} nothing without {BUILTIN_COTURN}=on.",
+                    BUILTIN_COTURN,
+                    expected=f"{BUILTIN_COTURN}=on",
+                )
+            )
     elif facts.in_container and s.turn.external_ip is None:
         warnings.append(
-            "SYNAPSE_ENABLE_BUILTIN_COTURN is on in a container without COTURN_EXTERNAL_IP: coturn then announces "
-            "the container's own address, which callers outside cannot reach (the original image looked the "
-            "public address up on the internet at every start; this one never does). Set COTURN_EXTERNAL_IP to "
-            "the public IPv4 address your router forwards COTURN_PORT and the relay ports from."
+            Problem(
+                f"{BUILTIN_COTURN} is on in a container without {EXTERNAL_IP}: coturn then announces "
+                "the container's own address, which callers outside cannot reach (the original image looked the "
+                f"public address up on the internet at every start; this one never does). Set {EXTERNAL_IP} to "
+                f"the public IPv4 address your router forwards {COTURN_PORT} and the relay ports from.",
+                EXTERNAL_IP,
+                expected="the public IPv4 address",
+                found="nothing",
+                related=(BUILTIN_COTURN,),
+            )
         )
-    if _set(plan, env, "SYNAPSE_TURN_SECRET") and not plan.turn_uris:
+    if _set(plan, env, TURN_SECRET.name) and not plan.turn_uris:
         warnings.append(
-            "SYNAPSE_TURN_SECRET does nothing without SYNAPSE_TURN_URIS or SYNAPSE_ENABLE_BUILTIN_COTURN=on "
-            "(a turn_shared_secret in homeserver.yaml is Synapse's own and stays as it is)."
+            _unused(
+                [TURN_SECRET.name],
+                f"{TURN_SECRET} does nothing without {TURN_URIS} or {BUILTIN_COTURN}=on "
+                "(a turn_shared_secret in homeserver.yaml is Synapse's own and stays as it is).",
+                TURN_URIS,
+                BUILTIN_COTURN,
+                expected=f"{TURN_URIS} or {BUILTIN_COTURN}=on",
+            )
         )
     if s.database.kind != "postgres":
         unused = given(NEEDS_EXTERNAL_POSTGRES)
         if unused:
             warnings.append(
-                f"{_names(unused)} {_do(unused)} nothing without POSTGRES_PASSWORD (which selects an external "
-                "PostgreSQL for a generated homeserver.yaml and lets the exporter reach it)."
+                _unused(
+                    unused,
+                    f"{_names(unused)} {_do(unused)} nothing without {POSTGRES_PASSWORD} (which selects an external "
+                    "PostgreSQL for a generated homeserver.yaml and lets the exporter reach it).",
+                    POSTGRES_PASSWORD,
+                    expected=f"{POSTGRES_PASSWORD}",
+                )
             )
-    if _set(plan, env, "SYNAPSE_TLS_PORT") and plan.public.tls_port is None:
-        warnings.append("SYNAPSE_TLS_PORT does nothing without SYNAPSE_TLS_CERT and SYNAPSE_TLS_KEY.")
-    if _set(plan, env, "SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS") and not plan.workers:
+    if _set(plan, env, TLS_PORT.name) and plan.public.tls_port is None:
         warnings.append(
-            "SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS does nothing without workers (a monolith has no replication)."
+            _unused(
+                [TLS_PORT.name],
+                f"{TLS_PORT} does nothing without {TLS_CERT} and {TLS_KEY}.",
+                TLS_CERT,
+                TLS_KEY,
+                expected=f"{TLS_CERT} and {TLS_KEY}",
+            )
         )
-    if _set(plan, env, "NGINX_DISABLE_LOGROTATE") and not s.logging.to_disk:
+    if _set(plan, env, REPLICATION_SOCKETS.name) and not plan.workers:
         warnings.append(
-            "NGINX_DISABLE_LOGROTATE does nothing without SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK (no log files to rotate)."
+            _unused(
+                [REPLICATION_SOCKETS.name],
+                f"{REPLICATION_SOCKETS} does nothing without workers (a monolith has no replication).",
+                WORKER_TYPES,
+                expected=f"workers ({WORKER_TYPES})",
+            )
+        )
+    if _set(plan, env, DISABLE_LOGROTATE.name) and not s.logging.to_disk:
+        warnings.append(
+            _unused(
+                [DISABLE_LOGROTATE.name],
+                f"{DISABLE_LOGROTATE} does nothing without {LOGS_TO_DISK} (no log files to rotate).",
+                LOGS_TO_DISK,
+                expected=f"{LOGS_TO_DISK}=on",
+            )
         )
     return warnings
 
