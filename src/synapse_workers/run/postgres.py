@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..plan import Plan
 from ..programs import child_environment, setpriv_prefix
+from ..secrets import PASSFILE_SYNAPSE
 
 HBA = """\
 # Written by synapse-workers on every start.
@@ -103,7 +104,7 @@ def prepare_cluster(plan: Plan, as_root: bool, setpriv: str) -> pwd.struct_passw
 def ensure_database(plan: Plan, owner: pwd.struct_passwd, as_root: bool, setpriv: str) -> None:
     """Create the synapse role and database if missing; (re)set the role's password from the passfile."""
     assert plan.postgres is not None
-    password = Path(plan.secrets.postgres).read_text().strip().rsplit(":", 1)[1]
+    password = PASSFILE_SYNAPSE.value(Path(plan.secrets.postgres).read_text())
     quoted = password.replace("'", "''")
     sql = f"""
 SELECT 'CREATE ROLE synapse LOGIN' WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'synapse')\\gexec
