@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import UserError
+from .errors import Problem, UserError, Variable, YamlPath
 from .homeserver import HomeserverInfo, describe, read_homeserver
 from .layout import RUNTIME_MARKER, make_layout
 from .plan import Plan, make_plan
@@ -127,16 +127,23 @@ def _check_listener_tls(info: HomeserverInfo) -> None:
                 pass
         except OSError as exc:
             tls = next(lst.yaml_path for lst in info.listeners if lst.tls)
+            expected = f"a readable PEM file, which nginx serves the TLS listener {tls} with"
             problems.append(
-                f"{info.path} (SYNAPSE_CONFIG_PATH) at {key!r}: {path!r} cannot be read ({exc.strerror}): expected "
-                f"a readable PEM file, which nginx serves the TLS listener {tls} with."
+                Problem(
+                    f"{info.path} ({CONFIG_PATH}) at {key!r}: {path!r} cannot be read ({exc.strerror}): expected "
+                    f"{expected}.",
+                    YamlPath(info.path, key),
+                    expected=expected,
+                    found=f"{path!r} ({exc.strerror})",
+                    related=(CONFIG_PATH,),
+                )
             )
     if problems:
         raise UserError(*problems)
 
 
 def _raw_workers(env: Mapping[str, str]) -> str:
-    return env.get("SYNAPSE_WORKER_TYPES", "")
+    return env.get(WORKER_TYPES.name, "")
 
 
 def _appservices(settings: Settings) -> tuple[str, ...]:
@@ -147,43 +154,75 @@ def _appservices(settings: Settings) -> tuple[str, ...]:
     return tuple(appservices)
 
 
+# The variables the checks below name (made at import: a name not in the registry fails there).
+CONFIG_PATH = Variable("SYNAPSE_CONFIG_PATH")
+WORKER_TYPES = Variable("SYNAPSE_WORKER_TYPES")
+RUNTIME_DIR = Variable("SYNAPSE_RUNTIME_DIR")
+
+
 def _check_files(settings: Settings) -> None:
     problems = []
     listen, core = settings.listen, settings.core
-    for name, path in (("SYNAPSE_TLS_CERT", listen.tls_cert), ("SYNAPSE_TLS_KEY", listen.tls_key)):
+    for variable, path in (
+        (Variable("SYNAPSE_TLS_CERT"), listen.tls_cert),
+        (Variable("SYNAPSE_TLS_KEY"), listen.tls_key),
+    ):
         if path and not os.path.isfile(path):
-            problems.append(f"{name}={path!r} is invalid: expected an existing file (PEM).")
+            problems.append(Problem.invalid(variable, repr(path), "an existing file (PEM)"))
     if core.as_registration_dir and not os.path.isdir(core.as_registration_dir):
         problems.append(
-            f"SYNAPSE_AS_REGISTRATION_DIR={core.as_registration_dir!r} is invalid: expected an existing "
-            "directory of application service registration files (*.yaml)."
+            Problem.invalid(
+                Variable("SYNAPSE_AS_REGISTRATION_DIR"),
+                repr(core.as_registration_dir),
+                "an existing directory of application service registration files (*.yaml)",
+            )
         )
+    appservices = Variable("SYNAPSE_APPSERVICES")
     for path in core.appservices:
         if not os.path.isfile(path):
-            problems.append(f"SYNAPSE_APPSERVICES names {path!r}, which is not an existing file.")
+            problems.append(
+                Problem(
+                    f"{appservices} names {path!r}, which is not an existing file.",
+                    appservices,
+                    expected="existing files",
+                    found=repr(path),
+                )
+            )
     problems += _check_own_dirs(settings)
     if problems:
         raise UserError(*problems)
 
 
-def _check_own_dirs(settings: Settings) -> list[str]:
+def _check_own_dirs(settings: Settings) -> list[Problem]:
     """The runtime dir holds only what we write; no directory we write into resolves to a system one."""
     core = settings.core
     problems = []
-    for name, path in (
-        ("SYNAPSE_CONFIG_DIR", core.config_dir),
-        ("SYNAPSE_DATA_DIR", core.data_dir),
-        ("SYNAPSE_RUNTIME_DIR", core.runtime_dir),
+    for variable, path in (
+        (Variable("SYNAPSE_CONFIG_DIR"), core.config_dir),
+        (Variable("SYNAPSE_DATA_DIR"), core.data_dir),
+        (RUNTIME_DIR, core.runtime_dir),
     ):
         real = os.path.realpath(path)
         if real != os.path.normpath(path) and real in SYSTEM_DIRS:
             problems.append(
-                f"{name}={path!r} is invalid: it leads to the system directory {real!r}; expected a "
-                "directory of its own."
+                Problem(
+                    f"{variable}={path!r} is invalid: it leads to the system directory {real!r}; expected a "
+                    "directory of its own.",
+                    variable,
+                    expected="a directory of its own",
+                    found=f"{path!r}, which leads to {real!r}",
+                )
             )
     runtime = core.runtime_dir
     if os.path.lexists(runtime) and not os.path.isdir(runtime):
-        problems.append(f"SYNAPSE_RUNTIME_DIR={runtime!r} is invalid: it exists and is not a directory.")
+        problems.append(
+            Problem(
+                f"{RUNTIME_DIR}={runtime!r} is invalid: it exists and is not a directory.",
+                RUNTIME_DIR,
+                expected="a directory",
+                found=f"{runtime!r}, which is not one",
+            )
+        )
     elif os.path.isdir(runtime):
         entries = os.listdir(runtime)
         layout = make_layout(runtime, core.data_dir)
@@ -195,9 +234,14 @@ def _check_own_dirs(settings: Settings) -> list[str]:
         if not ours:
             shown = ", ".join(layout.foreign_entries(entries)[:5] or sorted(entries)[:5])
             problems.append(
-                f"SYNAPSE_RUNTIME_DIR={runtime!r} is invalid: it holds files synapse-workers did not create "
-                f"({shown}), and everything in the runtime dir is replaced on every start. Expected an empty "
-                "or new directory (the default /run/synapse-workers is one)."
+                Problem(
+                    f"{RUNTIME_DIR}={runtime!r} is invalid: it holds files synapse-workers did not create "
+                    f"({shown}), and everything in the runtime dir is replaced on every start. Expected an empty "
+                    "or new directory (the default /run/synapse-workers is one).",
+                    RUNTIME_DIR,
+                    expected="an empty or new directory, or one synapse-workers made",
+                    found=f"files synapse-workers did not create ({shown})",
+                )
             )
     return problems
 

@@ -12,9 +12,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from . import catalog
-from .errors import UserError
+from .errors import Problem, UserError, Variable
 
-VAR = "SYNAPSE_WORKER_TYPES"
+VAR = Variable("SYNAPSE_WORKER_TYPES")
 NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*[A-Za-z_+-]|[A-Za-z]")  # no trailing digit: we append one
 MAX_COUNT = 64
 # More workers than any deployment could use: matrix.org ran on the order of a hundred across many machines;
@@ -47,8 +47,13 @@ def parse_workers(spec: str) -> tuple[Worker, ...]:
         key = tuple(sorted(types))
         if bases.setdefault(base, key) != key:
             raise UserError(
-                f"{VAR}: the worker name {base!r} is used for two different type lists "
-                f"({'+'.join(bases[base])} and {'+'.join(key)}): give each its own name."
+                Problem(
+                    f"{VAR}: the worker name {base!r} is used for two different type lists "
+                    f"({'+'.join(bases[base])} and {'+'.join(key)}): give each its own name.",
+                    VAR,
+                    expected="one type list per worker name",
+                    found=item,
+                )
             )
         roles = tuple(sorted({r for t in types for r in catalog.expand_type(t)}))
         for _ in range(count):
@@ -56,9 +61,14 @@ def parse_workers(spec: str) -> tuple[Worker, ...]:
             workers.append(Worker(f"{base}{counters[base]}", types, roles))
     if len(workers) > MAX_WORKERS:
         raise UserError(
-            f"{VAR}: {len(workers)} workers (with main, {len(workers) + 1} Synapse processes): expected at most "
-            f"{MAX_WORKERS}. More cannot be useful: they would need {len(workers) * 41 // 1024} GiB or more at idle "
-            "alone (docs/benchmarks.md). Check the counts (:N) and presets in the list."
+            Problem(
+                f"{VAR}: {len(workers)} workers (with main, {len(workers) + 1} Synapse processes): expected at most "
+                f"{MAX_WORKERS}. More cannot be useful: they would need {len(workers) * 41 // 1024} GiB or more at "
+                "idle alone (docs/benchmarks.md). Check the counts (:N) and presets in the list.",
+                VAR,
+                expected=f"at most {MAX_WORKERS} workers",
+                found=f"{len(workers)} workers",
+            )
         )
     _check_instances(workers)
     return tuple(workers)
@@ -73,7 +83,14 @@ def _items(spec: str) -> list[str]:
         if item.lower() == "full":
             items.extend(catalog.FULL_PRESET)
         elif re.fullmatch(r"(?i)([^=]*=)?\s*full\s*(:.*)?", item):
-            raise UserError(f"{VAR}: {item!r}: full is a preset of 16 workers and takes no name or count.")
+            raise UserError(
+                Problem(
+                    f"{VAR}: {item!r}: full is a preset of 16 workers and takes no name or count.",
+                    VAR,
+                    expected="full alone",
+                    found=item,
+                )
+            )
         else:
             items.append(item)
     return items
@@ -85,17 +102,30 @@ def _parse_item(item: str) -> tuple[str | None, tuple[str, ...], int]:
     if "=" in rest:
         name, rest = (part.strip() for part in rest.split("=", 1))
         if not NAME_RE.fullmatch(name) or name.lower() in RESERVED_NAMES:
+            expected = (
+                "letters, digits, _, + or -, starting with a letter and not ending in a digit (a number is "
+                "appended), and not main/master"
+            )
             raise UserError(
-                f"{VAR}: {item!r} has an invalid worker name {name!r}: expected letters, digits, _, + or -, "
-                "starting with a letter and not ending in a digit (a number is appended), and not main/master."
+                Problem(
+                    f"{VAR}: {item!r} has an invalid worker name {name!r}: expected {expected}.",
+                    VAR,
+                    expected=expected,
+                    found=name,
+                )
             )
     count = 1
     if ":" in rest:
         rest, count_text = (part.strip() for part in rest.rsplit(":", 1))
         if not re.fullmatch(r"[0-9]+", count_text) or int(count_text) > MAX_COUNT:
+            expected = f"a whole number from 0 to {MAX_COUNT} (0 leaves the item out)"
             raise UserError(
-                f"{VAR}: {item!r} has an invalid count {count_text!r}: expected a whole number from 0 to "
-                f"{MAX_COUNT} (0 leaves the item out)."
+                Problem(
+                    f"{VAR}: {item!r} has an invalid count {count_text!r}: expected {expected}.",
+                    VAR,
+                    expected=expected,
+                    found=count_text,
+                )
             )
         count = int(count_text)
     types = tuple(t.strip().lower() for t in rest.split("+"))
@@ -104,19 +134,34 @@ def _parse_item(item: str) -> tuple[str | None, tuple[str, ...], int]:
             raise UserError(_unknown_type(item, t))
     dupes = sorted(t for t, n in Counter(types).items() if n > 1)
     if dupes:
-        raise UserError(f"{VAR}: {item!r} lists {', '.join(dupes)} more than once.")
+        raise UserError(
+            Problem(
+                f"{VAR}: {item!r} lists {', '.join(dupes)} more than once.",
+                VAR,
+                expected="each type once per item",
+                found=item,
+            )
+        )
     return name, types, count
 
 
-def _unknown_type(item: str, word: str) -> str:
+def _unknown_type(item: str, word: str) -> Problem:
     if not word:
-        return f"{VAR}: {item!r} has an empty worker type: expected type names joined by '+'."
+        return Problem(
+            f"{VAR}: {item!r} has an empty worker type: expected type names joined by '+'.",
+            VAR,
+            expected="type names joined by '+'",
+            found=item,
+        )
     close = difflib.get_close_matches(word, catalog.TYPE_NAMES + ("full",), n=1, cutoff=0.6)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return (
+    return Problem(
         f"{VAR}: unknown worker type {word!r} in {item!r}.{hint} Known types: "
         + ", ".join(catalog.TYPE_NAMES)
-        + ", and the preset full."
+        + ", and the preset full.",
+        VAR,
+        expected="one of " + ", ".join(catalog.TYPE_NAMES) + ", or full",
+        found=word,
     )
 
 
@@ -129,8 +174,13 @@ def _check_instances(workers: list[Worker]) -> None:
         if len(holders) > role.max_instances:
             what = f"the {role.streams[0]} stream has exactly one writer" if role.streams else role.duty
             problems.append(
-                f"{VAR}: {role.name!r} can run on only one worker (Synapse: {what}), "
-                f"but {len(holders)} are declared: {', '.join(holders)}."
+                Problem(
+                    f"{VAR}: {role.name!r} can run on only one worker (Synapse: {what}), "
+                    f"but {len(holders)} are declared: {', '.join(holders)}.",
+                    VAR,
+                    expected=f"at most one worker with {role.name}",
+                    found=", ".join(holders),
+                )
             )
     if problems:
         raise UserError(*problems)
