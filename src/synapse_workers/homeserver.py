@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .errors import File, Problem, UserError, Variable
 from .homeserver_keys import check_shape
 from .layout import SecretPaths
 from .settings import Settings
@@ -81,32 +81,51 @@ class HomeserverInfo:
     key_files: tuple[tuple[str, str], ...] = ()
 
 
+# The variables the sentences below name (made at import: a name not in the registry fails there).
+CONFIG_PATH = Variable("SYNAPSE_CONFIG_PATH")
+SERVER_NAME = Variable("SYNAPSE_SERVER_NAME")
+REPORT_STATS = Variable("SYNAPSE_REPORT_STATS")
+WORKER_TYPES = Variable("SYNAPSE_WORKER_TYPES")
+DATABASE = Variable("SYNAPSE_DATABASE")
+
+
+def _unreadable(path: str, message: str, expected: str, found: str) -> UserError:
+    return UserError(Problem(message, File(path), expected=expected, found=found, related=(CONFIG_PATH,)))
+
+
 def read_homeserver(path: str) -> dict[str, Any] | None:
     """The parsed file, or None when it does not exist (`describe` checks the shape of what it holds)."""
     if not os.path.exists(path):
         return None
-    where = f"{path} (SYNAPSE_CONFIG_PATH)"
+    where = f"{path} ({CONFIG_PATH})"
     try:
         with open(path, "rb") as handle:
             data = handle.read()
     except OSError as exc:
-        raise UserError(f"{where} cannot be read: {exc.strerror}.") from None
+        raise _unreadable(
+            path, f"{where} cannot be read: {exc.strerror}.", "a readable file", str(exc.strerror)
+        ) from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise UserError(
-            f"{where} is not UTF-8 text: the byte 0x{data[exc.start]:02x} on line {line} is not UTF-8; expected "
-            "a UTF-8 YAML file (save it as UTF-8)."
+        found = f"the byte 0x{data[exc.start]:02x} on line {line}"
+        raise _unreadable(
+            path,
+            f"{where} is not UTF-8 text: {found} is not UTF-8; expected a UTF-8 YAML file (save it as UTF-8).",
+            "a UTF-8 YAML file",
+            found,
         ) from None
     stream = io.StringIO(text)
     stream.name = path  # a stream, not the text: PyYAML's messages then quote no line (it may hold a password)
     try:
         doc = yaml.safe_load(stream)
     except yaml.YAMLError as exc:
-        raise UserError(f"{where} cannot be read as YAML: {exc}") from None
+        raise _unreadable(path, f"{where} cannot be read as YAML: {exc}", "YAML", str(exc)) from None
     if not isinstance(doc, dict):
-        raise UserError(f"{where} is not a YAML mapping of Synapse settings.")
+        raise _unreadable(
+            path, f"{where} is not a YAML mapping of Synapse settings.", "a YAML mapping", type(doc).__name__
+        )
     return doc
 
 
@@ -115,7 +134,7 @@ def check_homeserver(settings: Settings, path: str, doc: dict[str, Any]) -> None
     exit 2 naming the YAML path, never a traceback further on. A key that shared.yaml sets over the file's
     (max_upload_size with SYNAPSE_MAX_UPLOAD_SIZE) is never read from the file, by us or by Synapse."""
     skip = ("max_upload_size",) if "max_upload_size" in settings.core.model_fields_set else ()
-    problems = check_shape(doc, f"{path} (SYNAPSE_CONFIG_PATH)", skip)
+    problems = check_shape(doc, f"{path} ({CONFIG_PATH})", skip, file=path)
     if problems:
         raise UserError(*problems)
 
@@ -126,11 +145,21 @@ def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) 
     if doc is None:
         if not core.server_name:
             raise UserError(
-                f"SYNAPSE_SERVER_NAME is required: there is no {path} yet, and one is generated from the environment."
+                Problem(
+                    f"{SERVER_NAME} is required: there is no {path} yet, and one is generated from the environment.",
+                    SERVER_NAME,
+                    expected="the server name (there is no homeserver.yaml yet)",
+                    found="nothing",
+                )
             )
         if core.report_stats is None:
             raise UserError(
-                f"SYNAPSE_REPORT_STATS is required (yes or no): there is no {path} yet, and one is generated."
+                Problem(
+                    f"{REPORT_STATS} is required (yes or no): there is no {path} yet, and one is generated.",
+                    REPORT_STATS,
+                    expected="yes or no (there is no homeserver.yaml yet)",
+                    found="nothing",
+                )
             )
         database = "sqlite" if settings.database.kind == "sqlite" else "postgres"
         info = HomeserverInfo(
@@ -152,10 +181,16 @@ def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) 
         user_log_config=_user_log_config(settings),
     )
     if has_workers and info.database == "sqlite":
-        where = f"{path} uses SQLite" if info.exists else "SYNAPSE_DATABASE=sqlite"
+        where = f"{path} uses SQLite" if info.exists else f"{DATABASE}=sqlite"
         raise UserError(
-            f"SYNAPSE_WORKER_TYPES needs PostgreSQL, but {where}: Synapse workers share one PostgreSQL database. "
-            "Port the database to PostgreSQL (synapse_port_db) or leave SYNAPSE_WORKER_TYPES empty."
+            Problem(
+                f"{WORKER_TYPES} needs PostgreSQL, but {where}: Synapse workers share one PostgreSQL database. "
+                f"Port the database to PostgreSQL (synapse_port_db) or leave {WORKER_TYPES} empty.",
+                WORKER_TYPES,
+                expected="PostgreSQL, or no workers",
+                found=where,
+                related=() if info.exists else (DATABASE,),
+            )
         )
     return info
 
@@ -165,8 +200,13 @@ def _describe_existing(settings: Settings, path: str, doc: dict[str, Any]) -> Ho
     assert isinstance(server_name, str)
     if settings.core.server_name and settings.core.server_name != server_name:
         raise UserError(
-            f"SYNAPSE_SERVER_NAME={settings.core.server_name!r} differs from server_name {server_name!r} in {path}: "
-            "changing the server name breaks an existing homeserver. Unset SYNAPSE_SERVER_NAME or make them equal."
+            Problem(
+                f"{SERVER_NAME}={settings.core.server_name!r} differs from server_name {server_name!r} in {path}: "
+                f"changing the server name breaks an existing homeserver. Unset {SERVER_NAME} or make them equal.",
+                SERVER_NAME,
+                expected=f"unset, or {server_name!r} (server_name in {path})",
+                found=repr(settings.core.server_name),
+            )
         )
     db = doc.get("database") or {}
     engine = db.get("name", "sqlite3") if isinstance(db, dict) else "sqlite3"

@@ -20,6 +20,8 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
+from .errors import Problem, YamlPath
+
 # synapse/config/server.py KNOWN_LISTENER_TYPES and KNOWN_RESOURCES (a unit test compares them with Synapse's).
 LISTENER_TYPES = ("http", "metrics", "manhole")
 RESOURCES = (
@@ -211,10 +213,12 @@ KEYS: tuple[Key, ...] = (
 _TOKEN = re.compile(r"\[\]|[^.\[\]]+")
 
 
-def check_shape(doc: dict[str, Any], where: str, skip: Collection[str] = ()) -> list[str]:
-    """One sentence per value of `doc` that does not have its key's shape; `where` names the file. `skip`:
-    top-level keys that our own config files set over the user's (Synapse then never reads the file's value)."""
-    problems: list[str] = []
+def check_shape(doc: dict[str, Any], where: str, skip: Collection[str] = (), file: str | None = None) -> list[Problem]:
+    """One problem per value of `doc` that does not have its key's shape, its subject the file's concrete YAML
+    path; `where` names the file in the sentence, `file` is its path (default: `where`). `skip`: top-level keys
+    that our own config files set over the user's (Synapse then never reads the file's value)."""
+    problems: list[Problem] = []
+    file = where if file is None else file
     for key in KEYS:
         *parents, last = _TOKEN.findall(key.path)
         if (parents[0] if parents else last) in skip:
@@ -227,7 +231,8 @@ def check_shape(doc: dict[str, Any], where: str, skip: Collection[str] = ()) -> 
                 path = f"{shown}.{last}" if shown else last
                 if last not in parent:
                     if key.required:
-                        problems.append(f"{where} at {path!r}: expected {key.expected}, found nothing (it is missing).")
+                        found = "nothing (it is missing)"
+                        problems.append(_problem(where, YamlPath(file, path), key.expected, found))
                     continue
                 children = [(path, parent[last])]
             else:
@@ -235,8 +240,15 @@ def check_shape(doc: dict[str, Any], where: str, skip: Collection[str] = ()) -> 
             for path, value in children:
                 if (value is not None or not key.nullable) and not key.ok(value):
                     found = (key.found or describe_value)(value)
-                    problems.append(f"{where} at {path!r}: expected {key.expected}, found {found}.")
+                    problems.append(_problem(where, YamlPath(file, path), key.expected, found))
     return problems
+
+
+def _problem(where: str, subject: YamlPath, expected: str, found: str) -> Problem:
+    """Synapse's ConfigError, as a sentence: "<file> at 'a.b[0]': expected ..., found ..."."""
+    return Problem(
+        f"{where} at {subject.path!r}: expected {expected}, found {found}.", subject, expected=expected, found=found
+    )
 
 
 def _resolve(doc: Any, tokens: list[str]) -> list[tuple[str, Any]]:
