@@ -49,9 +49,9 @@ def _make_own_dirs(plan: Plan) -> list[str]:
     core = plan.settings.core
     wanted = [core.config_dir, core.data_dir]
     if not plan.homeserver.exists:
-        wanted.append(plan.settings.homeserver.media_store_path or f"{core.data_dir}/media_store")
-    if plan.settings.logging.to_disk:
-        wanted.append(plan.layout.logs_on_disk)
+        wanted.append(plan.media_store)
+    if plan.disk_logs:
+        wanted.append(plan.disk_logs)
     created = []
     for path in dict.fromkeys(wanted):
         if not os.path.lexists(path):
@@ -194,8 +194,8 @@ def _make_runtime_dirs(plan: Plan) -> None:
     for path in (layout.sockets_dir, layout.nginx_dir):
         Path(path).mkdir(parents=True, exist_ok=True)
     Path(layout.nginx_dir, "tmp").mkdir(exist_ok=True)
-    if plan.settings.logging.to_disk:
-        Path(layout.logs_on_disk).mkdir(parents=True, exist_ok=True)
+    if plan.disk_logs:
+        Path(plan.disk_logs).mkdir(parents=True, exist_ok=True)
 
 
 def _chown_for_synapse(plan: Plan, created: list[str]) -> None:

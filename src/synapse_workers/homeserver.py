@@ -392,11 +392,12 @@ def database_block(settings: Settings, secrets: SecretPaths, embedded_socket_dir
 
 
 def generated_homeserver(
-    settings: Settings, secrets: SecretPaths, embedded_socket_dir: str, port: int
+    settings: Settings, secrets: SecretPaths, embedded_socket_dir: str, port: int, media_store: str
 ) -> dict[str, Any]:
     """homeserver.yaml for a new install: a runnable monolith config; workers are layered on top.
 
-    `port` is the public port (nginx's, and this client listener's when the file is used without us)."""
+    `port` is the public port (nginx's, and this client listener's when the file is used without us);
+    `media_store` the plan's (`Plan.media_store`: SYNAPSE_MEDIA_STORE_PATH or <data dir>/media_store)."""
     core, s = settings.core, settings.homeserver
     doc: dict[str, Any] = {
         "server_name": core.server_name,
@@ -411,7 +412,7 @@ def generated_homeserver(
         ],
         "database": database_block(settings, secrets, embedded_socket_dir),
         "log_config": s.log_config or f"{core.config_dir}/{core.server_name}.log.config",
-        "media_store_path": s.media_store_path or f"{core.data_dir}/media_store",
+        "media_store_path": media_store,
         "max_upload_size": size_text(core.max_upload_size),
         "event_cache_size": s.event_cache_size,
         "signing_key_path": secrets.signing_key,

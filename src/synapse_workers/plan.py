@@ -143,6 +143,8 @@ class Public:
     tls_cert: str | None
     tls_key: str | None
     max_body_size: int
+    # Whose X-Forwarded-For nginx believes (SYNAPSE_TRUSTED_PROXIES: networks, `unix:`); not in `as_json`.
+    trusted_proxies: tuple[str, ...] = ()
 
     @property
     def local_url(self) -> str:
@@ -350,6 +352,17 @@ class Plan:
     extra_listeners: tuple[ExtraListener, ...] = ()
     # One line each, printed by generate, check and run: listeners of the user's file that are not served.
     warnings: tuple[str, ...] = ()
+    # Derived once here, never again by a renderer or the launcher (none of them is in `as_json`):
+    # the generated homeserver.yaml's media_store_path (SYNAPSE_MEDIA_STORE_PATH, or <data dir>/media_store);
+    # an existing homeserver.yaml's own is `homeserver.media_store_path`.
+    media_store: str = ""
+    # Where Synapse and nginx also write their logs (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK); None: stdout only.
+    disk_logs: str | None = None
+
+    @property
+    def synapse_metrics(self) -> bool:
+        """Do the Synapse processes serve metrics (SYNAPSE_METRICS: each has a METRICS listener)?"""
+        return self.main.listener(METRICS) is not None
 
     def local(self, name: str) -> bool:
         """Does `name` (a Synapse process, nginx, postgres or redis) run on the host this plan is rendered for?"""
@@ -510,6 +523,8 @@ def make_plan(
         placement=placement,
         extra_listeners=extra_listeners,
         warnings=warnings,
+        media_store=settings.homeserver.media_store_path or f"{settings.core.data_dir}/media_store",
+        disk_logs=layout.logs_on_disk if settings.logging.to_disk else None,
     )
 
 
@@ -593,8 +608,13 @@ def _embedded_postgres(
     generated = not homeserver.exists and settings.database.kind == "embedded"
     if not generated and homeserver.database_host != socket_dir:
         return None
-    # Each process opens at most cp_max (5) connections; leave room for psql and the compressor.
-    return EmbeddedPostgres(layout.postgres_data_dir, socket_dir, max(100, 5 * (n_workers + 1) + 20))
+    return EmbeddedPostgres(layout.postgres_data_dir, socket_dir, postgres_max_connections(n_workers + 1))
+
+
+def postgres_max_connections(n_processes: int) -> int:
+    """PostgreSQL's max_connections for `n_processes` Synapse processes (the embedded cluster's, an export's
+    PostgreSQL service's): each opens at most cp_max (5) connections; room is left for psql and the compressor."""
+    return max(100, 5 * n_processes + 20)
 
 
 class _PortAllocator:
@@ -711,6 +731,7 @@ def _public(settings: Settings, homeserver: HomeserverInfo) -> Public:
         tls_cert=listen.tls_cert,
         tls_key=listen.tls_key,
         max_body_size=homeserver.max_upload_size,  # what Synapse enforces: the two limits always agree
+        trusted_proxies=listen.trusted_proxies,
     )
 
 
@@ -969,7 +990,7 @@ SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 def _check_socket_paths(settings: Settings, layout: Layout, procs: tuple[Process, ...]) -> None:
     paths = [lst.path for p in procs for lst in p.listeners if lst.path]
-    paths += [layout.redis_socket, layout.supervisor_socket, f"{layout.postgres_socket_dir}/.s.PGSQL.5432"]
+    paths += [layout.redis_socket, layout.supervisor_socket, f"{layout.postgres_socket_dir}/.s.PGSQL.{POSTGRES_PORT}"]
     longest = max(paths, key=lambda p: len(p.encode()))
     if len(longest.encode()) > SOCKET_PATH_MAX:
         raise UserError(

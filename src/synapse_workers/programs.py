@@ -184,7 +184,7 @@ def programs(
     launcher = launcher or LAUNCHERS[plan.settings.core.launch_mode]
     core = plan.settings.core
     synapse_user = (core.uid, core.gid) if as_root else None
-    disk_logs = plan.layout.logs_on_disk if plan.settings.logging.to_disk else None
+    disk_logs = plan.disk_logs
     result: list[Program] = []
 
     if plan.postgres and plan.local(POSTGRES):

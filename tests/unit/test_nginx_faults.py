@@ -65,7 +65,7 @@ def test_when_down_per_route(base_env):
 def test_a_monolith_has_no_fallback(base_env):
     plan = plan_for(base_env, "")
     assert set(when_down(plan).values()) == {None}
-    conf = next(iter(render_nginx(plan).values()))
+    conf = next(iter(render_nginx(plan, plan.settings.nginx).values()))
     assert "error_page" not in conf and "@sw_" not in conf and "$sw_resend_unsafe" not in conf
     assert "proxy_connect_timeout 5s;" in conf
 
@@ -98,7 +98,7 @@ def _locations(conf: str) -> dict[str, str]:
 
 def test_each_worker_route_says_what_happens_when_its_pool_is_down(base_env):
     plan = plan_for(base_env, WORKERS)
-    conf = next(iter(render_nginx(plan).values()))
+    conf = next(iter(render_nginx(plan, plan.settings.nginx).values()))
     bodies = _locations(conf)
     assert set(bodies) == {route.rule.id for route in plan.routes}
     for route in plan.routes:
@@ -116,10 +116,11 @@ def test_each_worker_route_says_what_happens_when_its_pool_is_down(base_env):
 
 
 def test_unbuffered_bodies_are_never_resent_to_main(base_env):
-    buffered = next(iter(render_nginx(plan_for(base_env, "synchrotron")).values()))
+    buffered_plan = plan_for(base_env, "synchrotron")
+    buffered = next(iter(render_nginx(buffered_plan, buffered_plan.settings.nginx).values()))
     assert "$sw_body_streamed" not in buffered
     plan = load_plan({**base_env, "SYNAPSE_WORKER_TYPES": "synchrotron", "NGINX_PROXY_REQUEST_BUFFERING": "off"})
-    conf = next(iter(render_nginx(plan).values()))
+    conf = next(iter(render_nginx(plan, plan.settings.nginx).values()))
     main = re.search(r"location @sw_main \{(.*?)\n        \}", conf, re.S).group(1)
     check = main.index("if ($sw_body_streamed) {")
     assert main.index("add_header Retry-After 5 always;", check) < main.index("return 503 '{", check)
@@ -137,7 +138,7 @@ def test_the_nginx_program_starts_with_the_start_step(base_env, as_root):
     (nginx,) = [p for p in programs(plan, as_root=as_root, binaries=BINARIES) if p.name == "nginx"]
     assert nginx.command == (*START_STEP, "/usr/sbin/nginx", "-c", plan.layout.nginx_conf, "-g", "daemon off;")
     assert nginx.user is None  # binds the public port as root; nginx drops its workers to nobody itself
-    conf = next(iter(render_nginx(plan).values()))
+    conf = next(iter(render_nginx(plan, plan.settings.nginx).values()))
     assert nginx_start.pid_file_of(conf) == f"{plan.layout.nginx_dir}/nginx.pid"
 
 

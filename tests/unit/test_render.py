@@ -482,14 +482,18 @@ def test_generated_homeserver_yaml_is_its_header_and_every_key(env):
     from synapse_workers.render.synapse import log_config
 
     plan, files = rendered(env, BIG)
-    doc = generated_homeserver(plan.settings, plan.secrets, plan.layout.postgres_socket_dir, plan.public.port)
+    doc = generated_homeserver(
+        plan.settings, plan.secrets, plan.layout.postgres_socket_dir, plan.public.port, plan.media_store
+    )
     assert list(doc)[0] == "server_name"
     text, mode = files.once[plan.homeserver.path]
     assert (text, mode) == render_homeserver(plan)[plan.homeserver.path]
     assert text.startswith(HOMESERVER_HEADER) and "rewritten on every start" not in text  # the user's file, not ours
     assert yaml.safe_load(text) == doc
     log_text, log_mode = files.once[doc["log_config"]]
-    assert log_mode == 0o644 and log_text.startswith("#") and yaml.safe_load(log_text) == log_config(plan, plan.main)
+    assert log_mode == 0o644 and log_text.startswith("#") and yaml.safe_load(log_text) == log_config(
+        plan, plan.main, plan.settings.logging
+    )
 
 
 def test_nginx_health_upstream_is_a_parameter(env):
@@ -510,9 +514,9 @@ def test_nginx_health_upstream_is_a_parameter(env):
     def health_targets(conf: str) -> list[str]:
         return re.findall(r"location = /health \{\s*proxy_pass http://([^;]+);\s*\}", conf)
 
-    default = render_nginx(plan)[plan.layout.nginx_conf]
+    default = render_nginx(plan, plan.settings.nginx)[plan.layout.nginx_conf]
     assert health_targets(default) == [f"127.0.0.1:{plan.health_port}"] * 2
-    given = render_nginx(plan, health_upstream="synapse-main:8080")[plan.layout.nginx_conf]
+    given = render_nginx(plan, plan.settings.nginx, health_upstream="synapse-main:8080")[plan.layout.nginx_conf]
     assert health_targets(given) == ["synapse-main:8080"] * 2
     assert given.replace("synapse-main:8080", f"127.0.0.1:{plan.health_port}") == default  # nothing else differs
 

@@ -47,18 +47,20 @@ class FileSet:
 def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = False) -> FileSet:
     """Every file of the plan; with `programs` (what `run` supervises) also supervisord.conf."""
     managed: dict[str, str] = {}
-    managed.update(render_synapse(plan))
-    managed.update(render_nginx(plan))
+    # The one place a section is picked: each renderer gets the plan and the section that tunes it.
+    settings = plan.settings
+    managed.update(render_synapse(plan, settings.logging))
+    managed.update(render_nginx(plan, settings.nginx))
     managed.update(render_redis(plan))
     if plan.local(NGINX):  # several hosts: the add-ons run beside nginx
-        managed.update(render_prometheus(plan))
+        managed.update(render_prometheus(plan, settings.metrics))
     managed.update(render_nftables(plan))
     if plan.local(NGINX):  # several hosts: the scheduler rotates nginx's logs, beside it
-        managed.update(render_scheduler(plan))
+        managed.update(render_scheduler(plan, settings.nginx))
     if programs:
         managed.update(render_supervisor(plan.layout, programs, as_root))
     private: dict[str, PrivateFile] = {}
-    coturn_conf = render_coturn(plan) if plan.local(NGINX) else None
+    coturn_conf = render_coturn(plan, settings.turn) if plan.local(NGINX) else None
     if coturn_conf is not None:
         # Written for the user coturn runs as (its program row's, when `run` supervises it).
         owner = next((p.user for p in programs if p.name == COTURN), None) if as_root else None
@@ -72,10 +74,12 @@ def render_all(plan: Plan, programs: Sequence[Program] = (), as_root: bool = Fal
 def render_homeserver(plan: Plan) -> dict[str, tuple[str, int]]:
     """The generated homeserver.yaml and the log config it names: path → (text, mode), as `generate` creates
     them once (`render_all`'s `once`; an export's homeserver.yaml)."""
-    doc = generated_homeserver(plan.settings, plan.secrets, plan.layout.postgres_socket_dir, plan.public.port)
+    doc = generated_homeserver(
+        plan.settings, plan.secrets, plan.layout.postgres_socket_dir, plan.public.port, plan.media_store
+    )
     # Marked as ours: SYNAPSE_LOG_CONFIG naming it later must not make it every process's log config.
     log_header = f"{GENERATED_LOG_CONFIG} (Synapse without synapse-workers reads it).\n"
     return {
         plan.homeserver.path: (dump(doc, header=HOMESERVER_HEADER), 0o600),
-        doc["log_config"]: (dump(log_config(plan, plan.main), header=log_header), 0o644),
+        doc["log_config"]: (dump(log_config(plan, plan.main, plan.settings.logging), header=log_header), 0o644),
     }

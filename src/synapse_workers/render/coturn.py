@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 
 from ..plan import COTURN, METRICS, TURN, Plan, server_host
+from ..settings import TurnSettings
 
 SECRET_KEY = "static-auth-secret"  # the line files.py adds, from plan.secrets.turn
 
@@ -61,12 +62,13 @@ def denied_peers(allow_loopback: bool) -> tuple[str, ...]:
     return tuple(n for n in DENIED_PEERS if not (allow_loopback and n in LOOPBACK_PEERS))
 
 
-def render_coturn(plan: Plan) -> str | None:
-    """turnserver.conf without the secret; None when the built-in coturn is off."""
+def render_coturn(plan: Plan, turn: TurnSettings) -> str | None:
+    """turnserver.conf without the secret; None when the built-in coturn is off. Listeners and relay ports from the
+    plan; `turn` tunes its addresses and the loopback-peers test switch."""
     service = plan.service(COTURN)
     if service is None:
         return None
-    turn, layout = plan.settings.turn, plan.layout
+    layout = plan.layout
     main = service.listener(TURN)
     assert main is not None and service.relay_ports is not None
     lines = [

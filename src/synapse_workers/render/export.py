@@ -23,8 +23,23 @@ import yaml
 
 from ..errors import UserError
 from ..layout import Layout
-from ..plan import HEALTH, MAIN, METRICS, PUBLIC, REPLICATION, Listener, Plan, Process, Redis
+from ..plan import (
+    HEALTH,
+    MAIN,
+    METRICS,
+    NGINX,
+    POSTGRES,
+    PUBLIC,
+    REDIS,
+    REDIS_PORT,
+    REPLICATION,
+    Listener,
+    Plan,
+    Process,
+    Redis,
+)
 from ..secrets import exported as exported_secrets
+from ..settings import DEFAULT_HTTP_PORT
 from ..workers import VAR as WORKERS_VAR
 from . import render_homeserver
 from .nginx import render_nginx
@@ -32,14 +47,13 @@ from .synapse import render_synapse
 
 KUBERNETES, COMPOSE = "kubernetes", "compose"
 # Inside a pod or container every process has these ports (each has an address of its own).
-PORTS = {PUBLIC: 8008, REPLICATION: 9093, HEALTH: 8080, METRICS: 9000}
+PORTS = {PUBLIC: DEFAULT_HTTP_PORT, REPLICATION: 9093, HEALTH: 8080, METRICS: 9000}
 ANY = "0.0.0.0"  # internal listeners: reachable inside the pod network only (NetworkPolicy / project network)
 PREFIX = "synapse-"
-REDIS_HOST = f"{PREFIX}redis"
-REDIS_PORT = 6379
-POSTGRES_HOST = f"{PREFIX}postgres"  # Compose's PostgreSQL service
-NGINX_WORKLOAD = f"{PREFIX}nginx"  # our nginx's Deployment and Service (Kubernetes) or service (Compose)
-MAIN_WORKLOAD = f"{PREFIX}main"
+REDIS_HOST = f"{PREFIX}{REDIS}"  # at plan.REDIS_PORT
+POSTGRES_HOST = f"{PREFIX}{POSTGRES}"  # Compose's PostgreSQL service
+NGINX_WORKLOAD = f"{PREFIX}{NGINX}"  # our nginx's Deployment and Service (Kubernetes) or service (Compose)
+MAIN_WORKLOAD = f"{PREFIX}{MAIN}"
 # What a Synapse container runs (the image's venv; README "Container").
 PYTHON = "/opt/synapse-workers/venv/bin/python"
 # nginx's error log quotes request lines, access tokens included: its output reaches the container's log masked.
@@ -49,7 +63,7 @@ DEFAULT_IMAGE = "synapse-workers:latest"
 POSTGRES_IMAGE = "docker.io/library/postgres:15.8"
 REDIS_IMAGE = "docker.io/library/redis:7.2.4"
 STATEFULSET_NAME_MAX = 52  # 63 minus "-" and the 10-character controller-revision-hash suffix
-RESERVED = ("main", "nginx", "redis", "postgres", "init")  # names of our own workloads
+RESERVED = (MAIN, NGINX, REDIS, POSTGRES, "init")  # names of our own workloads
 
 
 @dataclass(frozen=True)
@@ -95,7 +109,7 @@ class Export:
         """Path → text of every Synapse file a process reads: homeserver.yaml (generated, as `generate`
         writes it, from the database settings updated with `database` if given), shared.yaml (Redis at
         REDIS_HOST without a password), main.yaml, the workers' and log configs."""
-        files = render_synapse(self.plan, redis_password=False)
+        files = render_synapse(self.plan, self.plan.settings.logging, redis_password=False)
         source = self.source
         if database is not None:
             database_settings = source.settings.database.model_copy(update=database)
@@ -109,8 +123,7 @@ class Export:
 
     @property
     def media_store(self) -> str:
-        settings = self.source.settings
-        return settings.homeserver.media_store_path or f"{settings.core.data_dir}/media_store"
+        return self.source.media_store
 
 
 def secret_key(path: str) -> str:
@@ -192,7 +205,7 @@ def nginx_conf(export: Export, upstream_host: dict[str, str], health: str) -> st
     """Our nginx.conf (render/nginx.py) for this export; its /health asks `health` (host:port), main's
     health listener, instead of the launcher's aggregator (there is no launcher here)."""
     plan = nginx_plan(export, upstream_host)
-    return render_nginx(plan, health_upstream=health)[plan.layout.nginx_conf]
+    return render_nginx(plan, plan.settings.nginx, health_upstream=health)[plan.layout.nginx_conf]
 
 
 # ------------------------------------------------------------------------------------------------------

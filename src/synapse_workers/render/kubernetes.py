@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from .. import catalog
-from ..plan import HEALTH, MAIN, METRICS, PUBLIC, REPLICATION, Plan
+from ..plan import HEALTH, MAIN, METRICS, PUBLIC, REDIS_PORT, REPLICATION, Plan
 from ..secrets import exported as exported_secrets
 from .export import (
     DEFAULT_IMAGE,
@@ -40,7 +40,6 @@ from .export import (
     PYTHON,
     REDIS_HOST,
     REDIS_IMAGE,
-    REDIS_PORT,
     Export,
     Group,
     dump_all,
@@ -282,8 +281,8 @@ def _statefulset(export: Export, group: Group, image: str, config_hash: str) -> 
         {"name": "media", "persistentVolumeClaim": {"claimName": MEDIA_CLAIM}},
     ]
     prepare = [f"install -m 0600 {SECRETS_MOUNT}/* {shlex.quote(settings.core.data_dir)}/"]
-    if settings.logging.to_disk:
-        prepare.append(f"mkdir -p {shlex.quote(layout.logs_on_disk)}")
+    if plan.disk_logs:
+        prepare.append(f"mkdir -p {shlex.quote(plan.disk_logs)}")
     init = [
         {
             "name": "secrets",
@@ -411,8 +410,8 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
         {"name": "tmp", "emptyDir": {}},
         {"name": "config", "configMap": {"name": f"{NGINX_WORKLOAD}-config"}},
     ]
-    if settings.logging.to_disk:  # its access log (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK): the pod's, not kept
-        mounts.append({"name": "logs", "mountPath": layout.logs_on_disk})
+    if plan.disk_logs:  # its access log (SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK): the pod's, not kept
+        mounts.append({"name": "logs", "mountPath": plan.disk_logs})
         volumes.append({"name": "logs", "emptyDir": {}})
     deployment = {
         "apiVersion": "apps/v1",

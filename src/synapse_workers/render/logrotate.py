@@ -14,12 +14,14 @@ rotated file is compressed only on the next rotation.
 from __future__ import annotations
 
 from ..plan import ROTATE_LOGS, Plan
+from ..settings import NginxSettings
 
 
-def render_logrotate(plan: Plan) -> dict[str, str]:
+def render_logrotate(plan: Plan, nginx: NginxSettings) -> dict[str, str]:
+    """The files from the plan; how many rotations are kept from `nginx` (NGINX_LOGROTATE_KEEP)."""
     if not any(job.name == ROTATE_LOGS for job in plan.jobs):
         return {}
-    assert plan.settings.logging.to_disk, "rotate-logs is planned only with logs on disk"
+    assert plan.disk_logs, "rotate-logs is planned only with logs on disk"
     layout = plan.layout
     pid = layout.nginx_pid
     lines = [
@@ -27,7 +29,7 @@ def render_logrotate(plan: Plan) -> dict[str, str]:
         f"# (job rotate-logs): logrotate --state {plan.layout.logrotate_state} {plan.layout.logrotate_conf}",
         f"{layout.nginx_access_log} {layout.nginx_error_log} {{",
         "    daily",
-        f"    rotate {plan.settings.nginx.logrotate_keep}",
+        f"    rotate {nginx.logrotate_keep}",
         "    missingok",
         "    notifempty",
         "    compress",

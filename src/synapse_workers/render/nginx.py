@@ -54,14 +54,14 @@ def nginx_single_quote(text: str) -> str:
     return f"'{text}'"
 
 
-def render_nginx(plan: Plan, health_upstream: str | None = None) -> dict[str, str]:
-    """Topology (listeners, upstreams, routes) from the plan; tuning from the nginx settings section.
-    `/health` asks `health_upstream` (host:port), by default the launcher's aggregator on loopback.
+def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None = None) -> dict[str, str]:
+    """Topology (listeners, upstreams, routes, the public listener and whom it trusts, the access log) from the
+    plan; `nginx` (its settings section) only tunes them. `/health` asks `health_upstream` (host:port), by
+    default the launcher's aggregator on loopback.
 
     Several hosts: only on nginx's host; its upstreams are the processes' addresses on their hosts."""
     if not plan.local("nginx"):
         return {}
-    tuning = plan.settings.nginx
     servers = {p.name: lst.address for p in plan.processes if (lst := p.listener(PUBLIC))}
     upstreams = []
     for upstream in plan.upstreams:
@@ -70,7 +70,7 @@ def render_nginx(plan: Plan, health_upstream: str | None = None) -> dict[str, st
                 "name": upstream.name,
                 "hash": HASH_KEYS.get(upstream.balance) if upstream.balance else None,
                 "servers": [servers[name] for name in upstream.servers],
-                "keepalive": _keepalive(tuning, upstream),
+                "keepalive": _keepalive(nginx, upstream),
             }
         )
     routes = []
@@ -89,10 +89,10 @@ def render_nginx(plan: Plan, health_upstream: str | None = None) -> dict[str, st
         )
     when_down = {route.when_down for route in plan.routes}
     bind = plan.public.bind_address
-    trusted = plan.settings.listen.trusted_proxies
+    trusted = plan.public.trusted_proxies
     text = _env.get_template("nginx.conf.j2").render(
         version=catalog.SYNAPSE_VERSION,
-        n=tuning,
+        n=nginx,
         public=plan.public,
         health_upstream=health_upstream or f"127.0.0.1:{plan.health_port}",
         nginx_dir=plan.layout.nginx_dir,
@@ -101,7 +101,7 @@ def render_nginx(plan: Plan, health_upstream: str | None = None) -> dict[str, st
         private_prefixes=catalog.PRIVATE_PREFIXES,
         main=MAIN,
         listen_host=f"[{bind}]" if ":" in bind else bind,
-        access_log=plan.layout.nginx_access_log if plan.settings.logging.to_disk else None,
+        access_log=plan.layout.nginx_access_log if plan.disk_logs else None,
         trusted_proxies=trusted,
         trusted_networks=[proxy for proxy in trusted if proxy != "unix:"],
         trust_unix="unix:" in trusted,
@@ -110,7 +110,7 @@ def render_nginx(plan: Plan, health_upstream: str | None = None) -> dict[str, st
         retry_after=RETRY_AFTER_SECONDS,
         unavailable_body=nginx_single_quote(UNAVAILABLE_BODY),
         # Unbuffered, a request body goes to the worker as it arrives and is not kept for main.
-        body_streamed=tuning.proxy_request_buffering == "off",
+        body_streamed=nginx.proxy_request_buffering == "off",
         connect_timeout=CONNECT_TIMEOUT,
         metrics_proxy_port=plan.metrics_proxy_port,
         metrics_sockets=metrics_sockets(plan),

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..plan import LOOPBACK, MAIN, METRICS, PROMETHEUS, Plan, Process
+from ..settings import MetricsSettings
 
 # A copy of contrib/prometheus/synapse-workers.rules.yml shipped in the package (a unit test keeps them equal).
 RULES_RESOURCE = "synapse-workers.rules.yml"
@@ -57,11 +58,12 @@ def rules_text() -> str:
     return (resources.files(__package__) / RULES_RESOURCE).read_text(encoding="utf-8")
 
 
-def render_prometheus(plan: Plan) -> dict[str, str]:
-    """prometheus.yml and the rules file it loads; nothing when the built-in Prometheus is off."""
+def render_prometheus(plan: Plan, metrics: MetricsSettings) -> dict[str, str]:
+    """prometheus.yml and the rules file it loads; nothing when the built-in Prometheus is off. Targets from the
+    plan; `metrics` tunes the scrape interval and remote write."""
     if plan.service(PROMETHEUS) is None:
         return {}
-    metrics, layout = plan.settings.metrics, plan.layout
+    layout = plan.layout
     interval = metrics.scrape_interval
     doc: dict[str, Any] = {
         "global": {"scrape_interval": interval, "evaluation_interval": interval},

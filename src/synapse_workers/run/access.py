@@ -104,8 +104,7 @@ def needs(plan: Plan, cwd: str, log_files: Iterable[str] = ()) -> list[Need]:
                 if value:
                     wanted.append(Need(absolute(value), READ, f"{key_name} {in_file}", who=LAUNCHER))
     else:  # generated now: we create the media store (given to Synapse's user) when it is missing
-        media = plan.settings.homeserver.media_store_path or f"{core.data_dir}/media_store"
-        wanted.append(Need(media, WRITE_DIR, "SYNAPSE_MEDIA_STORE_PATH", ours=True, tree=True))
+        wanted.append(Need(plan.media_store, WRITE_DIR, "SYNAPSE_MEDIA_STORE_PATH", ours=True, tree=True))
         if hs.database == "sqlite":  # the generated database block's file (homeserver.database_block)
             wanted.append(Need(f"{core.data_dir}/homeserver.db", READ_WRITE, "SYNAPSE_DATABASE=sqlite", create=True))
     for path in plan.app_service_config_files:
@@ -116,8 +115,8 @@ def needs(plan: Plan, cwd: str, log_files: Iterable[str] = ()) -> list[Need]:
             wanted.append(
                 Need(absolute(path), READ_WRITE, "a log file SYNAPSE_LOG_CONFIG's handlers write", create=True)
             )
-    if plan.settings.logging.to_disk:
-        wanted.append(Need(plan.layout.logs_on_disk, WRITE_DIR, "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK", ours=True))
+    if plan.disk_logs:
+        wanted.append(Need(plan.disk_logs, WRITE_DIR, "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK", ours=True))
     public = plan.public
     for variable, value in (("SYNAPSE_TLS_CERT", public.tls_cert), ("SYNAPSE_TLS_KEY", public.tls_key)):
         if value and plan.local("nginx"):
