@@ -2,9 +2,9 @@
 
 A `Problem` is the sentence a person reads (it *is* a `str`: every list of messages stays a list of strings)
 carrying what a program needs: its subject (an environment `Variable` of the registry, a `YamlPath` in the
-user's homeserver.yaml, or a `File`), what was expected, what was found, and the other variables a
-cross-variable check involved. Synapse's `ConfigError(msg, path)` is the model. `check --json` prints these
-fields; the CLI prints the sentence. Warnings are the same type, said and not refused.
+user's homeserver.yaml, a `File`, or a command-line `Argument`), what was expected, what was found, and the
+other variables a cross-variable check involved. Synapse's `ConfigError(msg, path)` is the model. `check --json`
+prints these fields; the CLI prints the sentence. Warnings are the same type, said and not refused.
 """
 
 from __future__ import annotations
@@ -62,7 +62,20 @@ class File:
         return {"file": self.path}
 
 
-Subject = Variable | YamlPath | File
+@dataclass(frozen=True)
+class Argument:
+    """A command-line argument (the official image's arguments, official_args.py)."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+    def as_json(self) -> dict[str, Any]:
+        return {"argument": self.text}
+
+
+Subject = Variable | YamlPath | File | Argument
 
 
 class Problem(str):

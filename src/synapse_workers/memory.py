@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import Problem, Variable
+
+WORKER_TYPES, LAUNCH_MODE = Variable("SYNAPSE_WORKER_TYPES"), Variable("SYNAPSE_LAUNCH_MODE")
 SYNAPSE_PSS_MIB = {"fork": 41, "process": 88}  # per Synapse process, idle (see above)
 STACK_PSS_MIB = 175  # PostgreSQL, Redis, nginx and the supervision layer, idle (the measured maximum)
 
@@ -31,7 +34,7 @@ def estimate_mib(processes: int, mode: str) -> int:
     return processes * SYNAPSE_PSS_MIB[mode] + STACK_PSS_MIB
 
 
-def memory_warning(processes: int, mode: str, limits: MemoryLimits) -> str | None:
+def memory_warning(processes: int, mode: str, limits: MemoryLimits) -> Problem | None:
     """A warning with the numbers when the estimate exceeds what we may use (the hard ceiling first: the cgroup
     limit or the machine's memory, whichever is smaller; then what is available now), else None."""
     need = estimate_mib(processes, mode)
@@ -50,9 +53,13 @@ def memory_warning(processes: int, mode: str, limits: MemoryLimits) -> str | Non
     per = SYNAPSE_PSS_MIB[mode]
     advice = "run fewer workers"
     if mode == "process":
-        advice += f", or SYNAPSE_LAUNCH_MODE=fork ({SYNAPSE_PSS_MIB['fork']} MiB each)"
-    return (
-        f"SYNAPSE_WORKER_TYPES: {processes} Synapse processes need about {need} MiB even when idle ({processes} x "
+        advice += f", or {LAUNCH_MODE}=fork ({SYNAPSE_PSS_MIB['fork']} MiB each)"
+    return Problem(
+        f"{WORKER_TYPES}: {processes} Synapse processes need about {need} MiB even when idle ({processes} x "
         f"{per} MiB measured in {mode} mode, docs/benchmarks.md, + {STACK_PSS_MIB} MiB for PostgreSQL, Redis, nginx "
-        f"and supervision), more than the {have} MiB {what}: expect swapping or the OOM killer; {advice}."
+        f"and supervision), more than the {have} MiB {what}: expect swapping or the OOM killer; {advice}.",
+        WORKER_TYPES,
+        expected=f"at most {have} MiB ({what})",
+        found=f"about {need} MiB for {processes} Synapse processes",
+        related=(LAUNCH_MODE,) if mode == "process" else (),
     )

@@ -19,7 +19,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .errors import UserError
+from .errors import Argument, Problem, UserError, Variable
 from .settings import VARIABLES
 
 HOMESERVER_MODULE = "synapse.app.homeserver"
@@ -164,30 +164,59 @@ def _options(words: list[str]) -> tuple[list[tuple[str, str | None]], list[str]]
     return pairs, unknown
 
 
+CONFIG_PATH_VAR = Variable("SYNAPSE_CONFIG_PATH")
+CONFIG_DIR_VAR = Variable("SYNAPSE_CONFIG_DIR")
+WORKER_TYPES = Variable("SYNAPSE_WORKER_TYPES")
+
+
 def _start(argv: list[str], words: list[str], env: Mapping[str, str], given: str) -> Translation:
     pairs, unknown = _options(words)
-    problems = []
+    problems: list[str] = []
     if unknown:
         problems.append(
-            f"{shlex.join(unknown)}: not an argument of synapse-workers nor of the official Synapse image. Expected "
-            "a command of ours (`synapse-workers --help` lists them); arguments a template carried for the "
-            "official image (`-m synapse.app.homeserver`, `--config-path FILE`) may simply be removed."
+            Problem(
+                f"{shlex.join(unknown)}: not an argument of synapse-workers nor of the official Synapse image. "
+                "Expected a command of ours (`synapse-workers --help` lists them); arguments a template carried for "
+                "the official image (`-m synapse.app.homeserver`, `--config-path FILE`) may simply be removed.",
+                Argument(shlex.join(unknown)),
+                expected="a command of synapse-workers, or the official image's arguments",
+                found=shlex.join(unknown),
+            )
         )
     for name, value in pairs:
         if name == "-m" and value != HOMESERVER_MODULE:
             problems.append(
-                f"-m {value}: this image runs main and every worker itself (SYNAPSE_WORKER_TYPES), in one container; "
-                f"expected no -m, or -m {HOMESERVER_MODULE}. Run one container of it, not one per worker."
+                Problem(
+                    f"-m {value}: this image runs main and every worker itself ({WORKER_TYPES}), in one container; "
+                    f"expected no -m, or -m {HOMESERVER_MODULE}. Run one container of it, not one per worker.",
+                    Argument(f"-m {value}"),
+                    expected=f"no -m, or -m {HOMESERVER_MODULE}",
+                    found=f"-m {value}",
+                    related=(WORKER_TYPES,),
+                )
             )
         elif name in REFUSED:
             shown = name if value is None else f"{name} {value}"
-            problems.append(f"{shown} (an option of Synapse's) cannot be followed here: {REFUSED[name][1]}.")
+            problems.append(
+                Problem(
+                    f"{shown} (an option of Synapse's) cannot be followed here: {REFUSED[name][1]}.",
+                    Argument(shown),
+                    expected="no such option",
+                    found=shown,
+                )
+            )
     updates, notes = _config_path([v for n, v in pairs if n in CONFIG_PATH and v is not None], env, problems)
     if problems:
         raise UserError(*problems)
-    warnings = [
-        f"ignored the arguments `{given}`, written for the official Synapse image (e.g. an Unraid template's Post "
-        "Arguments): this image starts main, its workers and nginx itself (`run`); remove them from the template."
+    warnings: list[str] = [
+        Problem(
+            f"ignored the arguments `{given}`, written for the official Synapse image (e.g. an Unraid template's "
+            "Post Arguments): this image starts main, its workers and nginx itself (`run`); remove them from the "
+            "template.",
+            Argument(given),
+            expected="no arguments, or a command of synapse-workers",
+            found=given,
+        )
     ]
     return Translation(argv, updates, warnings + notes)
 
@@ -197,28 +226,54 @@ def _config_path(paths: list[str], env: Mapping[str, str], problems: list[str]) 
         return {}, []
     if len(set(paths)) > 1:
         problems.append(
-            f"--config-path given {len(paths)} times ({', '.join(paths)}): synapse-workers reads one homeserver.yaml "
-            "(SYNAPSE_CONFIG_PATH). Expected the settings merged into one file, and that file alone."
+            Problem(
+                f"--config-path given {len(paths)} times ({', '.join(paths)}): synapse-workers reads one "
+                f"homeserver.yaml ({CONFIG_PATH_VAR}). Expected the settings merged into one file, and that file "
+                "alone.",
+                Argument("--config-path"),
+                expected="one --config-path",
+                found=", ".join(paths),
+                related=(CONFIG_PATH_VAR,),
+            )
         )
         return {}, []
     path = paths[0]
     if not os.path.isabs(path):
-        problems.append(f"--config-path {path}: expected an absolute path, such as /data/homeserver.yaml.")
+        problems.append(
+            Problem(
+                f"--config-path {path}: expected an absolute path, such as /data/homeserver.yaml.",
+                Argument(f"--config-path {path}"),
+                expected="an absolute path",
+                found=path,
+            )
+        )
         return {}, []
-    given = (env.get("SYNAPSE_CONFIG_PATH") or "").strip()
-    config_dir = (env.get("SYNAPSE_CONFIG_DIR") or "").strip() or str(VARIABLES["SYNAPSE_CONFIG_DIR"].default)
+    given = (env.get(CONFIG_PATH_VAR.name) or "").strip()
+    config_dir = (env.get(CONFIG_DIR_VAR.name) or "").strip() or str(VARIABLES[CONFIG_DIR_VAR.name].default)
     used = given or f"{config_dir}/homeserver.yaml"
     if os.path.normpath(path) == os.path.normpath(used):
         return {}, []  # the file we read anyway
     if given:
         problems.append(
-            f"--config-path {path} and SYNAPSE_CONFIG_PATH={given} name different files: expected one homeserver.yaml. "
-            "Remove the argument, or set SYNAPSE_CONFIG_PATH to the file you mean."
+            Problem(
+                f"--config-path {path} and {CONFIG_PATH_VAR}={given} name different files: expected one "
+                f"homeserver.yaml. Remove the argument, or set {CONFIG_PATH_VAR} to the file you mean.",
+                Argument(f"--config-path {path}"),
+                expected=f"the file of {CONFIG_PATH_VAR} ({given})",
+                found=path,
+                related=(CONFIG_PATH_VAR,),
+            )
         )
         return {}, []
-    return {"SYNAPSE_CONFIG_PATH": path}, [
-        f"--config-path {path}: used as SYNAPSE_CONFIG_PATH={path} (the official image starts Synapse with that "
-        "file); set SYNAPSE_CONFIG_PATH instead of the argument."
+    return {CONFIG_PATH_VAR.name: path}, [
+        Problem(
+            f"--config-path {path}: used as {CONFIG_PATH_VAR}={path} (the official image starts Synapse with that "
+            f"file); set {CONFIG_PATH_VAR} instead of the argument.",
+            Argument(f"--config-path {path}"),
+            expected=f"{CONFIG_PATH_VAR} instead",
+            found=path,
+            related=(CONFIG_PATH_VAR,),
+        )
     ]
 
 
