@@ -184,3 +184,20 @@ def test_check_json_lists_warnings_of_a_passing_check(base_env, tmp_root):
 
 def test_yaml_path_reads_like_synapse_config_error():
     assert str(YamlPath("/data/homeserver.yaml", "listeners[0].port")) == "/data/homeserver.yaml at 'listeners[0].port'"
+
+
+def test_a_port_in_use_names_its_variable_as_data(base_env):
+    import socket
+
+    from synapse_workers.load import load_plan
+    from synapse_workers.run.preflight import check_ports
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {**base_env, "SYNAPSE_HTTP_PORT": str(port), "SYNAPSE_BIND_ADDRESS": "127.0.0.1"}
+        problems = [p for p in check_ports(load_plan(env)) if f":{port} " in p]
+    (problem,) = problems
+    assert problem.subject == Variable("SYNAPSE_HTTP_PORT") and problem.expected == "a port free on this machine"
+    assert problem.found == f"127.0.0.1:{port} is in use by another program"

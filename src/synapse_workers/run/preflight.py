@@ -9,64 +9,86 @@ from __future__ import annotations
 import errno
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..errors import UserError
+from ..errors import File, Problem, Subject, UserError, Variable, YamlPath
 from ..plan import PROMETHEUS, TURN, Plan
+
+# The variables the sentences below name (made at import: a name not in the registry fails there).
+HTTP_PORT, TLS_PORT = Variable("SYNAPSE_HTTP_PORT"), Variable("SYNAPSE_TLS_PORT")
+INTERNAL_PORT_BASE, HOSTS = Variable("SYNAPSE_INTERNAL_PORT_BASE"), Variable("SYNAPSE_HOSTS")
+COTURN_PORT, PROMETHEUS_PORT = Variable("COTURN_PORT"), Variable("PROMETHEUS_PORT")
+PASSWORD, DB, USER = Variable("POSTGRES_PASSWORD"), Variable("POSTGRES_DB"), Variable("POSTGRES_USER")
+HOST, PORT = Variable("POSTGRES_HOST"), Variable("POSTGRES_PORT")
 
 DB_WAIT = 60.0  # an external database may still be starting (compose): wait this long for it to answer
 
 
-def check_ports(plan: Plan) -> list[str]:
+def check_ports(plan: Plan) -> list[Problem]:
     """Every TCP port the stack will listen on (and coturn's UDP port) must be free now."""
-    listen, public = plan.settings.listen, plan.public
-    source = "SYNAPSE_HTTP_PORT=" if listen.http_port else "The client port of homeserver.yaml, "
+    listen, public, hs_path = plan.settings.listen, plan.public, plan.homeserver.path
+    source = f"{HTTP_PORT}=" if listen.http_port else "The client port of homeserver.yaml, "
+    public_subject: Subject = HTTP_PORT if listen.http_port else File(hs_path)
     front = plan.local("nginx")  # several hosts: nginx and its add-ons run on nginx's host only
-    wanted: list[tuple[str, int, str]] = [(public.bind_address, public.port, f"{source}{public.port}")] if front else []
+    wanted: list[tuple[str, int, str, Subject]] = (
+        [(public.bind_address, public.port, f"{source}{public.port}", public_subject)] if front else []
+    )
     if public.tls_port and front:
-        wanted.append((public.bind_address, public.tls_port, f"SYNAPSE_TLS_PORT={public.tls_port}"))
+        wanted.append((public.bind_address, public.tls_port, f"{TLS_PORT}={public.tls_port}", TLS_PORT))
     for extra in plan.extra_listeners if front else ():  # the user's other listeners, served by nginx
         for host in extra.bind_addresses:
-            wanted.append((host, extra.port, f"{extra.source}.port={extra.port} in {plan.homeserver.path}"))
-    internal = f"SYNAPSE_INTERNAL_PORT_BASE={listen.internal_port_base}: port"
-    wanted.append(("127.0.0.1", plan.health_port, f"{internal} {plan.health_port} (the launcher's /health)"))
+            what = f"{extra.source}.port={extra.port} in {hs_path}"
+            wanted.append((host, extra.port, what, YamlPath(hs_path, f"{extra.source}.port")))
+    internal = f"{INTERNAL_PORT_BASE}={listen.internal_port_base}: port"
+    base = INTERNAL_PORT_BASE
+    wanted.append(("127.0.0.1", plan.health_port, f"{internal} {plan.health_port} (the launcher's /health)", base))
     if plan.metrics_proxy_port is not None:
         port = plan.metrics_proxy_port
-        wanted.append(("127.0.0.1", port, f"{internal} {port} (nginx's loopback metrics server)"))
+        wanted.append(("127.0.0.1", port, f"{internal} {port} (nginx's loopback metrics server)", base))
     for proc in plan.local_processes:
         for lst in proc.listeners:
             if lst.port is not None and lst.host is not None:
-                wanted.append((lst.host, lst.port, f"{internal} {lst.port} ({proc.name}'s {lst.kind} listener)"))
+                what = f"{internal} {lst.port} ({proc.name}'s {lst.kind} listener)"
+                wanted.append((lst.host, lst.port, what, base))
     if plan.postgres is not None and plan.postgres.host and plan.local("postgres"):
-        wanted.append((plan.postgres.host, plan.postgres.port or 0, "the embedded PostgreSQL (SYNAPSE_HOSTS)"))
+        what = f"the embedded PostgreSQL ({HOSTS})"
+        wanted.append((plan.postgres.host, plan.postgres.port or 0, what, HOSTS))
     if plan.redis is not None and plan.redis.host and plan.local("redis"):
-        wanted.append((plan.redis.host, plan.redis.port or 0, "Redis (SYNAPSE_HOSTS)"))
-    udp: list[tuple[str, int, str]] = []
+        wanted.append((plan.redis.host, plan.redis.port or 0, f"Redis ({HOSTS})", HOSTS))
+    udp: list[tuple[str, int, str, Subject]] = []
     for service in plan.services if front else ():
         for lst in service.listeners:
             if lst.port is None or lst.host is None:
                 continue
+            subject: Subject
             if lst.kind == TURN:
-                variable = f"COTURN_PORT={lst.port}"
+                variable, subject = f"{COTURN_PORT}={lst.port}", COTURN_PORT
             elif service.name == PROMETHEUS and lst is service.main:
-                variable = f"PROMETHEUS_PORT={lst.port}"
+                variable, subject = f"{PROMETHEUS_PORT}={lst.port}", PROMETHEUS_PORT
             else:
-                variable = f"{internal} {lst.port}"
+                variable, subject = f"{internal} {lst.port}", base
             what = f"{variable} ({service.name}'s {lst.kind} listener)"
-            wanted.append((lst.host, lst.port, what))
+            wanted.append((lst.host, lst.port, what, subject))
             if "udp" in service.protocols and lst is service.main:
-                udp.append((lst.host, lst.port, what))
+                udp.append((lst.host, lst.port, what, subject))
     problems = []
     for kind, entries in ((socket.SOCK_STREAM, wanted), (socket.SOCK_DGRAM, udp)):
-        for host, port, what in entries:
+        for host, port, what, subject in entries:
             reason = _bind_error(host, port, kind)
             if reason:
                 shown = what + (" (UDP)" if kind == socket.SOCK_DGRAM else "")
-                problems.append(f"{shown} cannot be used: {reason}. Stop the program that holds it, or choose another.")
+                problems.append(
+                    Problem(
+                        f"{shown} cannot be used: {reason}. Stop the program that holds it, or choose another.",
+                        subject,
+                        expected="a port free on this machine",
+                        found=reason,
+                    )
+                )
     return problems
 
 
@@ -79,7 +101,7 @@ def ephemeral_ports() -> range | None:
     return range(low, high + 1)
 
 
-def ephemeral_overlap(plan: Plan, ephemeral: range | None) -> str | None:
+def ephemeral_overlap(plan: Plan, ephemeral: range | None) -> Problem | None:
     """A warning when internal listeners lie in the ephemeral range: an outgoing connection (nginx to an upstream,
     Synapse to Redis) may hold such a port when its listener binds, and that process then fails to start."""
     if ephemeral is None:
@@ -89,11 +111,15 @@ def ephemeral_overlap(plan: Plan, ephemeral: range | None) -> str | None:
     inside = sorted({port for port in internal if port is not None and port in ephemeral})
     if not inside:
         return None
-    return (
-        f"SYNAPSE_INTERNAL_PORT_BASE={plan.settings.listen.internal_port_base}: internal ports {inside[0]}-{inside[-1]}"
+    expected = f"a base below {ephemeral.start} or above {ephemeral.stop - 1}"
+    return Problem(
+        f"{INTERNAL_PORT_BASE}={plan.settings.listen.internal_port_base}: internal ports {inside[0]}-{inside[-1]}"
         f" lie in the kernel's ephemeral range {ephemeral.start}-{ephemeral.stop - 1} (net.ipv4.ip_local_port_range),"
         " where outgoing connections take their local port; a listener can then find its port taken."
-        f" Expected a base below {ephemeral.start} or above {ephemeral.stop - 1}."
+        f" Expected {expected}.",
+        INTERNAL_PORT_BASE,
+        expected=expected,
+        found=f"{plan.settings.listen.internal_port_base} (internal ports {inside[0]}-{inside[-1]})",
     )
 
 
@@ -117,7 +143,7 @@ def _bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> str | N
 
 def check_external_database(
     plan: Plan, log: Callable[[str], None], cancelled: Callable[[], bool], wait: float = DB_WAIT
-) -> list[str]:
+) -> list[Problem]:
     """Connect once with the database settings Synapse will use (an embedded cluster is ours: skipped)."""
     if plan.postgres is not None or plan.homeserver.database != "postgres":
         return []
@@ -135,18 +161,39 @@ def check_external_database(
         except psycopg2.OperationalError as exc:
             text = " ".join(str(exc).split())
             if "password authentication failed" in text or "no password supplied" in text:
+                path = YamlPath(plan.homeserver.path, "database.args.password")
                 return [
-                    f"PostgreSQL at {where} refused the password for user {args.get('user')!r}: check "
-                    "POSTGRES_PASSWORD (or the database password in homeserver.yaml)."
+                    Problem(
+                        f"PostgreSQL at {where} refused the password for user {args.get('user')!r}: check "
+                        f"{PASSWORD} (or the database password in homeserver.yaml).",
+                        path,
+                        expected=f"the password PostgreSQL at {where} accepts",
+                        found="a password it refused",
+                        related=(PASSWORD,),
+                    )
                 ]
             if "does not exist" in text:
-                return [f"PostgreSQL at {where}: {text}. Check POSTGRES_DB / POSTGRES_USER (or homeserver.yaml)."]
+                return [
+                    Problem(
+                        f"PostgreSQL at {where}: {text}. Check {DB} / {USER} (or homeserver.yaml).",
+                        YamlPath(plan.homeserver.path, "database.args"),
+                        expected="a database and user that exist",
+                        found=text,
+                        related=(DB, USER),
+                    )
+                ]
             if cancelled():
                 return []  # asked to stop while waiting: a clean stop, not an error
             if time.monotonic() > deadline:
                 return [
-                    f"PostgreSQL at {where} is unreachable after {wait:.0f}s ({text}): check POSTGRES_HOST and "
-                    "POSTGRES_PORT (or homeserver.yaml), and that the database server runs."
+                    Problem(
+                        f"PostgreSQL at {where} is unreachable after {wait:.0f}s ({text}): check {HOST} and "
+                        f"{PORT} (or homeserver.yaml), and that the database server runs.",
+                        YamlPath(plan.homeserver.path, "database.args"),
+                        expected="a PostgreSQL server that answers",
+                        found=text,
+                        related=(HOST, PORT),
+                    )
                 ]
             if not said:
                 log(f"waiting for PostgreSQL at {where} ({text})")
@@ -165,6 +212,6 @@ def _database_args(path: str) -> dict[str, Any] | None:
     return {k: v for k, v in args.items() if not k.startswith("cp_")}
 
 
-def raise_if(problems: list[str]) -> None:
+def raise_if(problems: Sequence[str]) -> None:
     if problems:
         raise UserError(*problems)
