@@ -132,7 +132,7 @@ class SecretFile:
 
     key: str  # its path: this field of `SecretPaths`
     form: Form
-    needed: Predicate  # the file must exist on this host (created when missing, unless `homeserver_yaml`)
+    needed: Predicate  # this host uses it: created when missing (see `homeserver_yaml`), kept or rewritten
     variable: str | None = None  # the variable that may give it (settings.VARIABLES); None: never given
     # Stored (True): the file is the secret: made random when missing, replaced only by its variable's different
     # value (or when weak). Not stored (False): a rendering of its variable or of `derived_from`'s secret,
