@@ -268,7 +268,7 @@ def _check(args: argparse.Namespace, env: Mapping[str, str], checks: list[dict[s
     check_machine(plan, os.geteuid() == 0)  # what `run` would refuse here (binaries, their build, users)
     _warn_start(plan, env, args)
     _warn_memory(plan, args, now=False)  # beside a running stack, its own memory is not available: ceilings only
-    problems = access.check(plan, os.geteuid() == 0)  # what `run` refuses before anything starts
+    problems: list[str] = [*access.check(plan, os.geteuid() == 0)]  # what `run` refuses before anything starts
     problems += dir_problems(plan, os.geteuid() == 0)  # the runtime dir's and Prometheus's storage's way
     if problems:
         raise UserError(*problems)

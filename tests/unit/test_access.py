@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from synapse_workers.errors import YamlPath
 from synapse_workers.load import load_plan
 from synapse_workers.run import access
 from synapse_workers.run.access import LAUNCHER, READ, READ_WRITE, SYNAPSE, WRITE_DIR, Fact, Need, problems
@@ -71,6 +72,21 @@ def test_a_signing_key_made_by_root_is_named_with_its_chown(root):
         f"user): it cannot read it. Run as root: `chown 991:991 {key}`."
     ]
     assert (key.stat().st_uid, key.stat().st_mode & 0o777) == (0, 0o600)  # nothing re-owned
+
+
+def test_a_problem_names_the_homeserver_yaml_key_or_variable_its_path_comes_from(root):
+    """The data of each problem (check --json): the key of the user's file the path was read from."""
+    env = homeserver(root)
+    key = root / "data" / "example.test.signing.key"
+    os.chown(key, 0, 0)
+    os.chown(root / "data" / "media_store", 0, 0)
+    found = check(env)
+    assert [p.subject for p in found[:2]] == [
+        YamlPath(f"{root}/data/homeserver.yaml", "signing_key_path"),
+        YamlPath(f"{root}/data/homeserver.yaml", "media_store_path"),
+    ]
+    assert found[0].found == str(key) and "can read" in found[0].expected
+    assert found[2].subject is None  # the summary of every command: about no one path
 
 
 def test_a_root_owned_data_dir_without_media_store_names_every_problem_at_once(root):

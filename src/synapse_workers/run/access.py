@@ -18,11 +18,18 @@ import json
 import os
 import stat
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import yaml
 
+from ..errors import File, Problem, Subject, Variable, YamlPath
 from ..plan import Plan
+
+# The variables the paths below come from (made at import: a name not in the registry fails there).
+DATA_DIR, CONFIG_PATH = Variable("SYNAPSE_DATA_DIR"), Variable("SYNAPSE_CONFIG_PATH")
+MEDIA_STORE_PATH, DATABASE = Variable("SYNAPSE_MEDIA_STORE_PATH"), Variable("SYNAPSE_DATABASE")
+LOG_CONFIG, LOGS_TO_DISK = Variable("SYNAPSE_LOG_CONFIG"), Variable("SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK")
+TLS_CERT, TLS_KEY = Variable("SYNAPSE_TLS_CERT"), Variable("SYNAPSE_TLS_KEY")
 
 SYNAPSE = "synapse"  # Synapse's processes: UID/GID (as root), no supplementary groups
 LAUNCHER = "launcher"  # whoever runs `run` (root in the container): nginx's master reads TLS files as it
@@ -52,6 +59,8 @@ class Need:
     create: bool = False  # missing: Synapse creates it (its nearest existing parent must let it)
     ours: bool = False  # missing: we create it, for Synapse's user
     tree: bool = False  # a tree Synapse writes throughout (the media store): its subdirectories too, chown -R
+    # The variable or homeserver.yaml key the path comes from, as data (`what` says it in words; not compared).
+    subject: Subject | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -79,48 +88,68 @@ def needs(plan: Plan, cwd: str, log_files: Iterable[str] = ()) -> list[Need]:
         return os.path.normpath(os.path.join(cwd, path))
 
     in_file = f"in {hs.path}"
+
     # Synapse writes nothing in the data dir itself: what it creates there (media store, SQLite database, log
     # files) is a need of its own, so a root-owned 0755 data dir whose media store is Synapse's still works.
-    wanted = [Need(core.data_dir, ENTER, "SYNAPSE_DATA_DIR", ours=True)]
+    def key(name: str) -> YamlPath:
+        return YamlPath(hs.path, name)
+
+    wanted = [Need(core.data_dir, ENTER, str(DATA_DIR), ours=True, subject=DATA_DIR)]
     if hs.exists:
-        wanted.append(Need(hs.path, READ, "SYNAPSE_CONFIG_PATH"))
+        wanted.append(Need(hs.path, READ, str(CONFIG_PATH), subject=CONFIG_PATH))
         if hs.signing_key_path:
-            key = absolute(hs.signing_key_path)
-            wanted.append(Need(key, READ, f"signing_key_path {in_file}", create=True))
+            signing = absolute(hs.signing_key_path)
+            wanted.append(
+                Need(signing, READ, f"signing_key_path {in_file}", create=True, subject=key("signing_key_path"))
+            )
         media = absolute(hs.media_store_path or "media_store")
         origin = "media_store_path" if hs.media_store_path else "media_store (Synapse's default media_store_path)"
-        wanted.append(Need(media, WRITE_DIR, f"{origin} {in_file}", create=True, tree=True))
+        wanted.append(
+            Need(media, WRITE_DIR, f"{origin} {in_file}", create=True, tree=True, subject=key("media_store_path"))
+        )
         if hs.sqlite_database:
-            wanted.append(Need(absolute(hs.sqlite_database), READ_WRITE, f"the SQLite database {in_file}", create=True))
+            wanted.append(
+                Need(
+                    absolute(hs.sqlite_database),
+                    READ_WRITE,
+                    f"the SQLite database {in_file}",
+                    create=True,
+                    subject=key("database.args.database"),
+                )
+            )
         for key_name, path in hs.key_files:
             if key_name == "turn_shared_secret_path" and plan.turn_uris:
                 continue  # shared.yaml sets its own
-            wanted.append(Need(absolute(path), READ, f"{key_name} {in_file}"))
+            wanted.append(Need(absolute(path), READ, f"{key_name} {in_file}", subject=key(key_name)))
         if plan.local("nginx") and any(listener.tls for listener in hs.listeners):  # nginx serves them
             for key_name, value in (
                 ("tls_certificate_path", hs.tls_certificate_path),
                 ("tls_private_key_path", hs.tls_private_key_path),
             ):
                 if value:
-                    wanted.append(Need(absolute(value), READ, f"{key_name} {in_file}", who=LAUNCHER))
+                    wanted.append(
+                        Need(absolute(value), READ, f"{key_name} {in_file}", who=LAUNCHER, subject=key(key_name))
+                    )
     else:  # generated now: we create the media store (given to Synapse's user) when it is missing
-        wanted.append(Need(plan.media_store, WRITE_DIR, "SYNAPSE_MEDIA_STORE_PATH", ours=True, tree=True))
+        wanted.append(
+            Need(plan.media_store, WRITE_DIR, str(MEDIA_STORE_PATH), ours=True, tree=True, subject=MEDIA_STORE_PATH)
+        )
         if hs.database == "sqlite":  # the generated database block's file (homeserver.database_block)
-            wanted.append(Need(f"{core.data_dir}/homeserver.db", READ_WRITE, "SYNAPSE_DATABASE=sqlite", create=True))
+            database = f"{core.data_dir}/homeserver.db"
+            wanted.append(Need(database, READ_WRITE, f"{DATABASE}=sqlite", create=True, subject=DATABASE))
     for path in plan.app_service_config_files:
-        wanted.append(Need(absolute(path), READ, "an application service registration file"))
+        wanted.append(Need(absolute(path), READ, "an application service registration file", subject=File(path)))
     if hs.user_log_config:
-        wanted.append(Need(hs.user_log_config, READ, "SYNAPSE_LOG_CONFIG"))
+        wanted.append(Need(hs.user_log_config, READ, str(LOG_CONFIG), subject=LOG_CONFIG))
         for path in log_files:
-            wanted.append(
-                Need(absolute(path), READ_WRITE, "a log file SYNAPSE_LOG_CONFIG's handlers write", create=True)
-            )
+            what = f"a log file {LOG_CONFIG}'s handlers write"
+            wanted.append(Need(absolute(path), READ_WRITE, what, create=True, subject=File(absolute(path))))
     if plan.disk_logs:
-        wanted.append(Need(plan.disk_logs, WRITE_DIR, "SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK", ours=True))
+        wanted.append(Need(plan.disk_logs, WRITE_DIR, str(LOGS_TO_DISK), ours=True, subject=LOGS_TO_DISK))
     public = plan.public
-    for variable, value in (("SYNAPSE_TLS_CERT", public.tls_cert), ("SYNAPSE_TLS_KEY", public.tls_key)):
+    for variable, value in ((TLS_CERT, public.tls_cert), (TLS_KEY, public.tls_key)):
         if value and plan.local("nginx"):
-            wanted.append(Need(value, READ, variable, who=LAUNCHER))
+            wanted.append(Need(value, READ, str(variable), who=LAUNCHER, subject=variable))
     return list(dict.fromkeys(wanted))
 
 
@@ -144,18 +173,28 @@ def _parents(path: str) -> list[str]:
     return parents
 
 
-def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid: int, gid: int) -> list[str]:
-    """Needs and what the probe saw → one message per problem, each with its command; the same blocking
-    directory is named once. uid/gid: who Synapse runs as."""
+EXPECTED = {
+    ENTER: "a directory it can enter",
+    READ: "a file it can read",
+    WRITE_DIR: "a directory it can enter and write in",
+    READ_WRITE: "a file it can read and write",
+}
+
+
+def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid: int, gid: int) -> list[Problem]:
+    """Needs and what the probe saw → one problem per path (its subject the variable or homeserver.yaml key the
+    path comes from), each with its command; the same blocking directory is named once. uid/gid: who Synapse
+    runs as."""
     wanted = list(wanted)
     ours = {need.path for need in wanted if need.ours}
-    found: list[str] = []
+    found: list[Problem] = []
     commands: list[str] = []
 
-    def report(message: str, command: str | None) -> None:
+    def report(need: Need, message: str, command: str | None) -> None:
         if message in found:
             return
-        found.append(message)
+        expected = f"{EXPECTED[need.kind]}, as {identity[need.who]}"
+        found.append(Problem(message, need.subject or File(need.path), expected=expected, found=need.path))
         if command and command not in commands:
             commands.append(command)
 
@@ -176,6 +215,7 @@ def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid:
                 closed.add((need.who, blocking))
                 command = _chmod_x(facts[(need.who, blocking)], blocking, uid, gid, need.who)
                 report(
+                    need,
                     f"{need.path} ({need.what}) is not accessible to {who}: it cannot enter {blocking} on the way. "
                     f"Run as root: `{command}`.",
                     command,
@@ -185,7 +225,7 @@ def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid:
             if need.ours:
                 continue
             if not need.create:
-                report(f"{need.path} ({need.what}) does not exist: expected an existing file.", None)
+                report(need, f"{need.path} ({need.what}) does not exist: expected an existing file.", None)
                 continue
             parent = next(p for p in parents if facts[(need.who, p)].exists)
             parent_fact = facts[(need.who, parent)]
@@ -200,6 +240,7 @@ def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid:
                 if command in commands:
                     continue  # that directory is named already
             report(
+                need,
                 f"{need.path} ({need.what}) does not exist, and {who} cannot create it: {parent} does not let it "
                 f"write. Run as root: `{command}`.",
                 command,
@@ -207,19 +248,19 @@ def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid:
             continue
         if need.kind == ENTER:
             if not fact.is_dir:
-                report(f"{need.path} ({need.what}) is not a directory: expected a directory.", None)
+                report(need, f"{need.path} ({need.what}) is not a directory: expected a directory.", None)
                 continue
             missing = [] if fact.x else ["enter it"]
             if not fact.x:
                 closed.add((need.who, need.path))
         elif need.kind == READ:
             if fact.is_dir:
-                report(f"{need.path} ({need.what}) is a directory: expected a file.", None)
+                report(need, f"{need.path} ({need.what}) is a directory: expected a file.", None)
                 continue
             missing = [] if fact.r else ["read it"]
         elif need.kind == WRITE_DIR:
             if not fact.is_dir:
-                report(f"{need.path} ({need.what}) is not a directory: expected a directory.", None)
+                report(need, f"{need.path} ({need.what}) is not a directory: expected a directory.", None)
                 continue
             missing = [verb for verb, ok in (("enter it", fact.x), ("write in it", fact.w)) if not ok]
             if not fact.x:
@@ -232,6 +273,7 @@ def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid:
                 if command in commands:
                     continue  # that directory is named already
                 report(
+                    need,
                     f"{parents[0]} (the directory of {need.path}, {need.what}) is not accessible to {who}: it "
                     f"cannot write in it. Run as root: `{command}`.",
                     command,
@@ -242,6 +284,7 @@ def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid:
         if missing:
             command = f"chown {recursive}{owner} {need.path}"
             report(
+                need,
                 f"{need.path} ({need.what}) is not accessible to {who}: it cannot {' or '.join(missing)}. "
                 f"Run as root: `{command}`.",
                 command,
@@ -252,14 +295,17 @@ def problems(wanted: Iterable[Need], facts: Mapping[tuple[str, str], Fact], uid:
                 f" and {len(fact.blocked) - 3} more" if len(fact.blocked) > 3 else ""
             )
             report(
+                need,
                 f"{need.path} ({need.what}) holds directories {who} cannot write in ({shown}): uploads and "
                 f"thumbnails there would fail. Run as root: `{command}`.",
                 command,
             )
     if len(commands) > 1:
         found.append(
-            "synapse-workers changes the owner of nothing it did not create. All of the above, as root (in a "
-            "container: on the volume's files, from the host): " + " && ".join(f"`{c}`" for c in commands)
+            Problem(
+                "synapse-workers changes the owner of nothing it did not create. All of the above, as root (in a "
+                "container: on the volume's files, from the host): " + " && ".join(f"`{c}`" for c in commands)
+            )
         )
     return found
 
@@ -363,7 +409,7 @@ def log_handler_files(path: str | None) -> list[str]:
     return [h["filename"] for h in handlers.values() if isinstance(h, dict) and isinstance(h.get("filename"), str)]
 
 
-def check(plan: Plan, as_root: bool) -> list[str]:
+def check(plan: Plan, as_root: bool) -> list[Problem]:
     """The edge: needs from the plan, facts as Synapse's user (and as ourselves for nginx's files), problems."""
     core = plan.settings.core
     if not plan.local_processes and not plan.local("nginx"):
