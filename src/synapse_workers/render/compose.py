@@ -32,6 +32,7 @@ from .export import (
     Export,
     dump_yaml,
     nginx_conf,
+    nginx_flags,
     secret_key,
 )
 
@@ -193,7 +194,7 @@ def _synapse(project: _Project, export: Export, image: str) -> dict[str, Any]:
 def _nginx(project: _Project, export: Export, image: str) -> dict[str, Any]:
     """synapse-nginx: our nginx.conf (the same routes) in front of the Synapse services; the only published port."""
     settings, layout = export.source.settings, export.plan.layout
-    flags = "daemon off;" + (" worker_processes auto;" if settings.nginx.worker_processes == "auto" else "")
+    flags = nginx_flags(settings.nginx)
     port = export.plan.public.port
     main = export.member(MAIN)
     text = nginx_conf(export, {m.name: m.unit for m in export.members}, f"{main.unit}:{PORTS[HEALTH]}")

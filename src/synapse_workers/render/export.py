@@ -39,7 +39,7 @@ from ..plan import (
     Redis,
 )
 from ..secrets import exported as exported_secrets
-from ..settings import DEFAULT_HTTP_PORT
+from ..settings import DEFAULT_HTTP_PORT, NginxSettings
 from ..workers import VAR as WORKERS_VAR
 from . import render_homeserver
 from .nginx import render_nginx
@@ -206,6 +206,12 @@ def nginx_conf(export: Export, upstream_host: dict[str, str], health: str) -> st
     health listener, instead of the launcher's aggregator (there is no launcher here)."""
     plan = nginx_plan(export, upstream_host)
     return render_nginx(plan, plan.settings.nginx, health_upstream=health)[plan.layout.nginx_conf]
+
+
+def nginx_flags(nginx: NginxSettings) -> str:
+    """nginx's `-g` in an export's container: in the foreground and, with NGINX_WORKER_PROCESSES=auto (which
+    nginx.conf leaves to `-g`; no run/nginx_start.py here to count the CPUs a quota allows), nginx's own `auto`."""
+    return "daemon off;" + (" worker_processes auto;" if nginx.worker_processes == "auto" else "")
 
 
 # ------------------------------------------------------------------------------------------------------

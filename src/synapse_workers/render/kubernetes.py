@@ -44,6 +44,7 @@ from .export import (
     Group,
     dump_all,
     nginx_conf,
+    nginx_flags,
     secret_key,
 )
 from .kubernetes_check import POD_NAME_LABEL, secret_values
@@ -398,7 +399,7 @@ def _nginx(export: Export, image: str, config_hash: str) -> list[dict[str, Any]]
     plan, layout = export.plan, export.plan.layout
     settings = plan.settings
     labels = {**_labels(NGINX_WORKLOAD, "nginx"), "app.kubernetes.io/component": "router"}
-    flags = "daemon off;" + (" worker_processes auto;" if settings.nginx.worker_processes == "auto" else "")
+    flags = nginx_flags(settings.nginx)
     port = plan.public.port
     mounts: list[dict[str, Any]] = [
         {"name": "run", "mountPath": layout.nginx_dir},
