@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from . import __version__, catalog
-from .errors import File, Problem, UserError, as_problem
+from .errors import Argument, File, Problem, UserError, Variable, as_problem
 from .files import write_files
 from .layout import make_layout
 from .load import load_plan
@@ -173,8 +173,16 @@ def _slice_plan(args: argparse.Namespace, env: Mapping[str, str]) -> Plan:
     """The plan for the host this runs on: with SYNAPSE_HOSTS, --host NAME is required."""
     plan = load_plan(env, args.host)
     if plan.placement is not None and plan.placement.here is None:
-        hosts = ", ".join(plan.placement.hosts)
-        raise UserError(f"SYNAPSE_HOSTS is set: expected --host NAME, the host this runs on (one of {hosts}).")
+        hosts, variable = ", ".join(plan.placement.hosts), Variable("SYNAPSE_HOSTS")
+        raise UserError(
+            Problem(
+                f"{variable} is set: expected --host NAME, the host this runs on (one of {hosts}).",
+                Argument("--host"),
+                expected=f"--host NAME, one of {hosts}",
+                found="no --host",
+                related=(variable,),
+            )
+        )
     for warning in plan.warnings:  # generate, check and run: listeners of the user's file that are not served
         _warn(args, warning)
     return plan
@@ -327,7 +335,13 @@ def _warn_memory(plan: Plan, args: argparse.Namespace, now: bool) -> None:
         _warn(args, warning)
 
 
-def _logrotate_test(plan: Plan, checks: list[dict[str, object]]) -> bool:
+def _record(checks: list[dict[str, object]] | None, result: dict[str, object]) -> None:
+    """One check's outcome, for `check --json` (its `checks`)."""
+    if checks is not None:
+        checks.append(result)
+
+
+def _logrotate_test(plan: Plan, checks: list[dict[str, object]] | None = None) -> bool:
     """`logrotate -d` on the generated rules (debug mode: nothing is rotated, no state is written)."""
     from .plan import ROTATE_LOGS
     from .run.binaries import find
@@ -339,30 +353,30 @@ def _logrotate_test(plan: Plan, checks: list[dict[str, object]]) -> bool:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode == 0 and "error:" not in result.stderr:
         print(f"logrotate: OK ({layout.logrotate_conf})")
-        checks.append({"name": "logrotate", "ok": True, "file": layout.logrotate_conf, "error": None})
+        _record(checks, {"name": "logrotate", "ok": True, "file": layout.logrotate_conf, "error": None})
         return True
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     print("logrotate: FAILED\n" + "\n".join(errors or result.stderr.splitlines()[-5:]))
     error = "\n".join(errors or result.stderr.splitlines()[-5:])
-    checks.append({"name": "logrotate", "ok": False, "file": layout.logrotate_conf, "error": error})
+    _record(checks, {"name": "logrotate", "ok": False, "file": layout.logrotate_conf, "error": error})
     return False
 
 
-def _nginx_test(plan: Plan, checks: list[dict[str, object]]) -> bool:
+def _nginx_test(plan: Plan, checks: list[dict[str, object]] | None = None) -> bool:
     from .run.binaries import find
 
     conf = plan.layout.nginx_conf
     result = subprocess.run([find("nginx"), "-t", "-q", "-c", conf], capture_output=True, text=True)
     if result.returncode == 0:
         print(f"nginx: OK ({conf})")
-        checks.append({"name": "nginx", "ok": True, "file": conf, "error": None})
+        _record(checks, {"name": "nginx", "ok": True, "file": conf, "error": None})
         return True
     print(f"nginx: FAILED\n{result.stderr.strip()}")
-    checks.append({"name": "nginx", "ok": False, "file": conf, "error": result.stderr.strip()})
+    _record(checks, {"name": "nginx", "ok": False, "file": conf, "error": result.stderr.strip()})
     return False
 
 
-def _synapse_test(plan: Plan, checks: list[dict[str, object]]) -> bool:
+def _synapse_test(plan: Plan, checks: list[dict[str, object]] | None = None) -> bool:
     procs = [{"name": p.name, "app": p.app, "config_files": list(p.config_files)} for p in plan.local_processes]
     core = plan.settings.core
     # As root, the loader runs as Synapse's user (no supplementary groups, as setpriv starts Synapse): it reads
@@ -382,10 +396,10 @@ def _synapse_test(plan: Plan, checks: list[dict[str, object]]) -> bool:
         report = json.loads(line)
         seen += 1
         print(f"{report['name']}: OK" if report["ok"] else f"{report['name']}: FAILED\n  {report['error']}")
-        checks.append({"name": report["name"], "ok": report["ok"], "file": None, "error": report.get("error")})
+        _record(checks, {"name": report["name"], "ok": report["ok"], "file": None, "error": report.get("error")})
     if seen != len(procs):
         print(f"synapse config check crashed:\n{result.stderr.strip()[-2000:]}")
-        checks.append({"name": "synapse", "ok": False, "file": None, "error": result.stderr.strip()[-2000:]})
+        _record(checks, {"name": "synapse", "ok": False, "file": None, "error": result.stderr.strip()[-2000:]})
         return False
     return result.returncode == 0
 
@@ -437,7 +451,7 @@ def cmd_compress_state(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if not os.path.isdir(plan.layout.state_dir):
         print(
             f"synapse-workers: compress-state: {plan.layout.state_dir} does not exist: start the stack first "
-            "(synapse-workers run), or point SYNAPSE_RUNTIME_DIR at the running stack's.",
+            f"(synapse-workers run), or point {Variable('SYNAPSE_RUNTIME_DIR')} at the running stack's.",
             file=sys.stderr,
         )
         return 1

@@ -46,19 +46,20 @@ IGNORED: dict[str, bool] = {
     "--no-redirect-stdio": False,
     "--no-secrets-in-config": False,
 }
+_LOG_CONFIG = Variable("SYNAPSE_LOG_CONFIG")
 # Options whose meaning the stack cannot keep by ignoring them: refused, with what to do instead.
 REFUSED: dict[str, tuple[bool, str]] = {
     "--generate-config": (
         False,
-        "it writes a new homeserver.yaml and exits: use `generate` (with SYNAPSE_SERVER_NAME and "
-        "SYNAPSE_REPORT_STATS) instead",
+        f"it writes a new homeserver.yaml and exits: use `generate` (with {Variable('SYNAPSE_SERVER_NAME')} and "
+        f"{Variable('SYNAPSE_REPORT_STATS')}) instead",
     ),
     "-d": (True, "it replaces the database: set `database` in homeserver.yaml instead"),
     "--database-path": (True, "it replaces the database: set `database` in homeserver.yaml instead"),
     "--enable-registration": (False, "set `enable_registration` in homeserver.yaml instead"),
     "--manhole": (True, "the stack has no manhole option: set a manhole listener in homeserver.yaml instead"),
-    "-f": (True, "every process has its own log config: see SYNAPSE_LOG_CONFIG instead"),
-    "--log-file": (True, "every process has its own log config: see SYNAPSE_LOG_CONFIG instead"),
+    "-f": (True, f"every process has its own log config: see {_LOG_CONFIG} instead"),
+    "--log-file": (True, f"every process has its own log config: see {_LOG_CONFIG} instead"),
 }
 CONFIG_PATH = ("-c", "--config-path")
 OFFICIAL_MODES = ("run", "migrate_config")  # start.py's `generate` is ours too, and means the same

@@ -201,3 +201,20 @@ def test_a_port_in_use_names_its_variable_as_data(base_env):
     (problem,) = problems
     assert problem.subject == Variable("SYNAPSE_HTTP_PORT") and problem.expected == "a port free on this machine"
     assert problem.found == f"127.0.0.1:{port} is in use by another program"
+
+
+def test_check_json_reports_a_failed_check_with_its_error(base_env, tmp_root):
+    """A homeserver.yaml Synapse's own loader refuses (url previews without an IP blacklist): exit 1 as without
+    --json, the process's check not ok with Synapse's error, and no problem of ours (the input is well-formed)."""
+    data = tmp_root / "data"
+    data.mkdir()
+    env = {**base_env, "SYNAPSE_HTTP_PORT": "8008", "SYNAPSE_CONFIG_DIR": str(data), "SYNAPSE_DATA_DIR": str(data)}
+    result, report = _check_json(env)  # generates homeserver.yaml
+    assert result.returncode == 0, result.stderr
+    config = data / "homeserver.yaml"
+    config.write_text(config.read_text() + "\nurl_preview_enabled: true\n")
+    result, report = _check_json(env)
+    assert result.returncode == 1 and report["exit_code"] == 1 and report["ok"] is False
+    assert report["problems"] == []
+    main = next(c for c in report["checks"] if c["name"] == "main")
+    assert main["ok"] is False and "url_preview_ip_range_blacklist" in main["error"]
