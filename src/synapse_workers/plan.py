@@ -15,7 +15,7 @@ from . import catalog
 from .errors import UserError
 from .homeserver import HomeserverInfo
 from .layout import Layout, SecretPaths, make_layout, secret_paths
-from .settings import DEFAULT_HTTP_PORT, Settings
+from .settings import DEFAULT_HTTP_PORT, PLACED_SERVICES, Settings, placement_key_problems
 from .workers import Worker
 
 MAIN = "main"
@@ -45,7 +45,7 @@ HTTP = "http"  # an add-on's own HTTP listener (Prometheus's web UI and API)
 # Several hosts (SYNAPSE_HOSTS): what can be placed besides Synapse processes, and the ports PostgreSQL and
 # Redis listen on at their host's address (their usual ones: each host has its own port space).
 NGINX, POSTGRES, REDIS = "nginx", "postgres", "redis"
-SERVICES_PLACED = (MAIN, NGINX, POSTGRES, REDIS)
+SERVICES_PLACED = PLACED_SERVICES  # settings.placement_key_problems checks SYNAPSE_PLACEMENT's keys against it
 POSTGRES_PORT, REDIS_PORT = 5432, 6379
 
 
@@ -543,9 +543,6 @@ def _jobs(settings: Settings, homeserver: HomeserverInfo) -> tuple[Job, ...]:
     return tuple(jobs)
 
 
-PLACEMENT_VAR = "SYNAPSE_PLACEMENT"
-
-
 def _placement(
     settings: Settings, homeserver: HomeserverInfo, workers: tuple[Worker, ...], host: str | None, embedded: bool
 ) -> Placement | None:
@@ -558,46 +555,22 @@ def _placement(
         return None
     if host is not None and host not in hosts:
         raise UserError(f"--host {host}: {host!r} is not in SYNAPSE_HOSTS: expected one of {', '.join(hosts)}.")
+    problems = placement_key_problems(
+        settings, [(w.name, w.types) for w in workers], embedded=embedded, own_redis=homeserver.has_redis
+    )
+    if problems:
+        raise UserError(*problems)
     given = dict(settings.placement.placement)
-    names = {w.name for w in workers}
-    types = {t for w in workers for t in w.types}
-    problems = []
-    for key in given:
-        if key in SERVICES_PLACED or key in names or key in types:
-            continue
-        if key in catalog.TYPE_NAMES:
-            continue  # a known type that is not deployed now: nothing to place
-        known = ", ".join([*SERVICES_PLACED, *sorted(types), *(w.name for w in workers)])
-        problems.append(
-            f"{PLACEMENT_VAR}: {key!r} is neither a worker type, a worker name from SYNAPSE_WORKER_TYPES, nor one "
-            f"of main, nginx, postgres, redis: expected one of {known}."
-        )
-    if POSTGRES in given and not embedded:
-        problems.append(
-            f"{PLACEMENT_VAR} places postgres, but the database is not the embedded one: expected no postgres key "
-            "(an external PostgreSQL is where POSTGRES_HOST or homeserver.yaml says)."
-        )
-    if REDIS in given and homeserver.has_redis:
-        problems.append(
-            f"{PLACEMENT_VAR} places redis, but homeserver.yaml configures its own Redis: expected no redis key."
-        )
     main_host = given.get(MAIN, next(iter(hosts)))
     where = {MAIN: main_host}
     for worker in workers:
         if worker.name in given:
             where[worker.name] = given[worker.name]
             continue
-        chosen = {given[t] for t in worker.types if t in given}
-        if len(chosen) > 1:
-            problems.append(
-                f"{PLACEMENT_VAR}: the worker {worker.name} ({'+'.join(worker.types)}) is placed on "
-                f"{' and '.join(sorted(chosen))} by its types: expected one host (place {worker.name} by name)."
-            )
-        where[worker.name] = chosen.pop() if len(chosen) == 1 else main_host
+        chosen = {given[t] for t in worker.types if t in given}  # one host at most: placement_key_problems
+        where[worker.name] = chosen.pop() if chosen else main_host
     for service in (NGINX, POSTGRES, REDIS):
         where[service] = given.get(service, main_host)
-    if problems:
-        raise UserError(*problems)
     return Placement(hosts, where, host)
 
 

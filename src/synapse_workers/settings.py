@@ -11,7 +11,7 @@ import difflib
 import ipaddress
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit
@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.json_schema import JsonDict
 
+from . import catalog
 from .cron import parse as parse_cron
 from .errors import Problem, UserError
 from .errors import Variable as Var  # a problem's subject; `Variable` here is the registry's row
@@ -1179,6 +1180,73 @@ NOT_ACROSS_HOSTS_YET = (
     "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT",
     "SYNAPSE_ENABLE_COMPRESSOR",
 )
+
+
+# What SYNAPSE_PLACEMENT may name besides workers (plan.py names them MAIN, NGINX, POSTGRES, REDIS).
+PLACED_SERVICES = ("main", "nginx", "postgres", "redis")
+
+
+def placement_key_problems(
+    s: Settings, workers: Sequence[tuple[str, tuple[str, ...]]], *, embedded: bool, own_redis: bool
+) -> list[Problem]:
+    """SYNAPSE_PLACEMENT's keys against the worker list ((name, declared types) per worker) and the homeserver
+    file (`embedded`: our own PostgreSQL; `own_redis`: homeserver.yaml configures Redis): what plan._placement
+    needs before it decides where each process runs. With `placement_problems`, every placement check."""
+    placement, worker_types = Var("SYNAPSE_PLACEMENT"), Var("SYNAPSE_WORKER_TYPES")
+    given = dict(s.placement.placement)
+    names = {name for name, _ in workers}
+    types = {t for _, declared in workers for t in declared}
+    problems = []
+    for key in given:
+        if key in PLACED_SERVICES or key in names or key in types:
+            continue
+        if key in catalog.TYPE_NAMES:
+            continue  # a known type that is not deployed now: nothing to place
+        known = ", ".join([*PLACED_SERVICES, *sorted(types), *(name for name, _ in workers)])
+        problems.append(
+            Problem(
+                f"{placement}: {key!r} is neither a worker type, a worker name from {worker_types}, nor one "
+                f"of main, nginx, postgres, redis: expected one of {known}.",
+                placement,
+                expected=f"one of {known}",
+                found=key,
+                related=(worker_types,),
+            )
+        )
+    if "postgres" in given and not embedded:
+        problems.append(
+            Problem(
+                f"{placement} places postgres, but the database is not the embedded one: expected no postgres key "
+                f"(an external PostgreSQL is where {Var('POSTGRES_HOST')} or homeserver.yaml says).",
+                placement,
+                expected="no postgres key",
+                found=f"postgres={given['postgres']}",
+            )
+        )
+    if "redis" in given and own_redis:
+        problems.append(
+            Problem(
+                f"{placement} places redis, but homeserver.yaml configures its own Redis: expected no redis key.",
+                placement,
+                expected="no redis key",
+                found=f"redis={given['redis']}",
+            )
+        )
+    for name, declared in workers:
+        if name in given:
+            continue
+        chosen = sorted({given[t] for t in declared if t in given})
+        if len(chosen) > 1:
+            problems.append(
+                Problem(
+                    f"{placement}: the worker {name} ({'+'.join(declared)}) is placed on "
+                    f"{' and '.join(chosen)} by its types: expected one host (place {name} by name).",
+                    placement,
+                    expected="one host per worker",
+                    found=", ".join(f"{t}={given[t]}" for t in declared if t in given),
+                )
+            )
+    return problems
 
 
 def placement_problems(s: Settings) -> list[Problem]:

@@ -248,3 +248,24 @@ def test_every_refusal_of_a_bad_environment_names_its_subject(base_env, tmp_root
         named = problem.subject.path if isinstance(problem.subject, YamlPath) else str(problem.subject)
         assert named in problem, problem
         assert problem.expected, problem
+
+
+def test_placement_keys_are_checked_in_settings_with_their_subject(base_env):
+    """SYNAPSE_PLACEMENT against the worker list: settings.placement_key_problems, which plan._placement calls."""
+    from synapse_workers.load import load_plan
+
+    env = {
+        **base_env,
+        "SYNAPSE_WORKER_TYPES": "synchrotron, a=pusher+federation_sender",
+        "SYNAPSE_HOSTS": "front=10.0.0.1,back=10.0.0.2",
+        "SYNAPSE_PLACEMENT": "synchrotorn=back,pusher=front,federation_sender=back",
+    }
+    with pytest.raises(UserError) as info:
+        load_plan(env, "front")
+    unknown, split = info.value.details
+    assert (unknown.subject, unknown.found, unknown.related) == (
+        Variable("SYNAPSE_PLACEMENT"),
+        "synchrotorn",
+        (Variable("SYNAPSE_WORKER_TYPES"),),
+    )
+    assert "a1" in split and split.found == "pusher=front, federation_sender=back"
