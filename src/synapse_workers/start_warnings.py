@@ -8,7 +8,7 @@ container? is the file's log config one we generated?) are gathered by `facts_he
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from typing import Any
@@ -19,45 +19,45 @@ from .plan import POSTGRES_EXPORTER, REDIS_EXPORTER, Plan
 from .settings import SECTIONS, VARIABLES
 
 # Read only to generate homeserver.yaml: the key of the file that holds the same setting afterwards.
-GENERATION_ONLY = {
-    "SYNAPSE_MEDIA_STORE_PATH": "media_store_path",
-    "SYNAPSE_EVENT_CACHE_SIZE": "event_cache_size",
-    "SYNAPSE_ENABLE_REGISTRATION": "enable_registration",
-    "SYNAPSE_ALLOW_GUEST": "allow_guest_access",
-    "SYNAPSE_REGISTRATION_SHARED_SECRET": "registration_shared_secret_path",
-    "SYNAPSE_MACAROON_SECRET_KEY": "macaroon_secret_key_path",
-    "SYNAPSE_FORM_SECRET": "form_secret_path",
-    "SYNAPSE_SERVE_SERVER_WELLKNOWN": "serve_server_wellknown",
-    "SYNAPSE_PUBLIC_BASEURL": "public_baseurl",
-    "SYNAPSE_URL_PREVIEW_ENABLED": "url_preview_enabled",
-    "SYNAPSE_DATABASE": "database",
+GENERATION_ONLY: dict[Variable, str] = {
+    Variable("SYNAPSE_MEDIA_STORE_PATH"): "media_store_path",
+    Variable("SYNAPSE_EVENT_CACHE_SIZE"): "event_cache_size",
+    Variable("SYNAPSE_ENABLE_REGISTRATION"): "enable_registration",
+    Variable("SYNAPSE_ALLOW_GUEST"): "allow_guest_access",
+    Variable("SYNAPSE_REGISTRATION_SHARED_SECRET"): "registration_shared_secret_path",
+    Variable("SYNAPSE_MACAROON_SECRET_KEY"): "macaroon_secret_key_path",
+    Variable("SYNAPSE_FORM_SECRET"): "form_secret_path",
+    Variable("SYNAPSE_SERVE_SERVER_WELLKNOWN"): "serve_server_wellknown",
+    Variable("SYNAPSE_PUBLIC_BASEURL"): "public_baseurl",
+    Variable("SYNAPSE_URL_PREVIEW_ENABLED"): "url_preview_enabled",
+    Variable("SYNAPSE_DATABASE"): "database",
 }
 # Only with SYNAPSE_METRICS (the built-in Prometheus and the exporters it scrapes).
 NEEDS_METRICS = (
-    "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT",
-    "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT",
-    "SYNAPSE_METRICS_UNIX_SOCKETS",
-    "PROMETHEUS_SCRAPE_INTERVAL",
-    "PROMETHEUS_STORAGE_RETENTION_TIME",
-    "PROMETHEUS_BIND_ADDRESS",
-    "PROMETHEUS_PORT",
-    "PROMETHEUS_REMOTE_WRITE_HTTP_URL",
+    Variable("SYNAPSE_ENABLE_REDIS_METRIC_EXPORT"),
+    Variable("SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT"),
+    Variable("SYNAPSE_METRICS_UNIX_SOCKETS"),
+    Variable("PROMETHEUS_SCRAPE_INTERVAL"),
+    Variable("PROMETHEUS_STORAGE_RETENTION_TIME"),
+    Variable("PROMETHEUS_BIND_ADDRESS"),
+    Variable("PROMETHEUS_PORT"),
+    Variable("PROMETHEUS_REMOTE_WRITE_HTTP_URL"),
 )  # PROMETHEUS_STORAGE_PATH: the image sets it (ENV), so it is always there
 NEEDS_COTURN = (
-    "COTURN_PORT",
-    "COTURN_MIN_PORT",
-    "COTURN_MAX_PORT",
-    "COTURN_EXTERNAL_IP",
-    "COTURN_INTERNAL_IP",
-    "COTURN_METRICS",
-    "COTURN_ALLOW_LOOPBACK_PEERS",
+    Variable("COTURN_PORT"),
+    Variable("COTURN_MIN_PORT"),
+    Variable("COTURN_MAX_PORT"),
+    Variable("COTURN_EXTERNAL_IP"),
+    Variable("COTURN_INTERNAL_IP"),
+    Variable("COTURN_METRICS"),
+    Variable("COTURN_ALLOW_LOOPBACK_PEERS"),
 )
 NEEDS_EXTERNAL_POSTGRES = (
-    "POSTGRES_HOST",
-    "POSTGRES_PORT",
-    "POSTGRES_DB",
-    "POSTGRES_USER",
-    "POSTGRES_EXPORTER_SSLMODE",
+    Variable("POSTGRES_HOST"),
+    Variable("POSTGRES_PORT"),
+    Variable("POSTGRES_DB"),
+    Variable("POSTGRES_USER"),
+    Variable("POSTGRES_EXPORTER_SSLMODE"),
 )
 
 
@@ -118,13 +118,13 @@ def start_warnings(plan: Plan, env: Mapping[str, str], facts: Facts) -> list[Pro
     s, hs = plan.settings, plan.homeserver
     warnings: list[Problem] = []
 
-    def given(names: tuple[str, ...] | list[str]) -> list[str]:
-        return [name for name in names if _set(plan, env, name)]
+    def given(variables: Iterable[Variable]) -> list[str]:
+        return [v.name for v in variables if _set(plan, env, v.name)]
 
     if hs.exists:
-        unused = given(list(GENERATION_ONLY))
+        unused = given(GENERATION_ONLY)
         if unused:
-            keys = ", ".join(GENERATION_ONLY[name] for name in unused)
+            keys = ", ".join(GENERATION_ONLY[Variable(name)] for name in unused)
             warnings.append(
                 _unused(
                     unused,
