@@ -57,7 +57,7 @@ REFUSED: dict[str, tuple[bool, str]] = {
     "-d": (True, "it replaces the database: set `database` in homeserver.yaml instead"),
     "--database-path": (True, "it replaces the database: set `database` in homeserver.yaml instead"),
     "--enable-registration": (False, "set `enable_registration` in homeserver.yaml instead"),
-    "--manhole": (True, "the stack has no manhole option: set a manhole listener in homeserver.yaml instead"),
+    "--manhole": (True, "synapse-workers starts no manhole (use the admin API instead): drop the option"),
     "-f": (True, f"every process has its own log config: see {_LOG_CONFIG} instead"),
     "--log-file": (True, f"every process has its own log config: see {_LOG_CONFIG} instead"),
 }
