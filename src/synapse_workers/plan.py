@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import catalog
-from .errors import UserError
+from .errors import Argument, Problem, Subject, UserError, Variable, YamlPath
 from .homeserver import HomeserverInfo
 from .layout import Layout, SecretPaths, make_layout, secret_paths
 from .settings import DEFAULT_HTTP_PORT, PLACED_SERVICES, Settings, placement_key_problems
@@ -22,6 +22,16 @@ MAIN = "main"
 MAIN_APP = "synapse.app.homeserver"
 WORKER_APP = "synapse.app.generic_worker"
 LOOPBACK = "127.0.0.1"
+
+# The variables plan.py's problems and warnings name (as their subject, or related).
+HTTP_PORT, TLS_PORT = Variable("SYNAPSE_HTTP_PORT"), Variable("SYNAPSE_TLS_PORT")
+INTERNAL_PORT_BASE = Variable("SYNAPSE_INTERNAL_PORT_BASE")
+COTURN_PORT = Variable("COTURN_PORT")
+COTURN_MIN_PORT, COTURN_MAX_PORT = Variable("COTURN_MIN_PORT"), Variable("COTURN_MAX_PORT")
+PROMETHEUS_PORT, METRICS_ON = Variable("PROMETHEUS_PORT"), Variable("SYNAPSE_METRICS")
+CONFIG_PATH, HOSTS = Variable("SYNAPSE_CONFIG_PATH"), Variable("SYNAPSE_HOSTS")
+COMPRESSOR, RUNTIME_DIR = Variable("SYNAPSE_ENABLE_COMPRESSOR"), Variable("SYNAPSE_RUNTIME_DIR")
+OUTER_SOCKET = Variable("NGINX_LISTEN_UNIX_SOCKET")
 
 PUBLIC, REPLICATION, HEALTH, METRICS = "public", "replication", "health", "metrics"
 TURN = "turn"  # a TURN/STUN listener (coturn's)
@@ -351,7 +361,7 @@ class Plan:
     # The user's other http listeners, served by nginx on their own ports (homeserver.yaml `listeners`).
     extra_listeners: tuple[ExtraListener, ...] = ()
     # One line each, printed by generate, check and run: listeners of the user's file that are not served.
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[Problem, ...] = ()
     # Derived once here, never again by a renderer or the launcher (none of them is in `as_json`):
     # the generated homeserver.yaml's media_store_path (SYNAPSE_MEDIA_STORE_PATH, or <data dir>/media_store);
     # an existing homeserver.yaml's own is `homeserver.media_store_path`.
@@ -534,8 +544,13 @@ def _jobs(settings: Settings, homeserver: HomeserverInfo) -> tuple[Job, ...]:
         if homeserver.database == "sqlite":
             where = f"{homeserver.path} uses SQLite" if homeserver.exists else "the database is SQLite"
             raise UserError(
-                f"SYNAPSE_ENABLE_COMPRESSOR=on needs PostgreSQL, but {where}: synapse_auto_compressor works on "
-                "PostgreSQL only. Unset SYNAPSE_ENABLE_COMPRESSOR or port the database (synapse_port_db)."
+                Problem(
+                    f"{COMPRESSOR}=on needs PostgreSQL, but {where}: synapse_auto_compressor works on "
+                    f"PostgreSQL only. Unset {COMPRESSOR} or port the database (synapse_port_db).",
+                    COMPRESSOR,
+                    expected="a PostgreSQL database",
+                    found="SQLite",
+                )
             )
         jobs.append(Job(COMPRESS_STATE, settings.compressor.schedule))
     if settings.logging.to_disk and not settings.nginx.disable_logrotate:
@@ -551,10 +566,27 @@ def _placement(
     hosts = dict(settings.placement.hosts)
     if not hosts:
         if host is not None:
-            raise UserError(f"--host {host}: SYNAPSE_HOSTS is not set: expected SYNAPSE_HOSTS naming the hosts.")
+            raise UserError(
+                Problem(
+                    f"--host {host}: {HOSTS} is not set: expected {HOSTS} naming the hosts.",
+                    Argument("--host"),
+                    expected=f"{HOSTS} naming the hosts",
+                    found=host,
+                    related=(HOSTS,),
+                )
+            )
         return None
     if host is not None and host not in hosts:
-        raise UserError(f"--host {host}: {host!r} is not in SYNAPSE_HOSTS: expected one of {', '.join(hosts)}.")
+        expected = f"one of {', '.join(hosts)}"
+        raise UserError(
+            Problem(
+                f"--host {host}: {host!r} is not in {HOSTS}: expected {expected}.",
+                Argument("--host"),
+                expected=expected,
+                found=host,
+                related=(HOSTS,),
+            )
+        )
     problems = placement_key_problems(
         settings, [(w.name, w.types) for w in workers], embedded=embedded, own_redis=homeserver.has_redis
     )
@@ -710,50 +742,76 @@ def _public(settings: Settings, homeserver: HomeserverInfo) -> Public:
 
 def _extra_listeners(
     settings: Settings, homeserver: HomeserverInfo
-) -> tuple[tuple[ExtraListener, ...], tuple[str, ...]]:
+) -> tuple[tuple[ExtraListener, ...], tuple[Problem, ...]]:
     """The user's listeners besides the primary one: the http ones nginx serves on their own ports, and a
     warning for each that is not served (metrics, manhole, replication, unix sockets)."""
     extras: list[ExtraListener] = []
-    warnings: list[str] = []
+    warnings: list[Problem] = []
     where = homeserver.path
-    problems: list[str] = []
+    problems: list[Problem] = []
+
+    def warn(name: str, sentence: str, expected: str, found: str, *related: Variable) -> None:
+        warnings.append(Problem(sentence, YamlPath(where, name), expected=expected, found=found, related=related))
+
     for listener in homeserver.listeners:
         name = listener.yaml_path
+        resources = "+".join(listener.resources)
         if listener.index == homeserver.primary_listener:
             port = settings.listen.http_port
             if port is not None and port != listener.port:
-                warnings.append(
-                    f"{where}: {name} (port {listener.port}, {'+'.join(listener.resources)}) is served by nginx's "
-                    f"public listener on SYNAPSE_HTTP_PORT={port} instead (unset SYNAPSE_HTTP_PORT to keep "
-                    f"{listener.port})."
+                warn(
+                    name,
+                    f"{where}: {name} (port {listener.port}, {resources}) is served by nginx's "
+                    f"public listener on {HTTP_PORT}={port} instead (unset {HTTP_PORT} to keep "
+                    f"{listener.port}).",
+                    f"{HTTP_PORT} unset, or {listener.port}",
+                    f"{HTTP_PORT}={port}",
+                    HTTP_PORT,
                 )
             continue
         at = f"port {listener.port}" if listener.port is not None else f"unix socket {listener.path}"
         if listener.type != "http":
+            metrics = listener.type == "metrics"
             instead = (
-                "each Synapse process gets its own metrics listener with SYNAPSE_METRICS=yes (scraped by the "
+                f"each Synapse process gets its own metrics listener with {METRICS_ON}=yes (scraped by the "
                 "built-in Prometheus)"
-                if listener.type == "metrics"
+                if metrics
                 else "synapse-workers starts no manhole (use the admin API, or Synapse outside synapse-workers)"
             )
-            warnings.append(f"{where}: {name} (type: {listener.type}, {at}) is not served: {instead}.")
+            warn(
+                name,
+                f"{where}: {name} (type: {listener.type}, {at}) is not served: {instead}.",
+                "an http listener",
+                f"type: {listener.type}",
+                *((METRICS_ON,) if metrics else ()),
+            )
             continue
         internal = [r for r in listener.resources if r in catalog.INTERNAL_RESOURCES]
         served = tuple(r for r in listener.resources if r not in catalog.INTERNAL_RESOURCES)
         if internal:
             uses = []
             if "metrics" in internal:
-                uses.append("metrics: SYNAPSE_METRICS=yes gives each process its own metrics listener")
+                uses.append(f"metrics: {METRICS_ON}=yes gives each process its own metrics listener")
             if "replication" in internal:
                 uses.append("replication: synapse-workers wires its own between its processes")
             what = "is not served" if not served else f"is served without {'+'.join(internal)}"
-            warnings.append(f"{where}: {name} ({at}, {'+'.join(listener.resources)}) {what}: {'; '.join(uses)}.")
+            warn(
+                name,
+                f"{where}: {name} ({at}, {resources}) {what}: {'; '.join(uses)}.",
+                "resources nginx serves (" + ", ".join(sorted(catalog.INTERNAL_RESOURCES)) + " are internal)",
+                resources,
+                *((METRICS_ON,) if "metrics" in internal else ()),
+            )
             if not served and listener.resources:
                 continue
         if listener.port is None:
-            warnings.append(
+            warn(
+                name,
                 f"{where}: {name} (unix socket {listener.path}) is not served: nginx serves everything the public "
-                "port does on a unix socket with NGINX_LISTEN_UNIX_SOCKET instead."
+                f"port does on a unix socket with {OUTER_SOCKET} instead.",
+                f"a port (or {OUTER_SOCKET})",
+                f"unix socket {listener.path}",
+                OUTER_SOCKET,
             )
             continue
         addresses = listener.bind_addresses
@@ -769,7 +827,7 @@ def _extra_listeners(
     return tuple(extras), tuple(warnings)
 
 
-def _listener_tls(homeserver: HomeserverInfo, name: str) -> tuple[str | None, str | None, list[str]]:
+def _listener_tls(homeserver: HomeserverInfo, name: str) -> tuple[str | None, str | None, list[Problem]]:
     """tls: true: nginx serves the listener with the file's certificate and key (checked readable by load)."""
     problems = []
     found = []
@@ -778,14 +836,27 @@ def _listener_tls(homeserver: HomeserverInfo, name: str) -> tuple[str | None, st
         ("tls_private_key_path", homeserver.tls_private_key_path),
     ):
         if value is None:
+            expected = "the path of a PEM file nginx serves it with"
             problems.append(
-                f"{homeserver.path} (SYNAPSE_CONFIG_PATH) at {name + '.tls'!r}: the listener is TLS, but "
-                f"{key!r} is not set: expected the path of a PEM file nginx serves it with."
+                Problem(
+                    f"{homeserver.path} ({CONFIG_PATH}) at {name + '.tls'!r}: the listener is TLS, but "
+                    f"{key!r} is not set: expected {expected}.",
+                    YamlPath(homeserver.path, key),
+                    expected=expected,
+                    found=None,
+                    related=(CONFIG_PATH,),
+                )
             )
         elif not value.startswith("/"):
             problems.append(
-                f"{homeserver.path} (SYNAPSE_CONFIG_PATH) at {key!r}: expected an absolute path for nginx "
-                f"({name} is TLS), found {value!r}."
+                Problem(
+                    f"{homeserver.path} ({CONFIG_PATH}) at {key!r}: expected an absolute path for nginx "
+                    f"({name} is TLS), found {value!r}.",
+                    YamlPath(homeserver.path, key),
+                    expected="an absolute path for nginx",
+                    found=repr(value),
+                    related=(CONFIG_PATH,),
+                )
             )
         found.append(value)
     return found[0], found[1], problems
@@ -793,13 +864,16 @@ def _listener_tls(homeserver: HomeserverInfo, name: str) -> tuple[str | None, st
 
 @dataclass(frozen=True)
 class _Claim:
-    """A port or range the plan listens on, and who asked for it (a variable, or a YAML path)."""
+    """A port or range the plan listens on, and who asked for it (a variable, or a YAML path): `owner` as a
+    sentence says it, `subject` (and `also`, the other variable of a range) as data."""
 
     owner: str
     first: int
     last: int
     protocols: frozenset[str]
     hosts: tuple[str, ...]
+    subject: Subject
+    also: tuple[Variable, ...] = ()
     internal: bool = False
 
     def meets(self, other: _Claim) -> bool:
@@ -825,16 +899,21 @@ def _check_ports(
     base = settings.listen.internal_port_base
     if max(ports.used) > 65535:
         raise UserError(
-            f"SYNAPSE_INTERNAL_PORT_BASE={base} leaves no room for {ports.next - base} internal ports: "
-            "expected a lower base."
+            Problem(
+                f"{INTERNAL_PORT_BASE}={base} leaves no room for {ports.next - base} internal ports: "
+                "expected a lower base.",
+                INTERNAL_PORT_BASE,
+                expected=f"a base of at most {65535 - (max(ports.used) - base)}",
+                found=str(base),
+            )
         )
     tcp, udp = frozenset({"tcp"}), frozenset({"udp"})
     claims: list[_Claim] = []
 
     def internal(what: str, host: str | None, port: int | None) -> None:
         if port is not None:
-            owner = f"SYNAPSE_INTERNAL_PORT_BASE={base}+{port - base} ({what})"
-            claims.append(_Claim(owner, port, port, tcp, (host or LOOPBACK,), internal=True))
+            owner = f"{INTERNAL_PORT_BASE}={base}+{port - base} ({what})"
+            claims.append(_Claim(owner, port, port, tcp, (host or LOOPBACK,), INTERNAL_PORT_BASE, internal=True))
 
     for proc in procs:
         for lst in proc.listeners:
@@ -851,34 +930,38 @@ def _check_ports(
                 internal(f"{service.name}'s metrics listener", lst.host, lst.port)
 
     listen = settings.listen
+    http_subject: Subject = HTTP_PORT
     if listen.http_port is not None:
-        http_owner = f"SYNAPSE_HTTP_PORT={public.port}"
+        http_owner = f"{HTTP_PORT}={public.port}"
     elif homeserver.public_port is not None:
-        http_owner = f"listeners[{homeserver.primary_listener}].port={public.port} in {homeserver.path}"
+        http_path = f"listeners[{homeserver.primary_listener}].port"
+        http_owner = f"{http_path}={public.port} in {homeserver.path}"
+        http_subject = YamlPath(homeserver.path, http_path)
     else:
-        http_owner = f"SYNAPSE_HTTP_PORT={public.port} (its default)"
+        http_owner = f"{HTTP_PORT}={public.port} (its default)"
     public_hosts = (public.bind_address,)
-    claims.append(_Claim(http_owner, public.port, public.port, tcp, public_hosts))
+    claims.append(_Claim(http_owner, public.port, public.port, tcp, public_hosts, http_subject))
     if public.tls_port is not None:
-        claims.append(
-            _Claim(f"SYNAPSE_TLS_PORT={public.tls_port}", public.tls_port, public.tls_port, tcp, public_hosts)
-        )
+        owner = f"{TLS_PORT}={public.tls_port}"
+        claims.append(_Claim(owner, public.tls_port, public.tls_port, tcp, public_hosts, TLS_PORT))
     for extra in extras:
         owner = f"{extra.source}.port={extra.port} in {homeserver.path}"
-        claims.append(_Claim(owner, extra.port, extra.port, tcp, extra.bind_addresses))
+        subject = YamlPath(homeserver.path, f"{extra.source}.port")
+        claims.append(_Claim(owner, extra.port, extra.port, tcp, extra.bind_addresses, subject))
     for service in services:
         main_listener = service.main
         if service.name == COTURN and main_listener.port is not None:
             host = main_listener.host or "0.0.0.0"
             port = main_listener.port
-            claims.append(_Claim(f"COTURN_PORT={port}", port, port, tcp | udp, (host,)))
+            claims.append(_Claim(f"{COTURN_PORT}={port}", port, port, tcp | udp, (host,), COTURN_PORT))
             if service.relay_ports:
                 low, high = service.relay_ports
-                owner = f"COTURN_MIN_PORT-COTURN_MAX_PORT={low}-{high} (coturn's UDP relays)"
-                claims.append(_Claim(owner, low, high, udp, ("0.0.0.0",)))
+                owner = f"{COTURN_MIN_PORT}-{COTURN_MAX_PORT}={low}-{high} (coturn's UDP relays)"
+                claims.append(_Claim(owner, low, high, udp, ("0.0.0.0",), COTURN_MIN_PORT, (COTURN_MAX_PORT,)))
         elif service.name == PROMETHEUS and main_listener.port is not None:
             port = main_listener.port
-            claims.append(_Claim(f"PROMETHEUS_PORT={port}", port, port, tcp, (main_listener.host or "0.0.0.0",)))
+            hosts = (main_listener.host or "0.0.0.0",)
+            claims.append(_Claim(f"{PROMETHEUS_PORT}={port}", port, port, tcp, hosts, PROMETHEUS_PORT))
 
     problems = []
     clashing: set[int] = set()
@@ -888,9 +971,18 @@ def _check_ports(
             if one.meets(other):
                 port = max(one.first, other.first)
                 protocol = "/".join(sorted(one.protocols & other.protocols))
+                # The subject is the owner named first; the other owner's variables are related (a YAML path
+                # of homeserver.yaml is in the sentence only).
+                related = [v for v in (*other.also, *_variables(one)) if v != other.subject]
                 problems.append(
-                    f"{other.owner} and {one.owner} both use port {port} ({protocol}): expected a port of its own "
-                    "for each."
+                    Problem(
+                        f"{other.owner} and {one.owner} both use port {port} ({protocol}): expected a port of its "
+                        "own for each.",
+                        other.subject,
+                        expected="a port of its own for each",
+                        found=f"port {port} ({protocol}), also used by {one.owner}",
+                        related=dict.fromkeys(related),
+                    )
                 )
                 clashing.update((i, j))
     high = max(ports.used)
@@ -899,11 +991,23 @@ def _check_ports(
             continue
         if claim.first <= high and base <= claim.last:
             problems.append(
-                f"{claim.owner} collides with the internal ports {base}-{high} "
-                f"(SYNAPSE_INTERNAL_PORT_BASE={base}): expected a port outside that range."
+                Problem(
+                    f"{claim.owner} collides with the internal ports {base}-{high} "
+                    f"({INTERNAL_PORT_BASE}={base}): expected a port outside that range.",
+                    claim.subject,
+                    expected=f"a port outside {base}-{high}",
+                    found=claim.owner,
+                    related=(*claim.also, INTERNAL_PORT_BASE),
+                )
             )
     if problems:
         raise UserError(*problems)
+
+
+def _variables(claim: _Claim) -> tuple[Variable, ...]:
+    """The variables a claim's owner is made of (none for a YAML path)."""
+    first = (claim.subject,) if isinstance(claim.subject, Variable) else ()
+    return first + claim.also
 
 
 def _coturn(settings: Settings, ports: _PortAllocator) -> Service | None:
@@ -967,12 +1071,24 @@ def _check_socket_paths(settings: Settings, layout: Layout, procs: tuple[Process
     longest = max(paths, key=lambda p: len(p.encode()))
     if len(longest.encode()) > SOCKET_PATH_MAX:
         raise UserError(
-            f"SYNAPSE_RUNTIME_DIR={settings.core.runtime_dir!r} is too long for unix sockets: {longest!r} has "
-            f"{len(longest.encode())} bytes, expected at most {SOCKET_PATH_MAX}. Use a shorter directory."
+            Problem(
+                f"{RUNTIME_DIR}={settings.core.runtime_dir!r} is too long for unix sockets: {longest!r} has "
+                f"{len(longest.encode())} bytes, expected at most {SOCKET_PATH_MAX}. Use a shorter directory.",
+                RUNTIME_DIR,
+                expected=f"socket paths of at most {SOCKET_PATH_MAX} bytes",
+                found=f"{longest!r} ({len(longest.encode())} bytes)",
+            )
         )
     outer = settings.listen.nginx_listen_unix_socket
     if outer and len(outer.encode()) > SOCKET_PATH_MAX:
-        raise UserError(f"NGINX_LISTEN_UNIX_SOCKET={outer!r} is too long: expected at most {SOCKET_PATH_MAX} bytes.")
+        raise UserError(
+            Problem(
+                f"{OUTER_SOCKET}={outer!r} is too long: expected at most {SOCKET_PATH_MAX} bytes.",
+                OUTER_SOCKET,
+                expected=f"at most {SOCKET_PATH_MAX} bytes",
+                found=f"{len(outer.encode())} bytes",
+            )
+        )
 
 
 def _stream_writers(workers: tuple[Process, ...]) -> dict[str, tuple[str, ...]]:

@@ -220,20 +220,10 @@ def test_check_json_reports_a_failed_check_with_its_error(base_env, tmp_root):
     assert main["ok"] is False and "url_preview_ip_range_blacklist" in main["error"]
 
 
-# Refusals still made as plain sentences by plan.py (its port clashes and its listener checks): not yet data.
-PLAN_PY_SENTENCES = {
-    "port-in-internal-range",
-    "exporter-on-http-port",
-    "prometheus-on-exporter",
-    "tls-port-on-exporter",
-    "tls-listener-without-key",
-}
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_every_refusal_of_a_bad_environment_names_its_subject(base_env, tmp_root, capsys, case):
     """test_cli_errors' bad environments: each problem's subject is a registry variable, a key of the user's
-    homeserver.yaml or a file, and the sentence names it; none is left without one (but plan.py's, listed)."""
+    homeserver.yaml, a file or an argument, and the sentence names it; none is left without one."""
     from synapse_workers.load import load_plan
 
     bad, _ = _prepare(base_env, tmp_root / "case", case)
@@ -242,9 +232,7 @@ def test_every_refusal_of_a_bad_environment_names_its_subject(base_env, tmp_root
         load_plan(bad)
     for problem in info.value.details:
         assert all(v.name in VARIABLES for v in problem.variables)
-        if problem.subject is None:
-            assert case[0] in PLAN_PY_SENTENCES, problem
-            continue
+        assert problem.subject is not None, problem
         named = problem.subject.path if isinstance(problem.subject, YamlPath) else str(problem.subject)
         assert named in problem, problem
         assert problem.expected, problem
@@ -269,3 +257,75 @@ def test_placement_keys_are_checked_in_settings_with_their_subject(base_env):
         (Variable("SYNAPSE_WORKER_TYPES"),),
     )
     assert "a1" in split and split.found == "pusher=front, federation_sender=back"
+
+
+# A port two settings ask for: the owner named first is the subject, the other's variables are related.
+CLASHES = [
+    (
+        {"SYNAPSE_ENABLE_BUILTIN_COTURN": "on", "COTURN_PORT": "8008", "SYNAPSE_HTTP_PORT": "8008"},
+        "COTURN_PORT=8008 and SYNAPSE_HTTP_PORT=8008 both use port 8008 (tcp)",
+        ("COTURN_PORT", ["SYNAPSE_HTTP_PORT"]),
+    ),
+    (
+        {"SYNAPSE_METRICS": "yes", "PROMETHEUS_PORT": "8008", "SYNAPSE_HTTP_PORT": "8008"},
+        "PROMETHEUS_PORT=8008 and SYNAPSE_HTTP_PORT=8008 both use port 8008 (tcp)",
+        ("PROMETHEUS_PORT", ["SYNAPSE_HTTP_PORT"]),
+    ),
+    (
+        {"SYNAPSE_INTERNAL_PORT_BASE": "30000", "SYNAPSE_HTTP_PORT": "30002"},
+        "SYNAPSE_HTTP_PORT=30002 and SYNAPSE_INTERNAL_PORT_BASE=30000+2 (main's health listener) both use port 30002",
+        ("SYNAPSE_HTTP_PORT", ["SYNAPSE_INTERNAL_PORT_BASE"]),
+    ),
+    (
+        {"SYNAPSE_INTERNAL_PORT_BASE": "30000", "SYNAPSE_HTTP_PORT": "30005", "SYNAPSE_WORKER_TYPES": "synchrotron"},
+        "SYNAPSE_HTTP_PORT=30005 collides with the internal ports 30000-",
+        ("SYNAPSE_HTTP_PORT", ["SYNAPSE_INTERNAL_PORT_BASE"]),
+    ),
+]
+
+
+@pytest.mark.parametrize(("env", "sentence", "want"), CLASHES, ids=["coturn", "prometheus", "internal", "range"])
+def test_a_port_clash_names_both_owners_as_data(base_env, env, sentence, want):
+    from synapse_workers.load import load_plan
+
+    with pytest.raises(UserError) as info:
+        load_plan({**base_env, **env})
+    (problem,) = info.value.details
+    assert problem.startswith(sentence), problem
+    assert (str(problem.subject), [v.name for v in problem.related]) == want
+    assert problem.expected and problem.found
+
+
+def test_check_json_names_a_listener_of_homeserver_yaml_by_its_yaml_path(base_env, tmp_root):
+    """The user's homeserver.yaml: an http listener on the public port is a clash whose subject is its YAML path
+    (SYNAPSE_HTTP_PORT related); a metrics listener, not served, is a warning about its YAML path."""
+    import yaml
+
+    data = tmp_root / "data"
+    data.mkdir()
+    env = {**base_env, "SYNAPSE_HTTP_PORT": "8008", "SYNAPSE_CONFIG_DIR": str(data), "SYNAPSE_DATA_DIR": str(data)}
+    result, report = _check_json(env)  # generates homeserver.yaml
+    assert result.returncode == 0, result.stderr
+    config = data / "homeserver.yaml"
+    original = yaml.safe_load(config.read_text())
+    assert len(original["listeners"]) == 1
+
+    clash = {"port": 8008, "type": "http", "bind_addresses": ["127.0.0.1"], "resources": [{"names": ["client"]}]}
+    config.write_text(yaml.safe_dump({**original, "listeners": [*original["listeners"], clash]}))
+    result, report = _check_json(env)
+    assert result.returncode == 2 and report["exit_code"] == 2, result.stderr
+    (problem,) = report["problems"]
+    assert problem["message"].startswith(
+        f"listeners[1].port=8008 in {config} and SYNAPSE_HTTP_PORT=8008 both use port 8008 (tcp)"
+    )
+    assert problem["subject"] == {"file": str(config), "path": "listeners[1].port"}
+    assert problem["related"] == ["SYNAPSE_HTTP_PORT"]
+
+    metrics = {"port": 9000, "type": "metrics", "bind_addresses": ["127.0.0.1"]}
+    config.write_text(yaml.safe_dump({**original, "listeners": [*original["listeners"], metrics]}))
+    result, report = _check_json(env)
+    assert result.returncode == 0, result.stderr
+    (warning,) = [w for w in report["warnings"] if w["subject"] == {"file": str(config), "path": "listeners[1]"}]
+    assert warning["message"].startswith(f"{config}: listeners[1] (type: metrics, port 9000) is not served")
+    assert warning["related"] == ["SYNAPSE_METRICS"] and warning["found"] == "type: metrics"
+    assert f"synapse-workers: warning: {warning['message']}" in result.stderr
