@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
-from .errors import Problem, UserError, Variable, YamlPath
+from .errors import File, Problem, UserError, Variable, YamlPath
 from .homeserver import HomeserverInfo, describe, read_homeserver
 from .layout import RUNTIME_MARKER, make_layout
 from .plan import Plan, make_plan
@@ -104,9 +104,15 @@ def _check_copied(plan: Plan) -> None:
     if missing:
         main_host = placement.where["main"]
         raise UserError(
-            f"--host {placement.here}: {', '.join(missing)} missing: on several hosts (SYNAPSE_HOSTS) main's host "
-            f"({main_host}) creates homeserver.yaml and the secrets. Expected them copied here (same paths, 0600) "
-            f"after `synapse-workers generate --host {main_host}` there."
+            Problem(
+                f"--host {placement.here}: {', '.join(missing)} missing: on several hosts ({HOSTS}) main's host "
+                f"({main_host}) creates homeserver.yaml and the secrets. Expected them copied here (same paths, "
+                f"0600) after `synapse-workers generate --host {main_host}` there.",
+                File(missing[0]),
+                expected=f"copies of main's host's ({main_host}) files, same paths, 0600",
+                found=f"{', '.join(missing)} missing",
+                related=(HOSTS,),
+            )
         )
 
 
@@ -158,6 +164,7 @@ def _appservices(settings: Settings) -> tuple[str, ...]:
 CONFIG_PATH = Variable("SYNAPSE_CONFIG_PATH")
 WORKER_TYPES = Variable("SYNAPSE_WORKER_TYPES")
 RUNTIME_DIR = Variable("SYNAPSE_RUNTIME_DIR")
+HOSTS = Variable("SYNAPSE_HOSTS")
 
 
 def _check_files(settings: Settings) -> None:

@@ -17,6 +17,7 @@ import secrets as stdlib_secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .errors import Variable
 from .plan import POSTGRES_EXPORTER, Plan
 
 
@@ -133,7 +134,7 @@ class SecretFile:
     key: str  # its path: this field of `SecretPaths`
     form: Form
     needed: Predicate  # this host uses it: created when missing (see `homeserver_yaml`), kept or rewritten
-    variable: str | None = None  # the variable that may give it (settings.VARIABLES); None: never given
+    variable: Variable | None = None  # the variable that may give it; None: never given
     # Stored (True): the file is the secret: made random when missing, replaced only by its variable's different
     # value (or when weak). Not stored (False): a rendering of its variable or of `derived_from`'s secret,
     # rewritten whenever its text would differ.
@@ -165,9 +166,11 @@ class SecretFile:
         """Its variable's value, when set and read now (a generation-only one not once homeserver.yaml exists)."""
         if self.variable is None or (self.generation_only and plan.homeserver.exists):
             return None
-        value = plan.settings.value(self.variable)
+        value = plan.settings.value(self.variable.name)
         return None if value is None else str(value.get_secret_value())
 
+
+DB_PASSWORD = Variable("POSTGRES_PASSWORD")  # an external database's (two rows)
 
 # In this order: a derived row after the row it is derived from; `copied` rows in the order a missing copy is named.
 SECRETS: tuple[SecretFile, ...] = (
@@ -178,15 +181,15 @@ SECRETS: tuple[SecretFile, ...] = (
     ),
     # registration_shared_secret_path, macaroon_secret_key_path, form_secret_path of the generated homeserver.yaml.
     SecretFile(
-        "registration", TOKEN, _always, variable="SYNAPSE_REGISTRATION_SHARED_SECRET",
+        "registration", TOKEN, _always, variable=Variable("SYNAPSE_REGISTRATION_SHARED_SECRET"),
         homeserver_yaml=True, generation_only=True, weak_checked=True, exported=_always,
     ),
     SecretFile(
-        "macaroon", TOKEN, _always, variable="SYNAPSE_MACAROON_SECRET_KEY",
+        "macaroon", TOKEN, _always, variable=Variable("SYNAPSE_MACAROON_SECRET_KEY"),
         homeserver_yaml=True, generation_only=True, weak_checked=True, exported=_always,
     ),
     SecretFile(
-        "form", TOKEN, _always, variable="SYNAPSE_FORM_SECRET",
+        "form", TOKEN, _always, variable=Variable("SYNAPSE_FORM_SECRET"),
         homeserver_yaml=True, generation_only=True, weak_checked=True, exported=_always,
     ),
     # worker_replication_secret_path (shared.yaml).
@@ -200,17 +203,17 @@ SECRETS: tuple[SecretFile, ...] = (
     SecretFile("redis_conf", REQUIREPASS, _redis_over_tcp, stored=False, derived_from="redis"),
     # turn_shared_secret_path (shared.yaml) and the built-in coturn's static-auth-secret (files._write_private).
     SecretFile(
-        "turn", TOKEN, _turn, variable="SYNAPSE_TURN_SECRET",
+        "turn", TOKEN, _turn, variable=Variable("SYNAPSE_TURN_SECRET"),
         copied=_synapse_here, weak_checked=True, exported=_turn,
     ),
     # An external database's password as the passfile the generated homeserver.yaml names. Exports: the passfile
     # of the export's database (Compose's synapse-postgres, or the external one), from its password.
     SecretFile(
-        "external_postgres", PASSFILE, _external, variable="POSTGRES_PASSWORD",
+        "external_postgres", PASSFILE, _external, variable=DB_PASSWORD,
         stored=False, homeserver_yaml=True, exported=_always,
     ),
     # ... and alone, for prometheus-postgres-exporter.
-    SecretFile("external_postgres_password", PASSWORD, _external_exporter, variable="POSTGRES_PASSWORD", stored=False),
+    SecretFile("external_postgres_password", PASSWORD, _external_exporter, variable=DB_PASSWORD, stored=False),
 )  # fmt: skip
 
 

@@ -107,3 +107,27 @@ def test_a_prometheus_storage_its_user_cannot_use_is_refused_by_check(hidden):
     assert f"cannot use its storage PROMETHEUS_STORAGE_PATH='{root / 'prom'}'" in result.stderr
     assert "does not let it write and enter" in result.stderr and "Traceback" not in result.stderr
     assert not (root / "run").exists()
+
+
+def test_the_directory_refusals_name_their_variables_as_data(hidden):
+    """`check --json`: the runtime dir Synapse's user and nginx's workers cannot enter, and Prometheus's storage,
+    each with its variable as the subject and the variables that made the user need it as related."""
+    import json
+
+    env, root = hidden
+    env = {
+        **env,
+        "SYNAPSE_PUBLIC_UNIX_SOCKETS": "1",
+        "SYNAPSE_METRICS": "yes",
+        "PROMETHEUS_STORAGE_PATH": str(root / "prom"),
+    }
+    result = subprocess.run([SCRIPT, "check", "--json"], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    problems = json.loads(result.stdout)["problems"]
+    got = [(p["subject"], p["related"]) for p in problems if "cannot" in p["message"]]
+    assert got == [
+        ({"variable": "SYNAPSE_RUNTIME_DIR"}, ["UID", "GID"]),
+        ({"variable": "SYNAPSE_RUNTIME_DIR"}, ["SYNAPSE_PUBLIC_UNIX_SOCKETS", "SYNAPSE_METRICS_UNIX_SOCKETS"]),
+        ({"variable": "PROMETHEUS_STORAGE_PATH"}, []),
+    ], problems
+    assert all(p["found"].startswith(f"'{root}") for p in problems if "cannot" in p["message"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from synapse_workers import start_warnings
-from synapse_workers.errors import Problem, UserError, Variable, YamlPath
+from synapse_workers.errors import File, Problem, UserError, Variable, YamlPath
 from synapse_workers.settings import VARIABLES, load_settings
 
 from .test_cli_errors import CASES, SCRIPT, _prepare, snapshot
@@ -329,3 +329,35 @@ def test_check_json_names_a_listener_of_homeserver_yaml_by_its_yaml_path(base_en
     assert warning["message"].startswith(f"{config}: listeners[1] (type: metrics, port 9000) is not served")
     assert warning["related"] == ["SYNAPSE_METRICS"] and warning["found"] == "type: metrics"
     assert f"synapse-workers: warning: {warning['message']}" in result.stderr
+
+
+def test_a_host_without_the_copied_files_names_the_first_missing_one(base_env):
+    """Several hosts: a host other than main's refuses to start without homeserver.yaml copied from main's."""
+    from synapse_workers.load import load_plan
+
+    env = {
+        **base_env,
+        "SYNAPSE_WORKER_TYPES": "synchrotron",
+        "SYNAPSE_HOSTS": "front=10.0.0.1,back=10.0.0.2",
+        "SYNAPSE_PLACEMENT": "main=front,synchrotron=back",
+    }
+    with pytest.raises(UserError) as info:
+        load_plan(env, "back")
+    (problem,) = info.value.details
+    config = f"{base_env['SYNAPSE_CONFIG_DIR']}/homeserver.yaml"
+    assert problem.startswith(f"--host back: {config}")
+    assert problem.subject == File(config) and problem.related == (Variable("SYNAPSE_HOSTS"),)
+
+
+def test_jemalloc_missing_names_synapse_malloc(monkeypatch):
+    from synapse_workers.run import binaries
+
+    monkeypatch.setattr(binaries, "JEMALLOC_PATHS", ("/nonexistent/libjemalloc.so.2",))
+    with pytest.raises(UserError) as info:
+        binaries.find_jemalloc()
+    (problem,) = info.value.details
+    assert problem.startswith("SYNAPSE_MALLOC (jemalloc, or auto in fork mode) needs libjemalloc.so.2")
+    assert (
+        problem.subject == Variable("SYNAPSE_MALLOC")
+        and problem.found == "no libjemalloc.so.2 in /nonexistent/libjemalloc.so.2"
+    )

@@ -99,7 +99,7 @@ def test_rows_are_consistent():
         else:
             assert row.form.new is not None, row.key  # a stored secret can be made
         if row.variable is not None:
-            assert VARIABLES[row.variable].secret, row.key  # masked everywhere, as the variable's type says
+            assert VARIABLES[row.variable.name].secret, row.key  # masked everywhere, as the variable's type says
         if row.generation_only:
             assert row.variable is not None and row.homeserver_yaml, row.key
         if row.weak_checked:

@@ -7,7 +7,7 @@ import pwd
 import shutil
 import subprocess
 
-from ..errors import UserError
+from ..errors import Problem, UserError, Variable
 from ..plan import COTURN, METRICS, NGINX_EXPORTER, POSTGRES_EXPORTER, PROMETHEUS, REDIS_EXPORTER, ROTATE_LOGS, Plan
 from . import postgres
 
@@ -23,6 +23,7 @@ KNOWN = {
     "prometheus-postgres-exporter": ("/usr/bin/prometheus-postgres-exporter", "prometheus-postgres-exporter"),
     "logrotate": ("/usr/sbin/logrotate", "logrotate"),
 }
+MALLOC, COTURN_METRICS = Variable("SYNAPSE_MALLOC"), Variable("COTURN_METRICS")
 COTURN_USER = "turnserver"  # created by Debian's coturn package
 PROMETHEUS_USER = "prometheus"  # created by Debian's prometheus package
 
@@ -36,8 +37,13 @@ def find_jemalloc() -> str:
         if os.path.exists(path):
             return path
     raise UserError(
-        "SYNAPSE_MALLOC (jemalloc, or auto in fork mode) needs libjemalloc.so.2, from the Debian package "
-        "libjemalloc2: install it (scripts/install.sh does), or set SYNAPSE_MALLOC=system for glibc's malloc."
+        Problem(
+            f"{MALLOC} (jemalloc, or auto in fork mode) needs libjemalloc.so.2, from the Debian package "
+            f"libjemalloc2: install it (scripts/install.sh does), or set {MALLOC}=system for glibc's malloc.",
+            MALLOC,
+            expected=f"libjemalloc.so.2 installed (Debian's libjemalloc2), or {MALLOC}=system",
+            found="no libjemalloc.so.2 in " + ", ".join(JEMALLOC_PATHS),
+        )
     )
 
 
@@ -95,13 +101,25 @@ def _check_coturn_prometheus(turnserver: str) -> None:
     options = result.stdout + result.stderr
     if "--prometheus" not in options:
         raise UserError(
-            f"COTURN_METRICS is on, but {turnserver} is built without Prometheus support (Debian's coturn package "
-            "is): unset COTURN_METRICS, or install a coturn built with Prometheus (libprom) and --prometheus-address."
+            Problem(
+                f"{COTURN_METRICS} is on, but {turnserver} is built without Prometheus support (Debian's coturn "
+                f"package is): unset {COTURN_METRICS}, or install a coturn built with Prometheus (libprom) and "
+                "--prometheus-address.",
+                COTURN_METRICS,
+                expected=f"{COTURN_METRICS} off, or a turnserver with --prometheus and --prometheus-address",
+                found=f"{turnserver} without --prometheus",
+            )
         )
     if "--prometheus-address" not in options:
         raise UserError(
-            f"COTURN_METRICS is on, but {turnserver} cannot bind its Prometheus exporter to loopback (no "
-            "--prometheus-address; it would listen on every address): unset COTURN_METRICS or use a newer coturn."
+            Problem(
+                f"{COTURN_METRICS} is on, but {turnserver} cannot bind its Prometheus exporter to loopback (no "
+                f"--prometheus-address; it would listen on every address): unset {COTURN_METRICS} or use a newer "
+                "coturn.",
+                COTURN_METRICS,
+                expected=f"{COTURN_METRICS} off, or a turnserver with --prometheus-address",
+                found=f"{turnserver} without --prometheus-address",
+            )
         )
 
 

@@ -8,11 +8,16 @@ import pwd
 import stat
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import Problem, UserError, Variable
 from ..plan import PROMETHEUS, Plan, prometheus_storage
 from ..programs import NGINX_WORKER_GROUP, NGINX_WORKER_USER
 from . import access as files_access
 from . import postgres, preflight
+
+RUNTIME_DIR, STORAGE = Variable("SYNAPSE_RUNTIME_DIR"), Variable("PROMETHEUS_STORAGE_PATH")
+UID, GID = Variable("UID"), Variable("GID")
+SOCKETS = (Variable("SYNAPSE_PUBLIC_UNIX_SOCKETS"), Variable("SYNAPSE_METRICS_UNIX_SOCKETS"))
+THROUGH_SOCKETS = f"Synapse's unix sockets there ({SOCKETS[0]}/{SOCKETS[1]})"  # why nginx's workers enter it
 
 
 def check_before_start(plan: Plan, as_root: bool) -> None:
@@ -22,7 +27,7 @@ def check_before_start(plan: Plan, as_root: bool) -> None:
     preflight.raise_if(preflight.check_ports(plan) + files_access.check(plan, as_root) + dir_problems(plan, as_root))
 
 
-def dir_problems(plan: Plan, as_root: bool) -> list[str]:
+def dir_problems(plan: Plan, as_root: bool) -> list[Problem]:
     """As root, on what exists now (nothing is created): the runtime dir lies under directories that Synapse's
     user (its config files, its sockets) and, with unix sockets, nginx's worker user can enter; an existing
     PROMETHEUS_STORAGE_PATH (or the dirs above a new one) the built-in Prometheus's user can use. `run` refused
@@ -32,19 +37,27 @@ def dir_problems(plan: Plan, as_root: bool) -> list[str]:
     from .binaries import prometheus_user
 
     core, layout = plan.settings.core, plan.layout
-    users = [(core.uid, core.gid, f"Synapse's user (UID={core.uid}/GID={core.gid})", "it reads its config files there")]
+    synapse_user = f"Synapse's user ({UID}={core.uid}/{GID}={core.gid})"
+    users = [(core.uid, core.gid, synapse_user, "it reads its config files there", (UID, GID))]
     if any(lst.path for p in plan.local_processes for lst in p.listeners if lst.kind in ("public", "metrics")):
         worker = pwd.getpwnam(NGINX_WORKER_USER)
-        why = "it connects to Synapse's unix sockets there (SYNAPSE_PUBLIC_UNIX_SOCKETS/SYNAPSE_METRICS_UNIX_SOCKETS)"
-        users.append((worker.pw_uid, _nginx_worker_gid(worker), f"nginx's worker user ({NGINX_WORKER_USER})", why))
+        why = f"it connects to {THROUGH_SOCKETS}"
+        who = f"nginx's worker user ({NGINX_WORKER_USER})"
+        users.append((worker.pw_uid, _nginx_worker_gid(worker), who, why, SOCKETS))
     problems = []
     for folder in _existing_dirs(layout.runtime_dir):
-        for uid, gid, who, why in users:
+        for uid, gid, who, why, related in users:
             if not _allows(folder, uid, gid, "x"):
                 problems.append(
-                    f"SYNAPSE_RUNTIME_DIR={layout.runtime_dir!r} is under {folder!r}, which {who} cannot enter: "
-                    f"{why}. Use a runtime dir under a traversable path (the default /run/synapse-workers is one), "
-                    f"or `chmod o+x {folder}`."
+                    Problem(
+                        f"{RUNTIME_DIR}={layout.runtime_dir!r} is under {folder!r}, which {who} cannot enter: "
+                        f"{why}. Use a runtime dir under a traversable path (the default /run/synapse-workers is "
+                        f"one), or `chmod o+x {folder}`.",
+                        RUNTIME_DIR,
+                        expected=f"a runtime dir under directories {who} can enter",
+                        found=f"{folder!r}, which {who} cannot enter",
+                        related=related,
+                    )
                 )
     if plan.service(PROMETHEUS) is not None:
         uid, gid = prometheus_user(core.uid, core.gid)
@@ -54,13 +67,21 @@ def dir_problems(plan: Plan, as_root: bool) -> list[str]:
             missing = [w for w in access if not _allows(folder, uid, gid, w)]
             if missing:
                 verbs = " and ".join({"w": "write", "x": "enter"}[m] for m in missing)
-                problems.append(
-                    f"The built-in Prometheus (UID={uid}/GID={gid}) cannot use its storage "
-                    f"PROMETHEUS_STORAGE_PATH={storage!r}: {folder!r} does not let it {verbs}. Choose a path it "
-                    f"can reach, or `chown {uid}:{gid} {storage}` and make the directories above it traversable "
-                    "(o+x)."
-                )
+                problems.append(_storage_problem(uid, gid, storage, folder, verbs))
     return problems
+
+
+def _storage_problem(uid: int, gid: int, storage: str, folder: str, verbs: str) -> Problem:
+    """PROMETHEUS_STORAGE_PATH that the built-in Prometheus (its system user's UID/GID, else Synapse's) cannot use."""
+    return Problem(
+        f"The built-in Prometheus (UID={uid}/GID={gid}) cannot use its storage "
+        f"{STORAGE}={storage!r}: {folder!r} does not let it {verbs}. Choose a path it "
+        f"can reach, or `chown {uid}:{gid} {storage}` and make the directories above it traversable "
+        "(o+x).",
+        STORAGE,
+        expected=f"a directory {uid}:{gid} can enter and write, under directories it can enter",
+        found=f"{folder!r} does not let it {verbs}",
+    )
 
 
 def _existing_dirs(path: str) -> list[str]:
@@ -131,12 +152,18 @@ def _prepare_sockets_dir(plan: Plan) -> None:
         st = os.stat(parent)
         klass = 0 if st.st_uid == worker_uid else 1 if st.st_gid == worker_gid else 2
         if not st.st_mode & BITS["x"][klass]:
+            who = f"nginx's worker user ({NGINX_WORKER_USER})"
             raise UserError(
-                f"SYNAPSE_RUNTIME_DIR={plan.layout.runtime_dir!r} is under {parent!r}, which nginx's worker user "
-                f"({NGINX_WORKER_USER}) cannot enter, so it cannot reach Synapse's unix sockets "
-                f"(SYNAPSE_PUBLIC_UNIX_SOCKETS/SYNAPSE_METRICS_UNIX_SOCKETS): every request would fail with 502. "
-                f"Use a runtime dir under a traversable path (the default /run/synapse-workers is one), or "
-                f"`chmod o+x {parent}`."
+                Problem(
+                    f"{RUNTIME_DIR}={plan.layout.runtime_dir!r} is under {parent!r}, which {who} "
+                    f"cannot enter, so it cannot reach Synapse's unix sockets ({SOCKETS[0]}/{SOCKETS[1]}): every "
+                    "request would fail with 502. Use a runtime dir under a traversable path (the default "
+                    f"/run/synapse-workers is one), or `chmod o+x {parent}`.",
+                    RUNTIME_DIR,
+                    expected=f"a runtime dir under directories {who} can enter",
+                    found=f"{parent!r}, which {who} cannot enter",
+                    related=SOCKETS,
+                )
             )
         if parent == "/":
             return
@@ -161,12 +188,8 @@ def _prepare_prometheus_storage(plan: Plan, owner: tuple[int, int] | None) -> No
         klass = 0 if st.st_uid == uid else 1 if st.st_gid == gid else 2
         missing = [w for w in access if not st.st_mode & BITS[w][klass]]
         if missing:
-            raise UserError(
-                f"The built-in Prometheus (UID={uid}/GID={gid}) cannot use its storage "
-                f"PROMETHEUS_STORAGE_PATH={str(path)!r}: {where!r} does not let it "
-                f"{' and '.join({'w': 'write', 'x': 'enter'}[m] for m in missing)}. Choose a path it can reach, "
-                f"or `chown {uid}:{gid} {path}` and make the directories above it traversable (o+x)."
-            )
+            verbs = " and ".join({"w": "write", "x": "enter"}[m] for m in missing)
+            raise UserError(_storage_problem(uid, gid, str(path), where, verbs))
 
 
 BITS = {
