@@ -42,6 +42,11 @@ def match_route(plan: Plan, path: str) -> Route | None:
     return None
 
 
+def _answered_by_nginx(method: str, path: str, status: int, why: str) -> dict[str, Any]:
+    """A request no Synapse process sees."""
+    return {"method": method, "path": path, "status": status, "upstream": None, "servers": [], "why": why}
+
+
 def explain(plan: Plan, method: str, path: str, port: int | None = None) -> dict[str, Any]:
     """Where nginx sends METHOD PATH, and why; `port`: received on that port (one of the user's extra listeners
     only answers what Synapse mounts for its resources, then routes like the public port)."""
@@ -56,33 +61,15 @@ def explain(plan: Plan, method: str, path: str, port: int | None = None) -> dict
         uri = normalise(path)
         parent = next((p for p in extra.unrecognized_prefixes if uri.startswith(p + "/")), None)
         answer = "404 M_UNRECOGNIZED (Synapse's answer there)" if parent else "a plain 404"
-        return {
-            "method": method,
-            "path": path,
-            "status": 404,
-            "upstream": None,
-            "servers": [],
-            "why": f"{extra.source} (port {extra.port}) serves {', '.join(extra.resources) or 'health only'}, "
-            f"which do not mount this path: nginx answers {answer}",
-        }
+        served = ", ".join(extra.resources) or "health only"
+        why = f"{extra.source} (port {extra.port}) serves {served}, which do not mount this path: nginx answers "
+        why += answer
+        return _answered_by_nginx(method, path, 404, why)
     if normalise(path) == "/health":
-        return {
-            "method": method,
-            "path": path,
-            "status": 200,
-            "upstream": None,
-            "servers": [],
-            "why": "the whole stack's health, answered by the launcher (same as `synapse-workers health`)",
-        }
+        why = "the whole stack's health, answered by the launcher (same as `synapse-workers health`)"
+        return _answered_by_nginx(method, path, 200, why)
     if private_path(path):
-        return {
-            "method": method,
-            "path": path,
-            "status": 404,
-            "upstream": None,
-            "servers": [],
-            "why": "internal-only path: nginx refuses it on the public port",
-        }
+        return _answered_by_nginx(method, path, 404, "internal-only path: nginx refuses it on the public port")
     route = match_route(plan, path)
     if route is None:
         return {
