@@ -240,9 +240,15 @@ def export_secrets(
     """(each secret file an export of `plan` carries (`secrets.exported`) → its content, the database password).
     The password: POSTGRES_PASSWORD, else the previous export's, else new; every passfile holds it. Any other
     secret, first found: its variable, the data dir's key file (a running server keeps its signing key), the
-    previous export (`previous`: secret key → content, so exporting again changes nothing), else new. Reads only."""
+    previous export (`previous`: secret key → content, so exporting again changes nothing), else new; a stored
+    placeholder shorter than SECRET_MIN_LENGTH (the old Unraid template's `generated`) is never carried. Reads only."""
     password = secrets.by_key("external_postgres").given(plan) or previous_password or secrets.PASSFILE.make()
     result = {}
+
+    def sound(row: secrets.SecretFile, text: str) -> bool:
+        """A stored secret worth carrying: never a placeholder (`weak_secret_files`' rule)."""
+        return not row.weak_checked or len(row.form.value(text).strip()) >= SECRET_MIN_LENGTH
+
     for row in secrets.exported(plan):
         path = row.path(plan)
         given = row.given(plan)
@@ -250,9 +256,9 @@ def export_secrets(
             result[path] = row.form.text(password)
         elif given is not None:
             result[path] = row.form.text(given)
-        elif os.path.isfile(path):
+        elif os.path.isfile(path) and sound(row, Path(path).read_text()):
             result[path] = Path(path).read_text()
-        elif secret_key(path) in previous:
+        elif secret_key(path) in previous and sound(row, previous[secret_key(path)]):
             result[path] = previous[secret_key(path)]
         else:
             result[path] = row.form.text(row.form.make())

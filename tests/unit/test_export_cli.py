@@ -207,3 +207,22 @@ def test_a_manifest_problem_is_our_bug_exit_1_and_nothing_written(env, tmp_root,
     assert "internal error: export kubernetes: Service 'x': made up for the test" in err
     assert "bug of synapse-workers" in err and "nothing was written" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_placeholder_secret_in_the_data_dir_is_not_exported(env, tmp_root):
+    """A data dir started from the old Unraid template holds `generated` as its registration shared secret: the
+    export (a new deployment of the same server) gets a random one instead, and a second export keeps that."""
+    data = Path(env["SYNAPSE_DATA_DIR"])
+    data.mkdir(parents=True)
+    (data / "example.test.registration.key").write_text("generated\n")
+    (data / "example.test.form.key").write_text("f" * 40 + "\n")  # a sound one is carried as it is
+    first = tmp_root / "k1"
+    assert run(env, "export", "kubernetes", "-o", str(first)).returncode == 0
+    secrets = secret_data(first)
+    assert secrets["example.test.registration.key"] != "generated\n"
+    assert len(secrets["example.test.registration.key"].strip()) >= 32
+    assert secrets["example.test.form.key"] == "f" * 40 + "\n"
+    assert (data / "example.test.registration.key").read_text() == "generated\n"  # export writes nothing there
+    (data / "example.test.registration.key").unlink()  # the next export finds only its previous output
+    assert run(env, "export", "kubernetes", "-o", str(first)).returncode == 0
+    assert secret_data(first)["example.test.registration.key"] == secrets["example.test.registration.key"]
