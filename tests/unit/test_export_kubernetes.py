@@ -5,6 +5,8 @@ Kubernetes' rules, config hashes, and each pod's Synapse config against what `ge
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import os
 import re
 from pathlib import Path
@@ -23,6 +25,10 @@ from synapse_workers.secrets import passfile_line as passfile
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate", reason="kubernetes-validate is not installed: pip install -e '.[test]'"
 )
+# kubernetes-validate 1.37.0 json.loads the kind's schema and the large _definitions.json again on every call; it
+# never modifies them, so each is read once per session here (about 3 s of `pytest -m "not integration"`).
+_schemas = importlib.import_module("kubernetes_validate.utils")
+_schemas.schema_contents = functools.lru_cache(maxsize=None)(_schemas.schema_contents)
 
 # Kubernetes versions whose schemas kubernetes-validate 1.37.0 bundles: a supported floor and the newest.
 K8S_VERSIONS = ("1.30.0", "1.37.0")
