@@ -7,13 +7,14 @@ It says nothing about how processes are started, so other targets (compose, Kube
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from . import catalog
 from .errors import Argument, Problem, Subject, UserError, Variable, YamlPath
-from .homeserver import HomeserverInfo
+from .homeserver import SYNAPSE_DEFAULT_BIND_ADDRESSES, HomeserverInfo
 from .layout import Layout, SecretPaths, make_layout, secret_paths
 from .settings import DEFAULT_HTTP_PORT, PLACED_SERVICES, Settings, placement_key_problems
 from .workers import Worker
@@ -25,6 +26,7 @@ LOOPBACK = "127.0.0.1"
 
 # The variables plan.py's problems and warnings name (as their subject, or related).
 HTTP_PORT, TLS_PORT = Variable("SYNAPSE_HTTP_PORT"), Variable("SYNAPSE_TLS_PORT")
+HTTP_BIND = Variable("SYNAPSE_HTTP_BIND_ADDRESS")
 INTERNAL_PORT_BASE = Variable("SYNAPSE_INTERNAL_PORT_BASE")
 COTURN_PORT = Variable("COTURN_PORT")
 COTURN_MIN_PORT, COTURN_MAX_PORT = Variable("COTURN_MIN_PORT"), Variable("COTURN_MAX_PORT")
@@ -729,7 +731,7 @@ def _public(settings: Settings, homeserver: HomeserverInfo) -> Public:
     port = listen.http_port or homeserver.public_port or DEFAULT_HTTP_PORT
     tls = listen.tls_cert is not None
     return Public(
-        bind_address=listen.http_bind_address,
+        bind_address=_public_address(settings, homeserver) or listen.http_bind_address,
         port=port,
         unix_socket=listen.nginx_listen_unix_socket,
         tls_port=listen.tls_port if tls else None,
@@ -738,6 +740,26 @@ def _public(settings: Settings, homeserver: HomeserverInfo) -> Public:
         max_body_size=homeserver.max_upload_size,  # what Synapse enforces: the two limits always agree
         trusted_proxies=listen.trusted_proxies,
     )
+
+
+def _public_address(settings: Settings, homeserver: HomeserverInfo) -> str | None:
+    """A primary listener of the user's file bound to loopback only (Synapse's `--generate-config` without
+    `--open-private-ports` makes ['::1', '127.0.0.1']: a server behind a proxy on the same host) stays on
+    loopback while SYNAPSE_HTTP_BIND_ADDRESS is unset: moving it behind nginx must not open it to every address."""
+    if "http_bind_address" in settings.listen.model_fields_set or homeserver.primary_listener is None:
+        return None
+    listener = next(x for x in homeserver.listeners if x.index == homeserver.primary_listener)
+    loopback = [a for a in listener.bind_addresses if _is_loopback(a)]
+    if not loopback or len(loopback) < len(listener.bind_addresses):
+        return None
+    return "127.0.0.1" if "127.0.0.1" in loopback else loopback[0]
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _extra_listeners(
@@ -757,6 +779,18 @@ def _extra_listeners(
         name = listener.yaml_path
         resources = "+".join(listener.resources)
         if listener.index == homeserver.primary_listener:
+            chosen = _public_address(settings, homeserver) or settings.listen.http_bind_address
+            specific = [a for a in listener.bind_addresses if a not in SYNAPSE_DEFAULT_BIND_ADDRESSES]
+            unset = "http_bind_address" not in settings.listen.model_fields_set  # set: the admin's choice
+            if specific and unset and chosen not in listener.bind_addresses:
+                warn(
+                    name,
+                    f"{where}: {name} binds {', '.join(listener.bind_addresses)}; nginx's public listener binds "
+                    f"{HTTP_BIND}={chosen} instead (set {HTTP_BIND} to one of the file's addresses to keep it).",
+                    f"{HTTP_BIND} one of {', '.join(listener.bind_addresses)}",
+                    f"{HTTP_BIND}={chosen}",
+                    HTTP_BIND,
+                )
             port = settings.listen.http_port
             if port is not None and port != listener.port:
                 warn(

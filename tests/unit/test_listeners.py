@@ -293,3 +293,45 @@ def test_preflight_names_an_extra_listeners_port_held_by_another_program(env):
         f"listeners[1].port={port} in {path} cannot be used: 127.0.0.1:{port} is in use by another program. "
         "Stop the program that holds it, or choose another."
     ]
+
+
+# ---- the primary listener's addresses ------------------------------------------------------------------------
+
+
+def _listen_lines(plan) -> list[str]:
+    conf = render_all(plan).managed[plan.layout.nginx_conf]
+    return [line.strip() for line in conf.splitlines() if line.strip().startswith("listen ") and "8008" in line]
+
+
+@pytest.mark.parametrize(
+    ("bind_addresses", "variable", "expected", "warned"),
+    [
+        # Synapse's --generate-config without --open-private-ports: loopback only, behind a proxy on this host.
+        (["::1", "127.0.0.1"], None, "127.0.0.1", False),
+        (["::1"], None, "::1", False),
+        # The official Docker image's ['::'] and Synapse's default (no bind_addresses): every address, as before.
+        (["::"], None, "0.0.0.0", False),
+        (None, None, "0.0.0.0", False),
+        # A specific public address: nginx binds every address; said, with the variable that keeps it.
+        (["192.0.2.10"], None, "0.0.0.0", True),
+        (["::1", "192.0.2.10"], None, "0.0.0.0", True),
+        # The variable always wins.
+        (["::1", "127.0.0.1"], "0.0.0.0", "0.0.0.0", False),
+        (["192.0.2.10"], "192.0.2.10", "192.0.2.10", False),
+    ],
+)
+def test_the_primary_listener_keeps_loopback(env, bind_addresses, variable, expected, warned):
+    """Moving a loopback-only client listener behind nginx must not open it to every address."""
+    env = {k: v for k, v in env.items() if k != "SYNAPSE_HTTP_BIND_ADDRESS"}
+    if variable is not None:
+        env["SYNAPSE_HTTP_BIND_ADDRESS"] = variable
+    client = {**CLIENT, **({"bind_addresses": bind_addresses} if bind_addresses is not None else {})}
+    path = write_homeserver(env, [client])
+    plan = load_plan(env)
+    assert plan.public.bind_address == expected
+    host = f"[{expected}]" if ":" in expected else expected
+    assert f"listen {host}:8008" in " ".join(_listen_lines(plan)), _listen_lines(plan)
+    warnings = [w for w in plan.warnings if "SYNAPSE_HTTP_BIND_ADDRESS" in w]
+    assert len(warnings) == (1 if warned else 0), plan.warnings
+    if warned:
+        assert warnings[0].startswith(f"{path}: listeners[0] binds {', '.join(bind_addresses)}; nginx's public ")
