@@ -2,8 +2,9 @@
 
 Managed files are staged in a temporary directory under the runtime dir and swapped in per top-level
 directory only after everything is written, so a failed run leaves the previous files as they were.
-Files created once (homeserver.yaml, secrets) are never overwritten, except secrets given in the
-environment, which win.
+Files created once (homeserver.yaml) are never overwritten. Secrets follow `secrets.SECRETS`: a stored one is
+kept, except when the environment gives a different value (it wins) or it is a placeholder shorter than
+SECRET_MIN_LENGTH (replaced with a random one); a derived one is rewritten whenever its source changes.
 """
 
 from __future__ import annotations

@@ -32,7 +32,6 @@ class Layout:
     state_dir: str  # written while running: supervisor socket, pid, captured output, status (root only)
     supervisor_socket: str
     supervisor_pid: str
-    supervisor_credentials: str
     status_file: str
     lock_file: str
     postgres_socket_dir: str
@@ -101,7 +100,6 @@ def make_layout(runtime_dir: str, data_dir: str) -> Layout:
         state_dir=f"{r}/state",
         supervisor_socket=f"{r}/state/supervisor.sock",
         supervisor_pid=f"{r}/state/supervisord.pid",
-        supervisor_credentials=f"{r}/state/supervisor.auth",
         status_file=f"{r}/state/status.json",
         lock_file=f"{r}/.launcher.lock",
         postgres_socket_dir=f"{r}/postgresql",

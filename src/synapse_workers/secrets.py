@@ -1,7 +1,7 @@
 """Every secret file of a deployment in one table: which file, from which variable, in which form, when.
 
 One row per secret (`SECRETS`); every consumer is a loop over it: `files.ensure_secrets` (create, replace,
-rewrite), `files.weak_secret_files` (placeholders to replace), `load.check_copied` (several hosts: the copies
+rewrite), `files.weak_secret_files` (placeholders to replace), `load._check_copied` (several hosts: the copies
 another host needs), `files.export_secrets` and `Export.secret_files` (what an export carries), and
 `kubernetes.secrets_in_configuration` (which variable a secret came from). Pure, except `Form.new`, which draws
 a random value (it touches no disk).
