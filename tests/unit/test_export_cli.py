@@ -1,5 +1,6 @@
-"""`synapse-workers export {kubernetes,compose} -o DIR` through the real console script: deterministic bytes, secrets
-kept across exports and taken from the data dir, bad input refused with exit 2 and nothing written."""
+"""`synapse-workers export {kubernetes,compose} -o DIR` through the console script's main() in a child process:
+deterministic bytes, secrets kept across exports and taken from the data dir, bad input refused with exit 2 and
+nothing written."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.unit.test_cli_errors import run as run_forked
+
 SCRIPT = str(Path(sys.executable).with_name("synapse-workers"))
 WORKERS = "synchrotron:2, event_persister:2, media_repository"
 
@@ -22,8 +25,9 @@ def env(base_env):
 
 
 def run(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
-    clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8", **env}
-    return subprocess.run([SCRIPT, *argv], env=clean, capture_output=True, text=True, timeout=120)
+    """The console script's main() in a child forked after the imports (test_cli_errors.run: same exit status,
+    output and environment as the exec'd script, which test_the_forked_run_answers_as_the_exec_d_script checks)."""
+    return run_forked(env, *argv, timeout=120)
 
 
 def tree(root: Path) -> dict[str, bytes]:
