@@ -18,7 +18,7 @@ from typing import Any
 from xml.sax.saxutils import escape, quoteattr
 
 from . import catalog
-from .settings import DEFAULT_HTTP_PORT, VARIABLES, Variable
+from .settings import DEFAULT_HTTP_PORT, VARIABLES, VariableSpec
 
 HIDDEN = "<hidden>"
 
@@ -103,7 +103,7 @@ def _default_cell(text: str) -> str:
 
 def markdown_reference() -> str:
     out: list[str] = []
-    by_section: dict[str, list[Variable]] = {}
+    by_section: dict[str, list[VariableSpec]] = {}
     for variable in VARIABLES.values():
         by_section.setdefault(variable.section, []).append(variable)
     for section, variables in by_section.items():
@@ -184,7 +184,7 @@ def _literal(default: Any) -> str:
     return str(default)
 
 
-def unraid_default(variable: Variable) -> str:
+def unraid_default(variable: VariableSpec) -> str:
     """The Default attribute: what Unraid sends when the field is empty. Never a secret, never prose."""
     if variable.name in IMAGE_ENV:
         return IMAGE_ENV[variable.name]
@@ -197,13 +197,13 @@ def unraid_default(variable: Variable) -> str:
     return variable.default_text
 
 
-def unraid_value(variable: Variable) -> str:
+def unraid_value(variable: VariableSpec) -> str:
     """What the template fills in: a switch's default (an empty switch means off), nothing for the rest
     (empty counts as unset, so an existing homeserver.yaml's settings still win)."""
     return variable.default_text if variable.boolean else ""
 
 
-def _unraid_description(variable: Variable, default: str) -> str:
+def _unraid_description(variable: VariableSpec, default: str) -> str:
     text = variable.help
     if variable.name in IMAGE_ENV and default != variable.default_text:
         text += f" (in the image: {default})"

@@ -916,7 +916,7 @@ def _is_bool(annotation: Any) -> bool:
 
 
 @dataclass(frozen=True)
-class Variable:
+class VariableSpec:
     """One recognised environment variable: where it lands, its default, and what kind of value it is."""
 
     name: str
@@ -943,8 +943,8 @@ def _default_text(info: Any, boolean: bool) -> str:
     return str(default)
 
 
-VARIABLES: dict[str, Variable] = {
-    info.alias: Variable(
+VARIABLES: dict[str, VariableSpec] = {
+    info.alias: VariableSpec(
         info.alias,
         section,
         field,
