@@ -39,11 +39,14 @@ ENV PATH=/opt/synapse-workers/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SYNAPSE_CONFIG_DIR=/data \
     SYNAPSE_DATA_DIR=/data \
+    SYNAPSE_HTTP_BIND_ADDRESS=0.0.0.0 \
     PROMETHEUS_STORAGE_PATH=/var/lib/prometheus
 
 # homeserver.yaml, signing key, secrets, media store and the embedded PostgreSQL cluster all live in /data
 # (owned by UID:GID: 991:991 unless `-e UID=... -e GID=...` say otherwise; the embedded PostgreSQL cluster
 # by the image's postgres user). Not set here as ENV: bash treats UID as its own read-only variable.
+# SYNAPSE_HTTP_BIND_ADDRESS=0.0.0.0: in a container nginx listens on every address (published ports reach it),
+# also for a homeserver.yaml whose client listener binds loopback only (on a host that listener stays on loopback).
 # /var/lib/prometheus: the built-in Prometheus's database (SYNAPSE_METRICS), owned by Debian's prometheus user in
 # the image, so a new volume there starts out usable. PROMETHEUS_STORAGE_PATH=/data/prometheus keeps it in /data.
 VOLUME ["/data", "/var/lib/prometheus"]

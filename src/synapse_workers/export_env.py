@@ -149,6 +149,7 @@ UNRAID_REQUIRED = ("SYNAPSE_SERVER_NAME", "SYNAPSE_REPORT_STATS")
 IMAGE_ENV = {
     "SYNAPSE_CONFIG_DIR": "/data",
     "SYNAPSE_DATA_DIR": "/data",
+    "SYNAPSE_HTTP_BIND_ADDRESS": "0.0.0.0",
     "PROMETHEUS_STORAGE_PATH": "/var/lib/prometheus",
 }
 # Literal defaults that are not what "unset" means: unset keeps an existing homeserver.yaml's upload limit;
