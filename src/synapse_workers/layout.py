@@ -55,6 +55,8 @@ class Layout:
     logrotate_state: str  # logrotate's own state file (in state/: kept across starts)
     scheduler_heartbeat: str  # touched by the scheduler's loop: its health check reads the time
     compressor_lock: str  # flock held by a running compressor (scheduled or `compress-state`)
+    backup_status: str  # the last `backup` run's outcome (run/backup.py: written atomically, read by status/health)
+    backup_lock: str  # flock held by a running `backup` (scheduled or by hand): two never overlap
 
     def worker_config(self, name: str) -> str:
         return f"{self.workers_dir}/{name}.yaml"
@@ -123,6 +125,8 @@ def make_layout(runtime_dir: str, data_dir: str) -> Layout:
         logrotate_state=f"{r}/state/logrotate.status",
         scheduler_heartbeat=f"{r}/state/scheduler.alive",
         compressor_lock=f"{r}/state/compressor.lock",
+        backup_status=f"{r}/state/backup.json",
+        backup_lock=f"{r}/state/backup.lock",
     )
 
 
