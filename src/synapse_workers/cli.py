@@ -137,6 +137,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     _host_option(compress)
     compress.set_defaults(func=cmd_compress_state)
+    backup = sub.add_parser(
+        "backup",
+        help="back up the server while it runs: one database snapshot, keys, secrets, config, media (incremental)",
+    )
+    backup.add_argument("-o", "--output", metavar="DIR", help="the destination: each backup is DIR/<UTC stamp>/")
+    backup.add_argument("--keep", type=int, metavar="N", help="then remove the oldest complete backups beyond N")
+    backup.add_argument(
+        "--verify", metavar="PATH", help="instead: recheck one backup's files against its manifest (exit 0/1)"
+    )
+    backup.set_defaults(func=cmd_backup)
+    restore = sub.add_parser(
+        "restore", help="put a backup back into an empty data dir (the environment names it), database included"
+    )
+    restore.add_argument("path", metavar="PATH", help="one backup: DIR/<UTC stamp>/")
+    restore.set_defaults(func=cmd_restore)
     env = sub.add_parser(
         "env", help="every variable: meaning, default and the value set here (secrets masked), as an env file"
     )
@@ -458,6 +473,67 @@ def cmd_compress_state(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     job = next((j for j in plan.jobs if j.name == COMPRESS_STATE), Job(COMPRESS_STATE, ""))
     sys.stdout.flush()
     return subprocess.run(job_command(plan, job), env=child_environment(env), cwd="/", check=False).returncode
+
+
+def _backup_output(args: argparse.Namespace, env: Mapping[str, str]) -> str:
+    """Where `backup` writes: -o DIR (required until a default destination exists)."""
+    if args.output:
+        return os.path.abspath(str(args.output))
+    raise UserError(
+        Problem(
+            "backup: expected -o DIR, the directory backups go to (each one DIR/<UTC stamp>/).",
+            Argument("-o"),
+            expected="-o DIR",
+            found="no -o",
+        )
+    )
+
+
+def cmd_backup(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`backup -o DIR [--keep N]` (run/backup.py), or `backup --verify PATH`."""
+    from .run.backup import run_backup, run_verify
+
+    if args.verify is not None:
+        if args.output or args.keep is not None:
+            raise UserError(
+                Problem(
+                    "backup --verify PATH checks one backup: -o and --keep do not go with it.",
+                    Argument("--verify"),
+                    expected="--verify PATH alone",
+                    found="--verify with -o or --keep",
+                )
+            )
+        return run_verify(args.verify)
+    if args.keep is not None and args.keep < 1:
+        raise UserError(
+            Problem(
+                f"backup --keep {args.keep}: expected a number of backups to keep, at least 1.",
+                Argument("--keep"),
+                expected="N >= 1",
+                found=str(args.keep),
+            )
+        )
+    output = _backup_output(args, env)
+    plan = load_plan(env)
+    if plan.placement is not None:
+        raise UserError(
+            Problem(
+                f"backup with {Variable('SYNAPSE_HOSTS')} is not supported: back up main's host's data dir and the "
+                "database with the tools of your deployment.",
+                Variable("SYNAPSE_HOSTS"),
+                expected="a single-host deployment",
+                found="several hosts",
+            )
+        )
+    sys.stdout.flush()
+    return run_backup(plan, output, args.keep)
+
+
+def cmd_restore(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """`restore PATH` (run/restore.py): into the empty data dir the environment names."""
+    from .run.restore import run_restore
+
+    return run_restore(env, os.path.abspath(args.path))
 
 
 def _running_status(env: Mapping[str, str]) -> StackStatus:

@@ -115,9 +115,10 @@ def exclusive(path: str) -> Iterator[None]:
         os.close(fd)
 
 
-def database_args(config_paths: list[str]) -> dict[str, Any]:
-    """psycopg2.connect() arguments, as Synapse derives them from its config files (a later file's `database`
-    replaces an earlier one's, as Synapse merges top-level keys; cp_* are its pool's)."""
+def database_section(config_paths: list[str]) -> tuple[str, dict[str, Any], str]:
+    """Synapse's database engine name, its `args` and the file they come from, as Synapse derives them from its
+    config files (a later file's `database` replaces an earlier one's, as Synapse merges top-level keys). The
+    backup (run/backup.py) reads the database this way too."""
     database: Any = {}
     config_path = config_paths[0]
     for path in config_paths:
@@ -129,13 +130,19 @@ def database_args(config_paths: list[str]) -> dict[str, Any]:
         if isinstance(doc, dict) and "database" in doc:
             database, config_path = doc["database"] or {}, path
     name = database.get("name", "sqlite3") if isinstance(database, dict) else "sqlite3"
+    args = (database.get("args") if isinstance(database, dict) else None) or {}
+    return str(name), dict(args), config_path
+
+
+def database_args(config_paths: list[str]) -> dict[str, Any]:
+    """psycopg2.connect() arguments, as Synapse derives them from its config files (cp_* are its pool's)."""
+    name, args, config_path = database_section(config_paths)
     if name not in ("psycopg2", "psycopg"):
         raise CompressorError(
             f"{config_path} uses {name}: synapse_auto_compressor works on PostgreSQL only (synapse_port_db moves "
             "a SQLite database to PostgreSQL)",
             2,
         )
-    args = database.get("args") or {}
     return {k: v for k, v in args.items() if not k.startswith("cp_")}
 
 
