@@ -40,7 +40,8 @@ ENV PATH=/opt/synapse-workers/venv/bin:$PATH \
     SYNAPSE_CONFIG_DIR=/data \
     SYNAPSE_DATA_DIR=/data \
     SYNAPSE_HTTP_BIND_ADDRESS=0.0.0.0 \
-    PROMETHEUS_STORAGE_PATH=/var/lib/prometheus
+    PROMETHEUS_STORAGE_PATH=/var/lib/prometheus \
+    SYNAPSE_BACKUP_DIR=/backups
 
 # homeserver.yaml, signing key, secrets, media store and the embedded PostgreSQL cluster all live in /data
 # (owned by UID:GID: 991:991 unless `-e UID=... -e GID=...` say otherwise; the embedded PostgreSQL cluster
@@ -49,7 +50,9 @@ ENV PATH=/opt/synapse-workers/venv/bin:$PATH \
 # also for a homeserver.yaml whose client listener binds loopback only (on a host that listener stays on loopback).
 # /var/lib/prometheus: the built-in Prometheus's database (SYNAPSE_METRICS), owned by Debian's prometheus user in
 # the image, so a new volume there starts out usable. PROMETHEUS_STORAGE_PATH=/data/prometheus keeps it in /data.
-VOLUME ["/data", "/var/lib/prometheus"]
+# /backups: where `synapse-workers backup` and the scheduled backups (SYNAPSE_BACKUP_SCHEDULE) write; map it to
+# another disk than /data.
+VOLUME ["/data", "/var/lib/prometheus", "/backups"]
 # 8008: the public client/federation port (nginx); 8448: the optional TLS listener (SYNAPSE_TLS_CERT/KEY).
 # 3478 (udp+tcp) and 49153-49173/udp: the built-in coturn (SYNAPSE_ENABLE_BUILTIN_COTURN, off by default) at its
 # default COTURN_PORT and COTURN_MIN_PORT..COTURN_MAX_PORT.

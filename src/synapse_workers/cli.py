@@ -476,15 +476,23 @@ def cmd_compress_state(args: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _backup_output(args: argparse.Namespace, env: Mapping[str, str]) -> str:
-    """Where `backup` writes: -o DIR (required until a default destination exists)."""
+    """Where `backup` writes: -o DIR, else SYNAPSE_BACKUP_DIR (the scheduled backups' destination)."""
+    from .settings import BackupSettings, load_section
+
     if args.output:
         return os.path.abspath(str(args.output))
+    default = load_section(BackupSettings, env).dir
+    if default is not None:
+        return default
+    backup_dir = Variable("SYNAPSE_BACKUP_DIR")
     raise UserError(
         Problem(
-            "backup: expected -o DIR, the directory backups go to (each one DIR/<UTC stamp>/).",
+            f"backup: expected -o DIR, the directory backups go to (each one DIR/<UTC stamp>/), or {backup_dir} "
+            "set to it.",
             Argument("-o"),
-            expected="-o DIR",
-            found="no -o",
+            expected=f"-o DIR or {backup_dir}",
+            found="neither",
+            related=(backup_dir,),
         )
     )
 
@@ -558,6 +566,8 @@ def cmd_health(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     for name, problem in results.items():
         note = " (not essential)" if name in optional else ""
         print(f"{name}: {'OK' if problem is None else 'FAILED (' + problem + ')' + note}")
+    for line in _backup_lines(status, env):  # said, never part of the verdict: the server serves without backups
+        print(line)
     if not status.running:
         print("the stack is not running (no `synapse-workers run` holds this runtime dir)")
         return 1
@@ -583,7 +593,24 @@ def cmd_status(args: argparse.Namespace, env: Mapping[str, str]) -> int:
                 f"  {row['name']:28} {row['pid']:>7} {row['state']:9} {_duration(row['uptime_s']):>9} "
                 f"{row['restarts']:>8}  {row['last_error']}"
             )
+        for line in _backup_lines(status, env):
+            print(line)
     return 0 if status.running else 3
+
+
+def _backup_lines(status: StackStatus, env: Mapping[str, str]) -> list[str]:
+    """The scheduled backups (run/backup_report.py): the last run, the newest complete backup, whether one is late.
+    Before any backup, lateness counts from when the scheduler started."""
+    import time
+
+    from .programs import SCHEDULER
+    from .run.backup_report import read_report, report_lines
+
+    now = time.time()
+    scheduler = next((p for p in status.processes if p.name == SCHEDULER and p.started), None)
+    since = scheduler.started if scheduler is not None and status.running else now
+    report = read_report(make_layout(runtime_dir(env), data_dir="/"), since, now)
+    return report_lines(report) if report is not None else []
 
 
 def _duration(seconds: float) -> str:

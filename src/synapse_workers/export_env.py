@@ -35,6 +35,7 @@ SECTION_TITLES: dict[str, tuple[str, str]] = {
     "metrics": ("Metrics and add-ons", "the built-in Prometheus and its exporters: see *Metrics (Prometheus)*"),
     "turn": ("TURN", "Synapse's TURN settings, written on every start, and the built-in coturn"),
     "compressor": ("State compressor", "run by the stack's scheduler: see *Maintenance*"),
+    "backup": ("Backups", "scheduled by the stack's scheduler: see *Backups*"),
     "nginx": ("nginx tuning", "P = NGINX_GENERAL_PAGE_SIZE_BYTES"),
     "placement": ("Several hosts", "one deployment rendered per host with --host NAME: see *Several hosts*"),
 }
@@ -142,6 +143,7 @@ def update_readme(text: str) -> str:
 
 UNRAID_APPDATA = "/mnt/user/appdata/synapse-workers"
 UNRAID_PROMETHEUS_APPDATA = "/mnt/user/appdata/synapse-workers-prometheus"
+UNRAID_BACKUPS = "/mnt/user/appdata/synapse-workers-backups"
 UNRAID_ALWAYS = ("SYNAPSE_SERVER_NAME", "SYNAPSE_REPORT_STATS", "SYNAPSE_WORKER_TYPES", "SYNAPSE_PUBLIC_BASEURL")
 UNRAID_REQUIRED = ("SYNAPSE_SERVER_NAME", "SYNAPSE_REPORT_STATS")
 # Set by the image (Dockerfile ENV). Unraid always sends the variable, so an empty Default would replace the
@@ -151,6 +153,7 @@ IMAGE_ENV = {
     "SYNAPSE_DATA_DIR": "/data",
     "SYNAPSE_HTTP_BIND_ADDRESS": "0.0.0.0",
     "PROMETHEUS_STORAGE_PATH": "/var/lib/prometheus",
+    "SYNAPSE_BACKUP_DIR": "/backups",
 }
 # Literal defaults that are not what "unset" means: unset keeps an existing homeserver.yaml's upload limit;
 # unset TLS port on the host network is the TLS port field's host port (TCP_PORT_8448, see load.py).
@@ -322,6 +325,14 @@ def unraid_template() -> str:
             "/var/lib/prometheus",
             UNRAID_PROMETHEUS_APPDATA,
             "The built-in Prometheus's database (only used with SYNAPSE_METRICS); kept across container updates.",
+            required=False,
+        ),
+        _path(
+            "Backups",
+            "/backups",
+            UNRAID_BACKUPS,
+            "Where backups go (SYNAPSE_BACKUP_DIR): the scheduled ones (SYNAPSE_BACKUP_SCHEDULE) and `synapse-workers "
+            "backup` without -o. Better on another disk than the Data path, such as a share on the array.",
             required=False,
         ),
         _path(

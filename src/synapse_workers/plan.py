@@ -265,6 +265,7 @@ class Service:
 COMPRESS_STATE = "compress-state"  # synapse_auto_compressor (SYNAPSE_ENABLE_COMPRESSOR)
 ROTATE_LOGS = "rotate-logs"  # logrotate on the log files nginx writes itself
 ROTATE_LOGS_SCHEDULE = "0 0 * * *"  # daily at midnight, when Synapse's own log files roll over too
+BACKUP = "backup"  # `synapse-workers backup -o SYNAPSE_BACKUP_DIR --keep SYNAPSE_BACKUP_KEEP` (SYNAPSE_BACKUP_SCHEDULE)
 
 
 @dataclass(frozen=True)
@@ -557,6 +558,8 @@ def _jobs(settings: Settings, homeserver: HomeserverInfo) -> tuple[Job, ...]:
         jobs.append(Job(COMPRESS_STATE, settings.compressor.schedule))
     if settings.logging.to_disk and not settings.nginx.disable_logrotate:
         jobs.append(Job(ROTATE_LOGS, ROTATE_LOGS_SCHEDULE))
+    if settings.backup.schedule is not None:
+        jobs.append(Job(BACKUP, settings.backup.schedule))
     return tuple(jobs)
 
 

@@ -16,6 +16,7 @@ from typing import Protocol
 from urllib.parse import quote
 
 from .plan import (
+    BACKUP,
     COMPRESS_STATE,
     COTURN,
     HEALTH,
@@ -37,6 +38,7 @@ from .plan import (
     local_host,
     prometheus_storage,
 )
+from .settings import non_secret_given
 
 STAGE_POSTGRES, STAGE_REDIS, STAGE_MAIN, STAGE_WORKERS, STAGE_NGINX = range(5)
 STAGE_NAMES = ("postgres", "redis", "main", "workers", "nginx")
@@ -540,4 +542,16 @@ def job_command(plan: Plan, job: Job) -> tuple[str, ...]:
         # the first time, and its state file is new whenever the runtime dir is (a container recreated daily
         # would never rotate). notifempty still holds under --force.
         return ("logrotate", "--force", "--state", layout.logrotate_state, layout.logrotate_conf)
+    if job.name == BACKUP:
+        b = plan.settings.backup
+        assert b.dir is not None  # settings: required with SYNAPSE_BACKUP_SCHEDULE
+        return (sys.executable, "-m", "synapse_workers.cli", "backup", "-o", b.dir, "--keep", str(b.keep))
     raise ValueError(f"unknown job {job.name}")
+
+
+def job_environment(plan: Plan, job: Job) -> dict[str, str]:
+    """What a job gets besides the minimal child environment: `synapse-workers backup` makes the launcher's plan
+    again from the variables given to it (secrets left out: it reads their stored files); the others get nothing."""
+    if job.name == BACKUP:
+        return non_secret_given(plan.settings)
+    return {}

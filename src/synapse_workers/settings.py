@@ -12,7 +12,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 from urllib.parse import urlsplit
 
@@ -759,6 +759,28 @@ class CompressorSettings(Section):
     )
 
 
+class BackupSettings(Section):
+    """Scheduled backups (`synapse-workers backup`, run by the stack's scheduler) and `backup`'s default -o."""
+
+    schedule: CronText | None = var(
+        "SYNAPSE_BACKUP_SCHEDULE",
+        help="When a backup runs: a 5-field cron expression in the container's local time (TZ); empty: no "
+        "scheduled backups",
+        default_text="none (no scheduled backups)",
+    )
+    dir: OwnDir | None = var(
+        "SYNAPSE_BACKUP_DIR",
+        help="Where backups go (one <UTC stamp>/ directory each; outside the data dir and the media store): "
+        "the scheduled ones, and `synapse-workers backup` without -o",
+        default_text="none (required with SYNAPSE_BACKUP_SCHEDULE)",
+    )
+    keep: Annotated[int, _int(1, 10_000)] = var(
+        "SYNAPSE_BACKUP_KEEP",
+        7,
+        help="Complete backups the scheduled backup keeps in SYNAPSE_BACKUP_DIR (the oldest beyond it are removed)",
+    )
+
+
 PROXY_BUFFER_COUNT = 8
 
 
@@ -879,6 +901,7 @@ SECTIONS: dict[str, type[Section]] = {
     "metrics": MetricsSettings,
     "turn": TurnSettings,
     "compressor": CompressorSettings,
+    "backup": BackupSettings,
     "nginx": NginxSettings,
     "placement": PlacementSettings,
 }
@@ -896,8 +919,11 @@ class Settings:
     metrics: MetricsSettings
     turn: TurnSettings
     compressor: CompressorSettings
+    backup: BackupSettings
     nginx: NginxSettings
     placement: PlacementSettings
+    # The recognised variables given, as text, secrets left out (never kept in clear): see `non_secret_given`.
+    given: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     def value(self, name: str) -> Any:
         """The parsed value of one environment variable."""
@@ -1008,15 +1034,13 @@ def load_section(model: type[S], env: Mapping[str, str]) -> S:
     return sections["section"]  # type: ignore[return-value]
 
 
+def _given(env: Mapping[str, str]) -> dict[str, str]:
+    """The recognised variables that are set. Empty means "unset" except for switches, where empty is off."""
+    return {name: env[name] for name in ENV_NAMES if name in env and (env[name].strip() != "" or name in BOOL_NAMES)}
+
+
 def _validate(models: Mapping[str, type[Section]], env: Mapping[str, str]) -> tuple[dict[str, Section], list[str]]:
-    given: dict[str, str] = {}
-    for name in ENV_NAMES:
-        if name not in env:
-            continue
-        # Empty means "unset" except for switches, where empty is documented as off.
-        if env[name].strip() == "" and name not in BOOL_NAMES:
-            continue
-        given[name] = env[name]
+    given = _given(env)
     problems: list[str] = []
     sections: dict[str, Section] = {}
     for key, model in models.items():
@@ -1038,15 +1062,27 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     sections, problems = _validate(SECTIONS, env)
     if problems:
         raise UserError(*problems)
-    settings = Settings(**sections)  # type: ignore[arg-type]
+    given = {name: text for name, text in _given(env).items() if name not in SECRET_NAMES}
+    settings = Settings(**sections, given=given)  # type: ignore[arg-type]
     _check_combinations(settings)
     return settings
+
+
+def non_secret_given(s: Settings) -> dict[str, str]:
+    """The variables a scheduled job of ours (`synapse-workers backup`) needs to make the launcher's plan again:
+    every recognised one that was given, as given, except secrets (never in a child's environment: the job reads
+    the stored files). SYNAPSE_DATABASE=postgres without its password would be refused; it only matters for a
+    homeserver.yaml not yet generated, which a running stack has."""
+    kept = dict(s.given)
+    if s.database.database == "postgres" and s.database.password is not None:
+        kept.pop("SYNAPSE_DATABASE", None)
+    return dict(sorted(kept.items()))
 
 
 def _check_combinations(s: Settings) -> None:
     """The checks across variables (each field's own check is its type): every problem at once."""
     problems = _tls_problems(s) + _turn_problems(s) + placement_problems(s) + _compressor_problems(s)
-    problems += _database_problems(s) + _nginx_buffer_problems(s)
+    problems += _database_problems(s) + _nginx_buffer_problems(s) + _backup_problems(s)
     if problems:
         raise UserError(*problems)
 
@@ -1110,6 +1146,56 @@ def _compressor_problems(s: Settings) -> list[Problem]:
             related=(levels,),
         )
     ]
+
+
+def _inside(path: str, parent: str) -> bool:
+    path, parent = os.path.normpath(path), os.path.normpath(parent)
+    return path == parent or path.startswith(parent.rstrip("/") + "/")
+
+
+def _backup_problems(s: Settings) -> list[Problem]:
+    """SYNAPSE_BACKUP_DIR: given when backups are scheduled, and never where the backed-up data lives."""
+    schedule, backup_dir = Var("SYNAPSE_BACKUP_SCHEDULE"), Var("SYNAPSE_BACKUP_DIR")
+    where = s.backup.dir
+    if where is None:
+        if s.backup.schedule is None:
+            return []
+        return [
+            Problem(
+                f"{schedule}={s.backup.schedule!r} is set, but {backup_dir} is not: expected {backup_dir}, the "
+                "directory the scheduled backups go to (an absolute path outside the data dir, ideally another "
+                "disk or share).",
+                backup_dir,
+                expected="the directory backups go to",
+                found="nothing",
+                related=(schedule,),
+            )
+        ]
+    data_dir, media_store = s.core.data_dir, s.homeserver.media_store_path or f"{s.core.data_dir}/media_store"
+    media = Var("SYNAPSE_MEDIA_STORE_PATH") if s.homeserver.media_store_path else Var("SYNAPSE_DATA_DIR")
+    refusals = (
+        (data_dir, Var("SYNAPSE_DATA_DIR"), "the data dir", "a backup there is lost with the data it copies"),
+        (media_store, media, "the media store", "each backup would also copy the ones before it"),
+        (
+            s.core.runtime_dir,
+            Var("SYNAPSE_RUNTIME_DIR"),
+            "the runtime dir",
+            "it holds generated files and is often in memory (/run)",
+        ),
+    )
+    for parent, variable, what, why in refusals:
+        if _inside(where, parent):
+            return [
+                Problem(
+                    f"{backup_dir}={where!r} is inside {what} {parent!r} ({variable}): expected a directory "
+                    f"outside it ({why}).",
+                    backup_dir,
+                    expected=f"a directory outside {parent}",
+                    found=where,
+                    related=(variable,),
+                )
+            ]
+    return []
 
 
 def _database_problems(s: Settings) -> list[Problem]:
@@ -1179,6 +1265,7 @@ NOT_ACROSS_HOSTS_YET = (
     "SYNAPSE_ENABLE_REDIS_METRIC_EXPORT",
     "SYNAPSE_ENABLE_POSTGRES_METRIC_EXPORT",
     "SYNAPSE_ENABLE_COMPRESSOR",
+    "SYNAPSE_BACKUP_SCHEDULE",
 )
 
 
@@ -1292,5 +1379,6 @@ def placement_problems(s: Settings) -> list[Problem]:
                 f"{variable} is on, but {hosts} spreads the deployment over several hosts and unix sockets "
                 f"cannot cross hosts: expected {variable} unset (TCP on each host's address)."
             )
-        problems.append(Problem(message, variable, expected="unset", found="on", related=(hosts,)))
+        found = "on" if s.value(name) is True else repr(s.value(name))
+        problems.append(Problem(message, variable, expected="unset", found=found, related=(hosts,)))
     return problems

@@ -120,7 +120,7 @@ def test_variables_the_image_sets_default_to_the_images_value():
 def test_a_new_user_publishes_only_the_public_port():
     command = xml_to_command(TEMPLATE, NEW_USER)
     assert command.ports == [("8008", "8008", "tcp")]
-    assert [target for _host, target, _mode in command.volumes] == ["/data", "/var/lib/prometheus"]
+    assert [target for _host, target, _mode in command.volumes] == ["/data", "/var/lib/prometheus", "/backups"]
     assert command.extra == ["--stop-timeout=30"] and command.post_args == []
     for name in SECRETS:
         assert command.env[name] == ""  # the program generates them

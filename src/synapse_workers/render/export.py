@@ -254,6 +254,11 @@ def _refuse_unsupported(plan: Plan, target: str) -> None:
             f"export {target}: SYNAPSE_ENABLE_COMPRESSOR is on, but the scheduled state compressor is not exported: "
             "expected it off (schedule synapse_auto_compressor against your database yourself, e.g. a CronJob)."
         )
+    if settings.backup.schedule is not None:
+        problems.append(
+            f"export {target}: SYNAPSE_BACKUP_SCHEDULE is set, but scheduled backups are not exported: expected it "
+            "unset (back up the deployment's database and volumes yourself)."
+        )
     if plan.homeserver.user_log_config:
         problems.append(
             f"export {target}: SYNAPSE_LOG_CONFIG names your own file {plan.homeserver.user_log_config!r}, which the "

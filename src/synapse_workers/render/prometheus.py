@@ -4,7 +4,8 @@ Every Synapse process's TCP metrics listener is a target labelled `process` (its
 (`main`, or the worker's types sorted and joined by `+`), the labels contrib/prometheus's rules and the Grafana
 dashboard expect; an add-on's metrics listener (coturn's) is a target of a job named after it. Prometheus cannot
 scrape a unix socket: with SYNAPSE_METRICS_UNIX_SOCKETS each process is scraped through nginx's loopback metrics
-server (`/metrics/<process>`, its `__metrics_path__`).
+server (`/metrics/<process>`, its `__metrics_path__`). With scheduled backups, the launcher's own `/metrics` (on
+its loopback /health aggregator's port) is the `synapse-workers` job.
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ from typing import Any
 
 import yaml
 
-from ..plan import LOOPBACK, MAIN, METRICS, PROMETHEUS, Plan, Process
+from ..plan import BACKUP, LOOPBACK, MAIN, METRICS, PROMETHEUS, Plan, Process
 from ..settings import MetricsSettings
 
 # A copy of contrib/prometheus/synapse-workers.rules.yml shipped in the package (a unit test keeps them equal).
 RULES_RESOURCE = "synapse-workers.rules.yml"
 SYNAPSE_JOB = "synapse"
+LAUNCHER_JOB = "synapse-workers"  # the launcher's own /metrics (its /health aggregator's port): scheduled backups
 
 
 def worker_type(proc: Process) -> str:
@@ -51,6 +53,8 @@ def scrape_configs(plan: Plan) -> list[dict[str, Any]]:
             jobs.append(
                 {"job_name": service.name, "static_configs": [{"targets": [f"{listener.host}:{listener.port}"]}]}
             )
+    if any(job.name == BACKUP for job in plan.jobs):
+        jobs.append({"job_name": LAUNCHER_JOB, "static_configs": [{"targets": [f"{LOOPBACK}:{plan.health_port}"]}]})
     return jobs
 
 

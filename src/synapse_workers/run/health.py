@@ -10,6 +10,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -19,6 +20,7 @@ from ..plan import Plan
 from ..programs import Health, child_environment, synapse_health
 
 TIMEOUT = 3.0
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 _client: httpx.Client | None = None
@@ -137,8 +139,18 @@ class Aggregator:
     seconds, at most one refresh runs at a time (others wait for it), and at most `max_clients` requests
     are served at once (more get 503 at once)."""
 
-    def __init__(self, checks: dict[str, Health], port: int, ttl: float = 1.0, max_clients: int = 8):
+    def __init__(
+        self,
+        checks: dict[str, Health],
+        port: int,
+        ttl: float = 1.0,
+        max_clients: int = 8,
+        metrics: Callable[[], str] | None = None,
+    ):
         self.checks = checks
+        # GET /metrics: this text (Prometheus's exposition format; the scheduled backups', run/backup_report.py).
+        # nginx passes only /health on: /metrics stays on loopback.
+        self.metrics = metrics
         self.ttl = ttl
         self._verdict: dict[str, str] | None = None
         self._at = 0.0
@@ -148,6 +160,9 @@ class Aggregator:
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+                if aggregator.metrics is not None and self.path.split("?")[0] == "/metrics":
+                    self._answer(200, METRICS_CONTENT_TYPE, aggregator.metrics().encode())
+                    return
                 if not aggregator._slots.acquire(blocking=False):
                     self._answer(503, "text/plain", b"busy")
                     return

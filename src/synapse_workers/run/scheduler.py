@@ -33,6 +33,7 @@ class Job:
     name: str
     cron: Cron
     command: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()  # added to the minimal child environment (the backup job's variables)
 
 
 @dataclass
@@ -54,7 +55,10 @@ def log(line: str) -> None:
 
 def load_jobs(path: str) -> tuple[str, list[Job]]:
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    jobs = [Job(j["name"], parse(j["schedule"]), tuple(j["command"])) for j in doc["jobs"]]
+    jobs = [
+        Job(j["name"], parse(j["schedule"]), tuple(j["command"]), tuple(sorted(j.get("env", {}).items())))
+        for j in doc["jobs"]
+    ]
     return doc["heartbeat"], jobs
 
 
@@ -102,7 +106,7 @@ def start(job: Job) -> Running:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=child_environment(os.environ),
+        env={**child_environment(os.environ), **dict(job.env)},
         cwd="/",
         start_new_session=True,  # our SIGTERM handling decides when it stops
     )

@@ -23,6 +23,7 @@ from ..errors import UserError
 from ..plan import PROMETHEUS, Plan
 from ..programs import STAGE_NAMES, Health, Program, flatten, remote_waits
 from . import postgres, preflight
+from .backup_report import backup_metrics
 from .control import Control, Daemon, UnreachableError
 from .health import Aggregator, check, public_health, synapse_checks
 from .prepare import prepare
@@ -100,7 +101,7 @@ class Stack:
         preflight.raise_if(preflight.check_external_database(self.plan, log, self.stop_requested.is_set))
         if self.stop_requested.is_set():
             return 0
-        aggregator = Aggregator(synapse_checks(self.plan), self.plan.health_port)
+        aggregator = Aggregator(synapse_checks(self.plan), self.plan.health_port, metrics=backup_metrics(self.plan))
         aggregator.start()
         try:
             self._opened = True
