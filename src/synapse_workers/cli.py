@@ -137,6 +137,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     _host_option(compress)
     compress.set_defaults(func=cmd_compress_state)
+    upgrade = sub.add_parser(
+        "upgrade-postgres",
+        help="upgrade the embedded PostgreSQL cluster to the newest installed major with pg_upgrade (stack stopped); "
+        "the old cluster is kept as postgres.old-<major>",
+    )
+    upgrade.add_argument(
+        "--old-bindir",
+        metavar="DIR",
+        help="the cluster's own (old) PostgreSQL's bin directory (default: /usr/lib/postgresql/<old major>/bin)",
+    )
+    upgrade.add_argument(
+        "--link",
+        action="store_true",
+        help="hard-link the data files instead of copying them: fast, no second copy, but the old cluster cannot "
+        "be started again once the new one has run",
+    )
+    _host_option(upgrade)
+    upgrade.set_defaults(func=cmd_upgrade_postgres)
     backup = sub.add_parser(
         "backup",
         help="back up the server while it runs: one database snapshot, keys, secrets, config, media (incremental)",
@@ -283,7 +301,7 @@ def _check_json(args: argparse.Namespace, code: int, problems: list[Problem], ch
 
 
 def _check(args: argparse.Namespace, env: Mapping[str, str], checks: list[dict[str, object]]) -> int:
-    from .run import access
+    from .run import access, postgres
     from .run.binaries import check_machine
     from .run.prepare import dir_problems
 
@@ -293,6 +311,7 @@ def _check(args: argparse.Namespace, env: Mapping[str, str], checks: list[dict[s
     _warn_memory(plan, args, now=False)  # beside a running stack, its own memory is not available: ceilings only
     problems: list[str] = [*access.check(plan, os.geteuid() == 0)]  # what `run` refuses before anything starts
     problems += dir_problems(plan, os.geteuid() == 0)  # the runtime dir's and Prometheus's storage's way
+    problems += postgres.version_problems(plan)  # an embedded cluster these binaries cannot open
     if problems:
         raise UserError(*problems)
     write_files(plan, render_all(plan))
@@ -304,11 +323,16 @@ def _check(args: argparse.Namespace, env: Mapping[str, str], checks: list[dict[s
 
 
 def _warn_start(plan: Plan, env: Mapping[str, str], args: argparse.Namespace) -> None:
-    """Settings that will do nothing here (start_warnings.py), and internal ports in the ephemeral range."""
+    """Settings that will do nothing here (start_warnings.py), internal ports in the ephemeral range, and an
+    embedded cluster running with an older major's binaries than the newest installed."""
+    from .run.postgres import version_warning
     from .start_warnings import facts_here, start_warnings
 
     for warning in start_warnings(plan, env, facts_here(plan, env)):
         _warn(args, warning)
+    older_cluster = version_warning(plan)
+    if older_cluster is not None:
+        _warn(args, older_cluster)
     _warn_ephemeral(plan, args)
     _warn_weak_secrets(plan, args)
 
@@ -450,6 +474,27 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
         return Stack(plan, progs, binaries, as_root).run()
     finally:
         lock.close()
+
+
+def cmd_upgrade_postgres(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """pg_upgrade of the embedded cluster (run/pgupgrade.py), under the runtime dir's lock: never beside a running
+    stack. Exit 2 when refused (nothing changed), 1 when a step failed (the old cluster still in place)."""
+    from .run import pgupgrade
+    from .run.binaries import find
+    from .run.supervise import lock_runtime_dir
+
+    plan = _slice_plan(args, env)
+    as_root = os.geteuid() == 0
+    setpriv = find("setpriv")
+    lock = lock_runtime_dir(plan.layout.lock_file, plan.layout.runtime_dir)
+    try:
+        pgupgrade.upgrade(plan, as_root, setpriv, args.old_bindir, args.link)
+    except RuntimeError as exc:
+        print(f"synapse-workers: upgrade-postgres: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        lock.close()
+    return 0
 
 
 def cmd_compress_state(args: argparse.Namespace, env: Mapping[str, str]) -> int:

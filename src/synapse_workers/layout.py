@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 
 # Proof that a runtime dir is ours: written before anything in it is created or replaced.
 RUNTIME_MARKER = ".synapse-workers-runtime"
+RUNTIME_MARKER_TEXT = "Created by synapse-workers: everything here is regenerated on every start.\n"
 
 
 @dataclass(frozen=True)

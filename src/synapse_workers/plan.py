@@ -621,10 +621,22 @@ def _embedded_postgres(
     return EmbeddedPostgres(layout.postgres_data_dir, socket_dir, postgres_max_connections(n_workers + 1))
 
 
+POSTGRES_CP_MAX = 5  # the pools we configure (homeserver.database_block), and Synapse's (Twisted's) default
+POSTGRES_HEADROOM = 20  # beyond the Synapse processes' pools: psql, the compressor, the exporter, a backup
+
+
+def postgres_connections_needed(n_processes: int, cp_max: int = POSTGRES_CP_MAX) -> int:
+    """How many connections `n_processes` Synapse processes may open at once (each its own pool of at most
+    cp_max), plus headroom for our other clients: what the embedded cluster is sized for, and what an external
+    PostgreSQL is checked against at start (run/preflight.py)."""
+    return cp_max * n_processes + POSTGRES_HEADROOM
+
+
 def postgres_max_connections(n_processes: int) -> int:
     """PostgreSQL's max_connections for `n_processes` Synapse processes (the embedded cluster's, an export's
-    PostgreSQL service's): each opens at most cp_max (5) connections; room is left for psql and the compressor."""
-    return max(100, 5 * n_processes + 20)
+    PostgreSQL service's): every pool may be full at once (postgres_connections_needed), and never below
+    PostgreSQL's own default of 100."""
+    return max(100, postgres_connections_needed(n_processes))
 
 
 class _PortAllocator:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..layout import RUNTIME_MARKER, RUNTIME_MARKER_TEXT
 from ..plan import PROMETHEUS, Plan
 from ..programs import STAGE_NAMES, Health, Program, flatten, remote_waits
 from . import postgres, preflight
@@ -50,6 +52,11 @@ DONE_STATES = {"STOPPED", "EXITED", "FATAL", "UNKNOWN"}
 
 def log(message: str) -> None:
     print(f"{'synapse-workers':18}| {message}", flush=True)
+
+
+def warn(problem: str) -> None:
+    """A warning found once the stack is starting (the external database's size), said as the CLI says its own."""
+    print(f"synapse-workers: warning: {problem}", file=sys.stderr, flush=True)
 
 
 class Stack:
@@ -98,7 +105,7 @@ class Stack:
         signal.signal(signal.SIGINT, self._on_signal)
         prometheus = self.by_name.get(PROMETHEUS)
         prepare(self.plan, self.as_root, self.binaries["setpriv"], prometheus.user if prometheus else None)
-        preflight.raise_if(preflight.check_external_database(self.plan, log, self.stop_requested.is_set))
+        preflight.raise_if(preflight.check_external_database(self.plan, log, self.stop_requested.is_set, warn=warn))
         if self.stop_requested.is_set():
             return 0
         aggregator = Aggregator(synapse_checks(self.plan), self.plan.health_port, metrics=backup_metrics(self.plan))
@@ -391,10 +398,16 @@ def _last_line(text: str | None) -> str:
 
 
 def lock_runtime_dir(lock_file: str, runtime_dir: str) -> Any:
-    """Hold an exclusive lock for the launcher's lifetime: one stack per runtime dir."""
+    """Hold an exclusive lock for the launcher's lifetime: one stack per runtime dir. The caller's load_plan
+    accepted the runtime dir (new, empty or ours), so it is marked ours here: a start refused after locking
+    (a port, a cluster of another PostgreSQL major) leaves a dir the next start and `check` accept, not one
+    holding only a lock file they would take for someone else's."""
     import fcntl
 
     Path(runtime_dir).mkdir(parents=True, exist_ok=True)
+    marker = Path(runtime_dir, RUNTIME_MARKER)
+    if not marker.exists():
+        marker.write_text(RUNTIME_MARKER_TEXT)
     handle = open(lock_file, "w")  # noqa: SIM115 (held open for the launcher's lifetime: that is the lock)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
