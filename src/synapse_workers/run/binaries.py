@@ -79,8 +79,9 @@ def find_binaries(plan: Plan) -> dict[str, str]:
     if coturn is not None and coturn.listener(METRICS) is not None:
         _check_coturn_prometheus(found["turnserver"])
     if plan.postgres:
-        found["postgres"] = f"{postgres.postgres_bin()}/postgres"
-        found["pg_isready"] = f"{postgres.postgres_bin()}/pg_isready"
+        bindir = postgres.postgres_bin(plan.postgres.data_dir)  # an existing cluster's own major's, when installed
+        found["postgres"] = f"{bindir}/postgres"
+        found["pg_isready"] = f"{bindir}/pg_isready"
     return found
 
 

@@ -14,7 +14,7 @@ import pwd
 import subprocess
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import File, Problem, UserError
 from ..plan import Plan
 from ..programs import child_environment, setpriv_prefix
 from ..secrets import PASSFILE_SYNAPSE
@@ -37,11 +37,100 @@ def hba_text(plan: Plan, admin: str) -> str:
     return text
 
 
-def postgres_bin() -> str:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"), key=lambda p: int(p.split("/")[4]))
-    if not found:
+PG_ROOT = "/usr/lib/postgresql"  # Debian's: one <major>/bin per installed postgresql-<major> package
+
+
+def major_key(major: str) -> tuple[int, ...]:
+    """Sort key of a major: "9.6" < "14" < "15" (PG_VERSION holds "9.6" before PostgreSQL 10, the major alone since)."""
+    return tuple(int(part) for part in major.split(".") if part.isdigit())
+
+
+def installed_majors() -> dict[str, str]:
+    """Each installed major → its bindir (one with a `postgres` binary under PG_ROOT), oldest first."""
+    found = {path.split("/")[-3]: os.path.dirname(path) for path in glob.glob(f"{PG_ROOT}/*/bin/postgres")}
+    return dict(sorted(found.items(), key=lambda item: major_key(item[0])))
+
+
+def cluster_major(data_dir: str) -> str | None:
+    """The major version that made the cluster in data_dir (its PG_VERSION), or None when there is none yet."""
+    try:
+        return Path(data_dir, "PG_VERSION").read_text().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def postgres_bin(data_dir: str | None = None) -> str:
+    """The server binaries for the embedded cluster in data_dir: its own major's when they are installed (a
+    cluster always runs with the binaries that made it), else the newest installed (for a new cluster; an
+    existing one of a major not installed is refused before anything starts: version_problems)."""
+    majors = installed_majors()
+    if not majors:
         raise UserError("The embedded database needs PostgreSQL server binaries (apt-get install postgresql).")
-    return os.path.dirname(found[-1])
+    major = cluster_major(data_dir) if data_dir else None
+    return majors.get(major or "", list(majors.values())[-1])
+
+
+def version_problems(plan: Plan) -> list[Problem]:
+    """An existing embedded cluster made by a PostgreSQL major whose binaries are not installed: PostgreSQL
+    cannot open it, so `run` and `check` refuse (exit 2) before writing or starting anything, naming both
+    versions and the way forward. Reads PG_VERSION only."""
+    if plan.postgres is None or not plan.local("postgres"):
+        return []
+    data = plan.postgres.data_dir
+    major, majors = cluster_major(data), installed_majors()
+    if major is None or not majors or major in majors:
+        return []
+    newest, bindir = list(majors.items())[-1]
+    installed = ", ".join(majors)
+    found = f"a cluster of PostgreSQL {major}; binaries here: {installed}"
+    if major_key(major) > major_key(newest):
+        return [
+            Problem(
+                f"The embedded PostgreSQL cluster in {data} was made by PostgreSQL {major}, newer than the binaries "
+                f"installed here (PostgreSQL {installed}, {bindir}): a cluster cannot be opened by an older "
+                f"PostgreSQL. Nothing was changed. Run it with PostgreSQL {major}'s binaries (the image or host it "
+                "came from, or a newer one).",
+                File(data),
+                expected=f"PostgreSQL {major}'s binaries (or newer, after an upgrade)",
+                found=found,
+            )
+        ]
+    return [
+        Problem(
+            f"The embedded PostgreSQL cluster in {data} was made by PostgreSQL {major}, but this machine has "
+            f"PostgreSQL {newest}'s binaries ({bindir}), which cannot open it. Nothing was changed. Either install "
+            f"PostgreSQL {major}'s server binaries beside them (Debian: postgresql-{major}; any build of "
+            f"{major} will do, given with --old-bindir) and run `synapse-workers upgrade-postgres` (stack stopped) "
+            f"to upgrade the cluster to {newest} with pg_upgrade; or restore a backup made before the move with "
+            "`synapse-workers restore PATH` into an empty data dir (its pg_dump restores into any newer major); "
+            f"or go back to the image or host with PostgreSQL {major}.",
+            File(data),
+            expected=f"a cluster of PostgreSQL {newest}, or PostgreSQL {major}'s binaries installed",
+            found=found,
+        )
+    ]
+
+
+def version_warning(plan: Plan) -> Problem | None:
+    """The cluster's own major is installed but a newer one too: it runs with its own binaries (as Debian's
+    pg_ctlcluster does), and the admin is told the upgrade exists."""
+    if plan.postgres is None or not plan.local("postgres"):
+        return None
+    data = plan.postgres.data_dir
+    major, majors = cluster_major(data), installed_majors()
+    if major is None or major not in majors:
+        return None
+    newest = list(majors)[-1]
+    if major_key(newest) <= major_key(major):
+        return None
+    return Problem(
+        f"The embedded PostgreSQL cluster in {data} is PostgreSQL {major}: it runs with {major}'s binaries "
+        f"({majors[major]}), although PostgreSQL {newest} is installed too. Upgrade it when convenient: stop the "
+        f"stack and run `synapse-workers upgrade-postgres` (pg_upgrade to {newest}; the old cluster is kept).",
+        File(data),
+        expected=f"a cluster of PostgreSQL {newest}, the newest installed",
+        found=f"a cluster of PostgreSQL {major}",
+    )
 
 
 def cluster_owner(as_root: bool) -> pwd.struct_passwd:
@@ -62,11 +151,26 @@ def _as_owner(owner: pwd.struct_passwd, as_root: bool, setpriv: str) -> list[str
     return list(setpriv_prefix(setpriv, owner.pw_uid, owner.pw_gid))
 
 
+def initdb_command(bindir: str, data: str, owner: str) -> list[str]:
+    """initdb of the embedded cluster (and of the new cluster upgrade-postgres makes): UTF8, C locale, the owner
+    as the superuser, peer auth on the socket, TCP refused until pg_hba.conf says otherwise."""
+    return [
+        f"{bindir}/initdb",
+        "-D",
+        data,
+        "--encoding=UTF8",
+        "--locale=C",
+        f"--username={owner}",
+        "--auth-local=peer",
+        "--auth-host=reject",
+    ]
+
+
 def prepare_cluster(plan: Plan, as_root: bool, setpriv: str) -> pwd.struct_passwd:
     """initdb on first use (UTF8, C collation); pg_hba and the socket dir on every start."""
     assert plan.postgres is not None
     owner = cluster_owner(as_root)
-    bindir = postgres_bin()
+    bindir = postgres_bin(plan.postgres.data_dir)
     data = Path(plan.postgres.data_dir)
     socket_dir = Path(plan.postgres.socket_dir)
     for directory in (data, socket_dir):
@@ -77,17 +181,7 @@ def prepare_cluster(plan: Plan, as_root: bool, setpriv: str) -> pwd.struct_passw
     os.chmod(socket_dir, 0o755)  # Synapse (another user) must reach the socket; auth is by password
     if not (data / "PG_VERSION").exists():
         subprocess.run(
-            [
-                *_as_owner(owner, as_root, setpriv),
-                f"{bindir}/initdb",
-                "-D",
-                str(data),
-                "--encoding=UTF8",
-                "--locale=C",
-                f"--username={owner.pw_name}",
-                "--auth-local=peer",
-                "--auth-host=reject",
-            ],
+            [*_as_owner(owner, as_root, setpriv), *initdb_command(bindir, str(data), owner.pw_name)],
             check=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -116,7 +210,7 @@ SELECT 'CREATE DATABASE synapse OWNER synapse ENCODING ''UTF8'' LC_COLLATE ''C''
     result = subprocess.run(
         [
             *_as_owner(owner, as_root, setpriv),
-            f"{postgres_bin()}/psql",
+            f"{postgres_bin(plan.postgres.data_dir)}/psql",
             "-X",
             "-q",
             "-v",

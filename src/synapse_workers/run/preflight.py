@@ -1,7 +1,8 @@
 """Before anything starts: the causes that would otherwise surface as a crash loop, named up front.
 
 Ports someone else holds, and an external PostgreSQL that is unreachable or refuses our password. Each
-problem names the variable to change; `run` exits 2 without starting anything.
+problem names the variable to change; `run` exits 2 without starting anything. An external PostgreSQL whose
+max_connections leaves less than the plan's pools may open is a warning with the numbers.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import errno
 import socket
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from ..errors import File, Problem, Subject, UserError, Variable, YamlPath
-from ..plan import PROMETHEUS, TURN, Plan
+from ..plan import POSTGRES_CP_MAX, POSTGRES_HEADROOM, PROMETHEUS, TURN, Plan, postgres_connections_needed
 
 # The variables the sentences below name (made at import: a name not in the registry fails there).
 HTTP_PORT, TLS_PORT = Variable("SYNAPSE_HTTP_PORT"), Variable("SYNAPSE_TLS_PORT")
@@ -24,6 +26,7 @@ INTERNAL_PORT_BASE, HOSTS = Variable("SYNAPSE_INTERNAL_PORT_BASE"), Variable("SY
 COTURN_PORT, PROMETHEUS_PORT = Variable("COTURN_PORT"), Variable("PROMETHEUS_PORT")
 PASSWORD, DB, USER = Variable("POSTGRES_PASSWORD"), Variable("POSTGRES_DB"), Variable("POSTGRES_USER")
 HOST, PORT = Variable("POSTGRES_HOST"), Variable("POSTGRES_PORT")
+WORKER_TYPES = Variable("SYNAPSE_WORKER_TYPES")
 
 DB_WAIT = 60.0  # an external database may still be starting (compose): wait this long for it to answer
 
@@ -142,9 +145,14 @@ def _bind_error(host: str, port: int, kind: int = socket.SOCK_STREAM) -> str | N
 
 
 def check_external_database(
-    plan: Plan, log: Callable[[str], None], cancelled: Callable[[], bool], wait: float = DB_WAIT
+    plan: Plan,
+    log: Callable[[str], None],
+    cancelled: Callable[[], bool],
+    wait: float = DB_WAIT,
+    warn: Callable[[Problem], None] | None = None,
 ) -> list[Problem]:
-    """Connect once with the database settings Synapse will use (an embedded cluster is ours: skipped)."""
+    """Connect once with the database settings Synapse will use (an embedded cluster is ours: skipped); once in,
+    a server too small for the plan's pools is a warning (`warn`: connection_problem)."""
     if plan.postgres is not None or plan.homeserver.database != "postgres":
         return []
     args = _database_args(plan.homeserver.path)
@@ -156,7 +164,14 @@ def check_external_database(
     deadline, said = time.monotonic() + wait, False
     while True:
         try:
-            psycopg2.connect(**args, connect_timeout=5).close()
+            connection = psycopg2.connect(**args, connect_timeout=5)
+            try:
+                limits = server_limits(connection)
+            finally:
+                connection.close()
+            problem = connection_problem(plan, where, _pool_max(plan.homeserver.path), limits)
+            if problem is not None and warn is not None:
+                warn(problem)
             return []
         except psycopg2.OperationalError as exc:
             text = " ".join(str(exc).split())
@@ -199,6 +214,73 @@ def check_external_database(
                 log(f"waiting for PostgreSQL at {where} ({text})")
                 said = True
             time.sleep(1)
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What an external PostgreSQL lets our user open: max_connections, the slots kept for superusers (and, from
+    PostgreSQL 16, for pg_use_reserved_connections) when our user is not one, and the connections other users'
+    clients hold now (our own user's, such as another host's workers, are ours to count, not theirs)."""
+
+    max_connections: int
+    reserved: int
+    others: int
+
+
+SERVER_LIMITS_SQL = """
+SELECT current_setting('max_connections')::int,
+       CASE WHEN r.rolsuper THEN 0 ELSE current_setting('superuser_reserved_connections')::int
+            + coalesce(current_setting('reserved_connections', true)::int, 0) END,
+       (SELECT count(*) FROM pg_stat_activity  -- another user's row hides its backend_type (NULL) from us
+         WHERE coalesce(backend_type, 'client backend') = 'client backend' AND datname IS NOT NULL
+           AND usename <> current_user)::int
+  FROM pg_roles r WHERE r.rolname = current_user
+"""
+
+
+def server_limits(connection: Any) -> ServerLimits:
+    """SHOW max_connections and friends over an open psycopg2 connection (three settings, one count)."""
+    with connection.cursor() as cursor:
+        cursor.execute(SERVER_LIMITS_SQL)
+        max_connections, reserved, others = cursor.fetchone()
+    connection.rollback()
+    return ServerLimits(max_connections, reserved, others)
+
+
+def connection_problem(plan: Plan, where: str, cp_max: int, limits: ServerLimits) -> Problem | None:
+    """A warning when the deployment's Synapse processes (every host's: they share the database), each with a pool
+    of cp_max, plus our headroom (plan.postgres_connections_needed, the embedded cluster's own rule) may open more
+    connections than the server leaves us. A warning, not a refusal: pools open connections on demand, so a small
+    server may serve a quiet homeserver for years, and the server's other clients come and go; refusing would stop
+    a server that ran before this check. Under load Synapse would get "too many clients" errors: hence the numbers."""
+    processes = len(plan.processes)
+    needed = postgres_connections_needed(processes, cp_max)
+    available = limits.max_connections - limits.reserved - limits.others
+    if needed <= available:
+        return None
+    shown = f"max_connections={limits.max_connections}"
+    detail = f"{limits.reserved} reserved for superusers, {limits.others} held by other clients now"
+    return Problem(
+        f"PostgreSQL at {where} has {shown} ({detail}): {available} left for Synapse, but {processes} Synapse "
+        f"processes x cp_max {cp_max} + {POSTGRES_HEADROOM} headroom = {needed} connections may be open at once "
+        '(each process has its own pool). Under load Synapse would fail with "too many clients already". Raise '
+        f"max_connections on that server to at least {needed + limits.reserved + limits.others}, or lower "
+        f"database.args.cp_max in {plan.homeserver.path}, or run fewer workers ({WORKER_TYPES}).",
+        YamlPath(plan.homeserver.path, "database.args"),
+        expected=f"at least {needed} connections for synapse-workers' user",
+        found=f"{shown}: {available} available",
+        related=(HOST, WORKER_TYPES),
+    )
+
+
+def _pool_max(path: str) -> int:
+    """database.args.cp_max of homeserver.yaml: each Synapse process's pool size (Twisted's default when unset)."""
+    with open(path, encoding="utf-8") as handle:
+        doc = yaml.safe_load(handle) or {}
+    db = doc.get("database") or {}
+    args = db.get("args") if isinstance(db, dict) else None
+    value = args.get("cp_max") if isinstance(args, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else POSTGRES_CP_MAX
 
 
 def _database_args(path: str) -> dict[str, Any] | None:

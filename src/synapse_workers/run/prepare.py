@@ -23,8 +23,14 @@ THROUGH_SOCKETS = f"Synapse's unix sockets there ({SOCKETS[0]}/{SOCKETS[1]})"  #
 def check_before_start(plan: Plan, as_root: bool) -> None:
     """What would make the stack fail, checked on what exists now: `run` calls it before writing anything
     (so a refused start leaves no generated file behind) and again once the files and dirs exist. Every
-    problem at once: ports someone holds, and every path Synapse's user cannot use (run/access.py)."""
-    preflight.raise_if(preflight.check_ports(plan) + files_access.check(plan, as_root) + dir_problems(plan, as_root))
+    problem at once: ports someone holds, every path Synapse's user cannot use (run/access.py), an embedded
+    cluster of a PostgreSQL major whose binaries are not installed (read only: its files stay untouched)."""
+    preflight.raise_if(
+        preflight.check_ports(plan)
+        + files_access.check(plan, as_root)
+        + dir_problems(plan, as_root)
+        + postgres.version_problems(plan)
+    )
 
 
 def dir_problems(plan: Plan, as_root: bool) -> list[Problem]:
