@@ -793,7 +793,9 @@ class NginxSettings(Section):
         help="nginx worker processes: auto (one per CPU usable, a container's CPU quota honoured) or a number",
     )
     worker_connections: Annotated[int, _int(16, 1 << 20)] = var(
-        "NGINX_WORKER_CONNECTIONS", 2048, help="Connections per nginx worker"
+        "NGINX_WORKER_CONNECTIONS",
+        8192,
+        help="Connections per nginx worker (a proxied request holds two; a burst of new connections may land on one worker)",
     )
     page_size: Bytes = var(
         "NGINX_GENERAL_PAGE_SIZE_BYTES", 4096, help="P, the page size the buffer defaults below are multiples of"

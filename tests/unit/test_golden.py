@@ -134,7 +134,7 @@ def test_monolith_facts(base_env):
     assert _listeners(main) == [(30000, ["client", "federation"]), (30002, [])]  # public, health; no replication
     assert main["log_config"] == "/tmp/sw-golden/monolith/run/synapse/log/main.log.config"
     conf = files["nginx.conf"]
-    assert "listen 0.0.0.0:8008 so_keepalive=on;" in conf
+    assert "listen 0.0.0.0:8008 so_keepalive=on backlog=4096;" in conf
     assert "client_max_body_size 52428800;" in conf  # SYNAPSE_MAX_UPLOAD_SIZE default 50M
     assert re.findall(r"^\s*upstream (\S+) \{", conf, re.M) == ["main"]
     assert _upstream_servers(conf, "main") == ["127.0.0.1:30000"]
@@ -166,7 +166,7 @@ def test_workers_facts(base_env):
     assert _listeners(worker) == [(30021, ["client"]), (30022, ["replication"]), (30023, [])]
     assert worker["worker_log_config"] == "/tmp/sw-golden/workers/run/synapse/log/stream_writers1.log.config"
     conf = files["nginx.conf"]
-    assert "listen 0.0.0.0:8008 so_keepalive=on;" in conf
+    assert "listen 0.0.0.0:8008 so_keepalive=on backlog=4096;" in conf
     assert _upstream_servers(conf, "main") == ["127.0.0.1:30000"]
     for name in ("typing", "to_device", "receipts"):
         assert _upstream_servers(conf, name) == ["127.0.0.1:30021"], name

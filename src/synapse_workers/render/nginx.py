@@ -27,6 +27,17 @@ RETRY_AFTER_SECONDS = 5  # below the upstream servers' fail_timeout default (10s
 UNAVAILABLE_BODY = '{"errcode":"M_UNKNOWN","error":"Temporarily unavailable: the process serving this request is down"}'
 # Loopback upstreams accept at once or are gone; a dead process must not hold a request for nginx's 60s.
 CONNECT_TIMEOUT = "5s"
+# The public /health is answered from nginx's copy of the aggregator's answer (at most a second old: its
+# Cache-Control, run/health.py); while one request refreshes it, the others get the previous answer for at most
+# this many seconds after it expired (the aggregator's checks time out after 3 s). A copy nobody asked for that
+# long is dropped, so the next request waits for a new verdict rather than getting an old one.
+HEALTH_STALE_SECONDS = 5
+# Each proxied request holds two descriptors (client, upstream); the rest: logs, cache files, listeners.
+FILES_PER_CONNECTION = 2
+SPARE_FILES = 256
+# The public port's accept queue (the kernel caps it at net.core.somaxconn): a burst of new connections (2,000
+# health checks at once) must wait there, not have its SYNs dropped and retried a second later.
+LISTEN_BACKLOG = 4096
 
 _env = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -116,6 +127,9 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
         metrics_sockets=metrics_sockets(plan),
         extras=[_extra(extra) for extra in plan.extra_listeners],
         unrecognized_body=nginx_single_quote(catalog.UNRECOGNIZED_BODY),
+        health_stale=HEALTH_STALE_SECONDS,
+        worker_rlimit_nofile=FILES_PER_CONNECTION * nginx.worker_connections + SPARE_FILES,
+        backlog=LISTEN_BACKLOG,
     )
     return {plan.layout.nginx_conf: text}
 

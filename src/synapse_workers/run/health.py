@@ -18,9 +18,14 @@ import httpx
 
 from ..plan import Plan
 from ..programs import Health, child_environment, synapse_health
+from ..render.nginx import HEALTH_STALE_SECONDS
 
 TIMEOUT = 3.0
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# How nginx may keep the aggregator's answer (render/nginx.py caches the public /health): fresh for one second;
+# while one request refreshes it, the others get the previous answer, for at most HEALTH_STALE_SECONDS more.
+CACHE_CONTROL = f"max-age=1, stale-while-revalidate={HEALTH_STALE_SECONDS}"
+COUNTERS_HEADER = "X-Synapse-Workers-Aggregator"
 
 
 _client: httpx.Client | None = None
@@ -134,10 +139,15 @@ def check_all(checks: dict[str, Health]) -> dict[str, str | None]:
 class Aggregator:
     """Serves GET /health on 127.0.0.1:<port>: 200 only when main and every worker are healthy.
 
-    nginx answers the public /health from here, so it means the same as `synapse-workers health`. The
-    public port lets anyone ask, so a request never fans out by itself: the verdict is cached for `ttl`
-    seconds, at most one refresh runs at a time (others wait for it), and at most `max_clients` requests
-    are served at once (more get 503 at once)."""
+    nginx answers the public /health from here, so it means the same as `synapse-workers health`. nginx keeps
+    the answer (render/nginx.py: `Cache-Control` below, one request to populate it at a time), so a flood of
+    public /health requests costs about one request here per second. Behind that, a request never fans out by
+    itself: the verdict is reused while younger than `ttl` seconds (from the start of the refresh that made it),
+    at most one refresh runs at a time (requests that arrive meanwhile wait for it and share it), and at most
+    `max_clients` requests are served at once (more get 503 at once, which nginx does not keep).
+
+    `requests` and `refreshes` count what reached it; each answer carries them (`COUNTERS_HEADER`, which nginx
+    does not pass on)."""
 
     def __init__(
         self,
@@ -152,19 +162,24 @@ class Aggregator:
         # nginx passes only /health on: /metrics stays on loopback.
         self.metrics = metrics
         self.ttl = ttl
+        self.requests = 0
+        self.refreshes = 0
         self._verdict: dict[str, str] | None = None
-        self._at = 0.0
+        self._at = 0.0  # when the refresh that made _verdict started
         self._refresh = threading.Lock()
+        self._count = threading.Lock()
         self._slots = threading.BoundedSemaphore(max_clients)
         aggregator = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server naming)
                 if aggregator.metrics is not None and self.path.split("?")[0] == "/metrics":
-                    self._answer(200, METRICS_CONTENT_TYPE, aggregator.metrics().encode())
+                    self._answer(200, METRICS_CONTENT_TYPE, aggregator.metrics().encode(), "no-store")
                     return
+                with aggregator._count:
+                    aggregator.requests += 1
                 if not aggregator._slots.acquire(blocking=False):
-                    self._answer(503, "text/plain", b"busy")
+                    self._answer(503, "text/plain", b"busy", "no-store")
                     return
                 try:
                     failing = aggregator.verdict()
@@ -175,11 +190,12 @@ class Aggregator:
                 else:
                     self._answer(200, "text/plain", b"OK")
 
-            def _answer(self, status: int, content_type: str, body: bytes) -> None:
+            def _answer(self, status: int, content_type: str, body: bytes, cache: str = CACHE_CONTROL) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
-                self.send_header("Cache-Control", "no-store")
+                self.send_header("Cache-Control", cache)
+                self.send_header(COUNTERS_HEADER, f"requests={aggregator.requests} refreshes={aggregator.refreshes}")
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -191,14 +207,18 @@ class Aggregator:
         self.thread = threading.Thread(target=self.server.serve_forever, name="health", daemon=True)
 
     def verdict(self) -> dict[str, str]:
-        """The failing processes (empty: healthy), at most `ttl` seconds old."""
-        if self._verdict is not None and time.monotonic() - self._at < self.ttl:
+        """The failing processes (empty: healthy), from a refresh that started at most `ttl` seconds before this
+        call (with ttl 0: one that started after it was asked)."""
+        asked = time.monotonic()
+        if self._verdict is not None and self._at >= asked - self.ttl:
             return self._verdict
-        with self._refresh:  # one refresh at a time; who waited here finds it fresh
-            if self._verdict is None or time.monotonic() - self._at >= self.ttl:
+        with self._refresh:  # one refresh at a time; who waited here may find one that started after it asked
+            if self._verdict is None or self._at < asked - self.ttl:
+                started = time.monotonic()
                 results = check_all(self.checks)
                 self._verdict = {name: why for name, why in results.items() if why}
-                self._at = time.monotonic()
+                self._at = started
+                self.refreshes += 1
             return self._verdict
 
     def start(self) -> None:

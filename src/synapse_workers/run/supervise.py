@@ -108,7 +108,11 @@ class Stack:
         preflight.raise_if(preflight.check_external_database(self.plan, log, self.stop_requested.is_set, warn=warn))
         if self.stop_requested.is_set():
             return 0
-        aggregator = Aggregator(synapse_checks(self.plan), self.plan.health_port, metrics=backup_metrics(self.plan))
+        # ttl 0: nginx keeps the answer for a second and asks again, so each of its requests gets a verdict
+        # that is new (requests that arrive together share one refresh).
+        aggregator = Aggregator(
+            synapse_checks(self.plan), self.plan.health_port, ttl=0.0, metrics=backup_metrics(self.plan)
+        )
         aggregator.start()
         try:
             self._opened = True

@@ -1,0 +1,250 @@
+"""A real stack under more requests than it serves at once (issue 16): the public /health under a flood.
+
+Real nginx, real Synapse (fork mode, embedded PostgreSQL), one stack for the module. Every request is timed by a
+minimal asyncio HTTP/1.1 client (one connection per request, all opened before any request is sent), so 2,000
+requests in flight cost the test little CPU of the 2 it shares with the stack.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from tests.support.stack import Stack, make_root, stack_env
+
+pytestmark = pytest.mark.integration
+
+WORKERS = "synchrotron"
+AGGREGATOR_HEADER = "X-Synapse-Workers-Aggregator"
+
+
+@dataclass
+class Answer:
+    status: int  # 0: no answer (connection refused, reset or closed without a status line)
+    seconds: float  # from the request's first byte sent to the last byte of the answer
+    connect_seconds: float
+    headers: dict[str, str]
+    body: bytes
+    error: str = ""
+
+
+async def _request(host: str, port: int, path: str, go: asyncio.Event, connected: list[int],
+                   headers: str = "") -> Answer:
+    started = time.monotonic()
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+    except OSError as exc:
+        return Answer(0, 0.0, time.monotonic() - started, {}, b"", f"connect: {exc!r}")
+    connect = time.monotonic() - started
+    connected[0] += 1
+    await go.wait()
+    sent = time.monotonic()
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n".encode())
+        await writer.drain()
+        raw = await reader.read()
+        error = ""
+    except OSError as exc:
+        raw, error = b"", repr(exc)
+    finally:
+        writer.close()
+    took = time.monotonic() - sent
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    if not lines[0].startswith("HTTP/1."):
+        return Answer(0, took, connect, {}, raw, error or "no status line")
+    fields = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
+    return Answer(int(lines[0].split()[1]), took, connect, {k.strip().lower(): v.strip() for k, v in fields.items()},
+                  body)
+
+
+async def _flood(host: str, port: int, path: str, count: int, headers: str = "") -> list[Answer]:
+    """`count` connections opened first (all held at once), then one request on each, sent together."""
+    go = asyncio.Event()
+    connected = [0]
+    tasks = [asyncio.create_task(_request(host, port, path, go, connected, headers)) for _ in range(count)]
+    deadline = time.monotonic() + 30
+    while connected[0] < count and time.monotonic() < deadline and not all(t.done() for t in tasks):
+        await asyncio.sleep(0.01)
+    go.set()
+    return list(await asyncio.gather(*tasks))
+
+
+def flood(port: int, path: str, count: int, headers: str = "") -> list[Answer]:
+    return asyncio.run(_flood("127.0.0.1", port, path, count, headers))
+
+
+async def _keep_asking(port: int, path: str, clients: int, seconds: float) -> tuple[dict[int, int], float, int]:
+    """`clients` keep-alive connections each asking `path` again as soon as answered, for `seconds`:
+    (status → count, slowest answer, answers)."""
+    statuses: dict[int, int] = {}
+    slowest = 0.0
+    deadline = time.monotonic() + seconds
+
+    async def client() -> None:
+        nonlocal slowest
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            while time.monotonic() < deadline:
+                sent = time.monotonic()
+                writer.write(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                length = next(int(line.split(":", 1)[1]) for line in lines
+                              if line.lower().startswith("content-length:"))
+                await reader.readexactly(length)
+                slowest = max(slowest, time.monotonic() - sent)
+                status = int(lines[0].split()[1])
+                statuses[status] = statuses.get(status, 0) + 1
+                if any(line.lower() == "connection: close" for line in lines):  # nginx's keepalive_requests
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return statuses, slowest, sum(statuses.values())
+
+
+def _enough_descriptors(count: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = count + 256
+    if soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.fail(f"this test holds {count} connections: RLIMIT_NOFILE's hard limit {hard} is too low")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    root = make_root("sw-pressure-")
+    running = Stack(stack_env(root, WORKERS, SYNAPSE_LAUNCH_MODE="fork"))
+    try:
+        running.start(300)
+        yield running
+    finally:
+        running.close(root)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def aggregator_counters(stack: Stack) -> tuple[int, int]:
+    """(requests, refreshes) the launcher's aggregator has seen, asked on its loopback port (this request counts)."""
+    plan = json.loads(stack.cli("plan", "--json").stdout)
+    answer = httpx.get(f"http://127.0.0.1:{plan['health_port']}/health", timeout=10)
+    fields = dict(part.split("=") for part in answer.headers[AGGREGATOR_HEADER].split())
+    return int(fields["requests"]), int(fields["refreshes"])
+
+
+@pytest.mark.parametrize("count", [300, 2000])
+def test_a_flood_of_public_health_requests_is_answered_200_within_a_second(stack: Stack, count: int):
+    _enough_descriptors(count)
+    port = int(stack.env["SYNAPSE_HTTP_PORT"])
+    requests_before, refreshes_before = aggregator_counters(stack)
+    started = time.monotonic()
+    answers = flood(port, "/health", count)
+    took = time.monotonic() - started
+    requests_after, refreshes_after = aggregator_counters(stack)
+
+    statuses: dict[int, int] = {}
+    for answer in answers:
+        statuses[answer.status] = statuses.get(answer.status, 0) + 1
+    slowest = max(answer.seconds for answer in answers)
+    errors = sorted({answer.error for answer in answers if answer.error})
+    assert statuses == {200: count}, (statuses, took, errors, stack.tail(20))
+    assert slowest < 1.0, sorted(answer.seconds for answer in answers)[-10:]
+    assert all(answer.body == b"OK" for answer in answers)
+    # What a client sees: no counters, nothing an outer cache would keep.
+    assert all(AGGREGATOR_HEADER.lower() not in answer.headers for answer in answers)
+    assert all(answer.headers.get("cache-control") == "no-store" for answer in answers)
+    # nginx asked the aggregator about once a second of the flood (plus the first), never once per request:
+    # minus our own request after the flood.
+    reached = requests_after - requests_before - 1
+    print(f"/health x{count}: slowest {slowest:.3f}s, flood {took:.2f}s, aggregator reached {reached} times")
+    assert reached <= int(took) + 2, (reached, took)
+    assert refreshes_after - refreshes_before <= int(took) + 3, (refreshes_after - refreshes_before, took)
+
+
+def test_a_sustained_flood_reaches_the_aggregator_about_once_a_second(stack: Stack):
+    """300 clients asking /health back to back for 5 s (thousands of requests): each answered 200 within a
+    second, and the aggregator asked about once a second."""
+    port = int(stack.env["SYNAPSE_HTTP_PORT"])
+    requests_before, _ = aggregator_counters(stack)
+    started = time.monotonic()
+    statuses, slowest, answered = asyncio.run(_keep_asking(port, "/health", 300, 5.0))
+    took = time.monotonic() - started
+    requests_after, _ = aggregator_counters(stack)
+    reached = requests_after - requests_before - 1
+    print(f"/health sustained: {answered} answers in {took:.1f}s, slowest {slowest:.3f}s, aggregator reached {reached}")
+    assert statuses == {200: answered} and answered > 1000, statuses
+    assert slowest < 1.0, slowest
+    assert reached <= int(took) + 2, (reached, took)
+
+
+def test_the_public_health_follows_the_stack_within_seconds(stack: Stack):
+    """The copy nginx keeps is at most a second old while the verdict is quick: a worker that stops answering
+    turns the public /health 503 within its checks' timeout (3 s) plus the copy's second, and back."""
+    import os
+    import signal
+
+    from tests.support.stack import wait_for
+
+    pid = stack.processes()["synchrotron1"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        assert wait_for(lambda: httpx.get(f"{stack.base_url}/health", timeout=5).status_code == 503, 10, 0.1)
+        turned = time.monotonic() - started
+        assert turned < 3 + 1 + 1.5, turned
+        body = httpx.get(f"{stack.base_url}/health", timeout=5).json()
+        assert "synchrotron1" in body["unhealthy"], body
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert wait_for(lambda: httpx.get(f"{stack.base_url}/health", timeout=5).status_code == 200, 10, 0.1)
+
+
+# ---- nginx's copy of the verdict, with the aggregator in front of stub processes ------------------------------
+
+
+def test_the_first_flood_waits_for_one_verdict_and_a_dead_aggregator_shows_within_seconds():
+    """With stubs for the processes: 300 requests before any verdict exists reach the aggregator once (the
+    others wait for that one); once the aggregator is gone, nginx's copy is served at most 5 s past its second,
+    then clients see that nothing answers (502), however often they ask."""
+    from synapse_workers.programs import Health
+    from synapse_workers.run.health import Aggregator
+    from tests.integration.test_nginx_routing import Deployment
+    from tests.support.stubs import wait_connectable
+
+    dep = Deployment("health-copy", {"SYNAPSE_WORKER_TYPES": ""})
+    try:
+        main = dep.fleet.stubs["main"].address
+        aggregator = Aggregator({"main": Health("http", f"http://{main}/health")}, dep.plan.health_port, ttl=0.0)
+        aggregator.start()
+        try:
+            wait_connectable(f"127.0.0.1:{dep.plan.health_port}")
+            answers = flood(dep.plan.public.port, "/health", 300)
+            assert {answer.status for answer in answers} == {200}, dep.nginx.log()[-2000:]
+            assert aggregator.requests == 1, aggregator.requests
+            assert max(answer.seconds for answer in answers) < 1.0
+        finally:
+            aggregator.stop()
+        stopped = time.monotonic()
+        seen = []
+        while time.monotonic() - stopped < 15:
+            status = httpx.get(f"{dep.base}/health", timeout=5).status_code
+            seen.append((round(time.monotonic() - stopped, 2), status))
+            if status != 200:
+                break
+            time.sleep(0.05)
+        print(f"aggregator gone: public /health {seen[-1][1]} after {seen[-1][0]}s")
+        assert seen[-1][1] == 502, seen[-5:]
+        assert seen[-1][0] < 1 + 5 + 1.5, seen[-5:]
+    finally:
+        dep.close()
