@@ -26,7 +26,7 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 LABEL org.opencontainers.image.title="synapse-workers" \
       org.opencontainers.image.description="Synapse 1.163.2 with workers, nginx, Redis and PostgreSQL, configured by environment variables" \
       org.opencontainers.image.licenses="Apache-2.0"
-# nginx-light, redis-server, postgresql, python3, util-linux (setpriv), ca-certificates, coturn, prometheus and its nginx/redis/postgres exporters, tini; no apt lists.
+# nginx-light, redis-server, postgresql-15 (the pinned major: install.sh), python3, util-linux (setpriv), ca-certificates, coturn, prometheus and its nginx/redis/postgres exporters, tini; no apt lists.
 COPY scripts/install.sh /usr/local/share/synapse-workers/install.sh
 RUN bash /usr/local/share/synapse-workers/install.sh --image-runtime
 COPY --from=builder /opt/synapse-workers/venv /opt/synapse-workers/venv

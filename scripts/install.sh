@@ -3,6 +3,7 @@
 # pinned Synapse. Idempotent: a second run only re-installs the project itself.
 #   SW_VENV   where the venv lives (default /opt/synapse-workers/venv)
 #   SW_EXTRAS pip extras of this project to install (default: none; tests use "test")
+#   SW_POSTGRES_MAJOR the embedded cluster's PostgreSQL major (default 15: the image's; see runtime_pkgs)
 #
 # With no argument (the host): every package (runtime + build tools), then an editable venv linked into
 # /usr/local/bin. The container image (Dockerfile) uses the same script in two stages instead:
@@ -18,9 +19,14 @@ case "$mode" in
   *) echo "usage: install.sh [--image-build | --image-runtime]" >&2; exit 2 ;;
 esac
 
+# The embedded cluster's PostgreSQL major, pinned by us (not the `postgresql` metapackage, which follows the Debian
+# release): a cluster only opens with its own major's binaries, so a rebuild never moves it, and a new major is a
+# deliberate release with `synapse-workers upgrade-postgres` (README "PostgreSQL versions"). A host may choose
+# another major (SW_POSTGRES_MAJOR) that its apt sources carry.
+pg_major=${SW_POSTGRES_MAJOR:-15}
 # What the stack runs (nginx is added below): also in the image's final stage.
-runtime_pkgs=(redis-server postgresql python3 util-linux ca-certificates libjemalloc2 coturn prometheus prometheus-nginx-exporter
-  prometheus-redis-exporter prometheus-postgres-exporter logrotate)
+runtime_pkgs=(redis-server "postgresql-$pg_major" python3 util-linux ca-certificates libjemalloc2 coturn prometheus
+  prometheus-nginx-exporter prometheus-redis-exporter prometheus-postgres-exporter logrotate)
 # What building the venv needs (psycopg2 and friends compile against these).
 build_pkgs=(libpq-dev build-essential python3-dev python3-venv)
 case "$mode" in
