@@ -195,7 +195,10 @@ METRICS = (
     ),
     ("synapse_workers_backup_last_run_timestamp_seconds", "When the last backup run finished (0: none yet)."),
     ("synapse_workers_backup_last_run_ok", "1 if the last backup run succeeded, 0 if it failed (absent: none yet)."),
-    ("synapse_workers_backup_last_bytes", "Bytes the last backup run wrote (absent: none yet)."),
+    (
+        "synapse_workers_backup_last_bytes",
+        "Size of the last run's backup: every file of its manifest, hard-linked media included (absent: none yet).",
+    ),
     ("synapse_workers_backup_late", "1 if a scheduled backup is more than an hour overdue, else 0."),
 )
 
