@@ -200,3 +200,51 @@ def test_backup_under_load_restores_elsewhere_with_every_acknowledged_message():
             restored.close()
         for path in (root, new_root, busy_root):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def test_an_external_database_is_dumped_and_restored_only_into_an_empty_one():
+    """POSTGRES_*: backup dumps the database homeserver.yaml names (no stack needed); restore refuses it while it
+    holds tables (exit 2, naming it, nothing written) and fills it once it is empty again."""
+    import psycopg2
+
+    from tests.support.pgcluster import BIN, PgCluster
+
+    root, new_root = make_root("sw-bkx-"), make_root("sw-rsx-")
+    try:
+        with PgCluster() as pg:
+            env = stack_env(root, "", **pg.env())
+            assert sw(env, "generate").returncode == 0
+            with psycopg2.connect(**pg.dsn()) as conn, conn.cursor() as cur:
+                cur.execute("CREATE TABLE notes (id serial PRIMARY KEY, body text NOT NULL)")
+                cur.execute("INSERT INTO notes (body) SELECT 'note ' || n FROM generate_series(1, 1000) AS n")
+            conn.close()
+            made = sw(env, "backup", "-o", str(root / "backups"))
+            assert made.returncode == 0, made.stderr
+            assert f"database 'synapse' on 127.0.0.1:{pg.port}" in made.stderr
+            backup = next((root / "backups").iterdir())
+            manifest = json.loads((backup / "manifest.json").read_text())
+            assert manifest["database"]["kind"] == "postgres" and manifest["database"]["embedded"] is False
+            assert manifest["database"]["postgres_major"] == int(BIN.split("/")[-2])
+
+            new_env = stack_env(new_root, "", **pg.env())
+            refused = sw(new_env, "restore", str(backup))
+            assert refused.returncode == 2, refused.stderr
+            assert f"database 'synapse' on 127.0.0.1:{pg.port} (user 'synapse') is not empty" in refused.stderr
+            assert list(new_root.iterdir()) == []
+
+            recreate = "DROP DATABASE synapse;\nCREATE DATABASE synapse OWNER synapse TEMPLATE template0;\n"
+            dropped = pg._run([f"{BIN}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", str(pg.socket_dir), "-p",
+                               str(pg.port), "-U", pg.owner.pw_name, "-d", "postgres"], input=recreate)
+            assert dropped.returncode == 0, dropped.stderr
+            restored = sw(new_env, "restore", str(backup))
+            assert restored.returncode == 0, restored.stderr
+            with psycopg2.connect(**pg.dsn()) as conn, conn.cursor() as cur:
+                cur.execute("SELECT count(*), min(body), max(id) FROM notes")
+                assert cur.fetchone() == (1000, "note 1", 1000)
+                cur.execute("SELECT tableowner FROM pg_tables WHERE tablename = 'notes'")
+                assert cur.fetchone() == ("synapse",)
+            conn.close()
+            assert (new_root / "data" / "homeserver.yaml").exists()
+    finally:
+        for path in (root, new_root):
+            shutil.rmtree(path, ignore_errors=True)

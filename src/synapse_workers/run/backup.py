@@ -485,7 +485,12 @@ def dump_postgres(database: Database, target: Path, progress: Progress) -> dict[
     """One `pg_dump --format=custom` of Synapse's database into target: one snapshot, whatever runs meanwhile."""
     from .compressor import REDACT
 
-    conn, db = connect(database.args)
+    try:
+        conn, db = connect(database.args)
+    except BackupError as exc:
+        if database.embedded:
+            raise BackupError(f"{exc} (the embedded cluster runs while the stack runs: synapse-workers run)") from None
+        raise
     try:
         conn.autocommit = True
         tool, tool_major = pg_tool("pg_dump", db.server_major)
@@ -690,7 +695,7 @@ def copy_media(writer: Writer, media: str, output: Path, outcome: Outcome) -> No
     if not os.path.isdir(media):
         writer.progress.say(f"media: {media} does not exist: nothing to copy")
         return
-    files = list(listing(media))
+    files = list(listing(media, frozenset({os.path.normpath(str(output))})))  # a destination inside it: not media
     total = len(files)
     writer.progress.say(f"media: {total} files in {media}" + (f" (links into {previous.name})" if previous else ""))
     for done, (path, relative) in enumerate(files, 1):
