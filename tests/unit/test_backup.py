@@ -296,3 +296,74 @@ def test_backup_needs_a_destination_and_a_sane_keep(tmp_path):
     result = run({}, "backup", "-o", str(tmp_path), "--keep", "0")
     assert result.returncode == 2 and "--keep 0: expected a number of backups to keep, at least 1" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_password_reaches_pg_dump_only_through_a_private_passfile():
+    db = bk.Connected("db.example", 5432, "synapse", "synapse", "pa:ss\\word's", 15, {"sslmode": "require"})
+    assert "word" not in db.conninfo() and db.conninfo() == (
+        "host='db.example' port='5432' dbname='synapse' user='synapse' sslmode='require'"
+    )
+    with bk.passfile(db.password) as path:
+        assert path is not None
+        assert os.stat(path).st_mode & 0o777 == 0o600 and os.stat(os.path.dirname(path)).st_mode & 0o077 == 0
+        assert Path(path).read_text() == "*:*:*:*:pa\\:ss\\\\word's\n"  # libpq's escapes
+    assert not os.path.exists(path)
+
+
+def official_sqlite_server(root: Path) -> dict[str, str]:
+    """A SQLite monolith as the official image leaves it, plus an appservice registration outside the data dir."""
+    from tests.conftest import isolated_env
+
+    data = root / "data"
+    (data / "media_store" / "local_content" / "xy").mkdir(parents=True)
+    (data / "media_store" / "local_content" / "xy" / "zzz").write_bytes(b"media bytes")
+    appservice = root / "appservices" / "bridge.yaml"
+    appservice.parent.mkdir()
+    appservice.write_text("id: bridge\nurl: http://localhost:9000\nas_token: a\nhs_token: b\nsender_localpart: br\n"
+                          "namespaces: {users: [], aliases: [], rooms: []}\n")
+    (data / "homeserver.yaml").write_text(yaml.safe_dump({
+        "server_name": "localhost",
+        "listeners": [{"port": 8008, "type": "http", "x_forwarded": True,
+                       "resources": [{"names": ["client", "federation"], "compress": False}]}],
+        "database": {"name": "sqlite3", "args": {"database": f"{data}/homeserver.db"}},
+        "media_store_path": f"{data}/media_store",
+        "report_stats": False,
+        "signing_key_path": f"{data}/localhost.signing.key",
+        "app_service_config_files": [str(appservice)],
+    }))
+    (data / "localhost.signing.key").write_text("ed25519 a_abcd dGVzdHRlc3R0ZXN0dGVzdHRlc3R0ZXN0dGVzdHRlc3Q\n")
+    db = sqlite3.connect(data / "homeserver.db")
+    db.execute("CREATE TABLE users (name TEXT)")
+    db.execute("INSERT INTO users VALUES ('@alice:localhost')")
+    db.commit()
+    db.close()
+    return {**isolated_env(root, server_name="localhost"), "SYNAPSE_CONFIG_PATH": str(data / "homeserver.yaml")}
+
+
+def test_a_sqlite_monolith_through_the_commands(tmp_path):
+    env = official_sqlite_server(tmp_path / "old")
+    out = tmp_path / "backups"
+    made = run(env, "backup", "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    assert "database: SQLite copy of" in made.stderr and "done: " in made.stderr
+    backup = bk.complete_backups(out)[0]
+    manifest = json.loads((backup / "manifest.json").read_text())
+    names = {f["path"] for f in manifest["files"]}
+    assert {"database.sqlite", "config/homeserver.yaml", "data/localhost.signing.key", "files/0/bridge.yaml",
+            "media/local_content/xy/zzz"} == names
+    bridge = str(tmp_path / "old/appservices/bridge.yaml")
+    assert manifest["extras"] == [{"file": "files/0/bridge.yaml", "path": bridge}]
+    assert manifest["database"]["kind"] == "sqlite"
+    assert run({}, "backup", "--verify", str(backup)).returncode == 0
+    new_env = {**env, "SYNAPSE_DATA_DIR": str(tmp_path / "new/data"), "SYNAPSE_CONFIG_DIR": str(tmp_path / "new/data"),
+               "SYNAPSE_CONFIG_PATH": str(tmp_path / "new/data/homeserver.yaml"),
+               "SYNAPSE_RUNTIME_DIR": str(tmp_path / "new/run")}
+    restored = run(new_env, "restore", str(backup))
+    assert restored.returncode == 0, restored.stderr
+    doc = yaml.safe_load((tmp_path / "new/data/homeserver.yaml").read_text())
+    assert doc["database"]["args"]["database"] == str(tmp_path / "new/data/homeserver.db")
+    assert doc["app_service_config_files"] == [str(tmp_path / "old/appservices/bridge.yaml")]  # there, identical
+    db = sqlite3.connect(tmp_path / "new/data/homeserver.db")
+    assert db.execute("SELECT name FROM users").fetchall() == [("@alice:localhost",)]
+    db.close()
+    assert (tmp_path / "new/data/media_store/local_content/xy/zzz").read_bytes() == b"media bytes"
