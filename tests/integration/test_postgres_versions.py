@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -188,3 +189,65 @@ def test_a_synapse_database_of_postgresql_14_is_upgraded_and_served(root):
         assert code == 0, stack.tail()
     finally:
         stack.close()
+
+
+def test_link_mode_upgrades_in_place_of_a_copy(root):
+    ours, old = debian_major(), "14"
+    env = stack_env(root, "")
+    data = Path(env["SYNAPSE_DATA_DIR"])
+    data.mkdir(mode=0o755)
+    cluster_dir = data / "postgres"
+    _populated_cluster(old, cluster_dir)
+    made = Cluster(bindir(old), cluster_dir).start()
+    try:
+        before = made.table_digests("synapse")
+    finally:
+        made.close()
+    inode = (cluster_dir / "base").stat().st_ino
+    result = _sw(env, "upgrade-postgres", "--link", "--old-bindir", str(bindir(old)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "link mode" in result.stderr and "cannot be started again" in result.stderr
+    kept = data / f"postgres.old-{old}"
+    assert (kept / "base").stat().st_ino == inode  # the old cluster itself, renamed
+    assert (kept / "global" / "pg_control.old").exists()  # pg_upgrade --link disabled it
+    shared = [p for p in (cluster_dir / "base").rglob("*") if p.is_file() and p.stat().st_nlink > 1]
+    assert shared, "no data file is a hard link"
+    after = Cluster(bindir(ours), cluster_dir).start()
+    try:
+        assert after.table_digests("synapse") == before
+    finally:
+        after.close()
+
+
+def test_a_failed_pg_upgrade_leaves_the_old_cluster_in_place(root):
+    """pg_upgrade refuses a table with a reg* column (its OIDs do not survive): exit 1, the old cluster is still
+    the cluster, the unfinished new one is named, and the next attempt refuses until it is removed."""
+    ours, old = debian_major(), "14"
+    env = stack_env(root, "")
+    data = Path(env["SYNAPSE_DATA_DIR"])
+    data.mkdir(mode=0o755)
+    cluster_dir = data / "postgres"
+    _populated_cluster(old, cluster_dir)
+    made = Cluster(bindir(old), cluster_dir).start()
+    try:
+        made.psql("CREATE TABLE blocker (f regproc); INSERT INTO blocker VALUES ('now');", "synapse")
+        before = made.table_digests("synapse")
+    finally:
+        made.close()
+    work_dirs = set(Path(tempfile.gettempdir()).glob("synapse-workers-pg_upgrade-*"))
+    result = _sw(env, "upgrade-postgres", "--old-bindir", str(bindir(old)))
+    staged = data / f"postgres.upgrade-{ours}"
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert set(Path(tempfile.gettempdir()).glob("synapse-workers-pg_upgrade-*")) == work_dirs  # its temp dir gone
+    assert (staged / "pg_upgrade_output.d").is_dir()  # pg_upgrade's logs, kept with what is to be removed
+    assert "pg_upgrade failed" in result.stderr and "reg*" in result.stderr
+    assert f"The cluster in {cluster_dir} is still PostgreSQL {old} and in place. Remove {staged}" in result.stderr
+    assert (cluster_dir / "PG_VERSION").read_text().strip() == old
+    assert not (data / f"postgres.old-{old}").exists()
+    still = Cluster(bindir(old), cluster_dir).start()
+    try:
+        assert still.table_digests("synapse") == before
+    finally:
+        still.close()
+    again = _sw(env, "upgrade-postgres", "--old-bindir", str(bindir(old)))
+    assert again.returncode == 2 and f"{staged} exists (an interrupted upgrade-postgres left it)" in again.stderr

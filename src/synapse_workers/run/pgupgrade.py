@@ -248,11 +248,15 @@ def upgrade(plan: Plan, as_root: bool, setpriv: str, old_bindir: str | None, lin
             os.rename(data, kept)
             os.rename(staged, data)
     except RuntimeError as exc:
+        for log in work.glob("*.log"):  # older pg_upgrades log into their cwd: kept with the unfinished cluster
+            if staged.is_dir():
+                shutil.move(log, staged / log.name)
         raise RuntimeError(
             f"{exc}\nThe cluster in {data} is still PostgreSQL {old} and in place. Remove {staged} (the unfinished "
-            f"new cluster) and {work} (the step's logs) before trying again."
+            "new cluster; pg_upgrade's logs are in it) before trying again."
         ) from None
-    shutil.rmtree(work, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     link_note = (
         " (it shares its data files with the new cluster by hard links and cannot be started again: deleting it "
         "frees little)"
@@ -294,8 +298,7 @@ def _runner(as_owner: Sequence[str], work: Path) -> Callable[..., None]:
         code = process.wait()
         if code != 0:
             output = "\n".join(lines)[-3000:]
-            logs = f" Its logs: {work} and the new cluster's pg_upgrade_output.d." if what == "pg_upgrade" else ""
-            raise RuntimeError(f"{what} failed (exit {code}).{logs}\n{output}".rstrip())
+            raise RuntimeError(f"{what} failed (exit {code}).\n{output}".rstrip())
 
     return run
 
