@@ -4,12 +4,14 @@ connection budget (the numbers of the warning)."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 import pytest
 from twisted.enterprise.adbapi import ConnectionPool
 
+from synapse_workers.cli import _warn_start
 from synapse_workers.cli import main as cli_main
 from synapse_workers.errors import File, UserError
 from synapse_workers.load import load_plan
@@ -194,3 +196,14 @@ def test_cp_max_comes_from_homeserver_yaml(tmp_path):
     assert _pool_max(str(path)) == 10
     path.write_text("database:\n  name: psycopg2\n  args:\n    user: synapse\n")
     assert _pool_max(str(path)) == POSTGRES_CP_MAX
+
+
+def test_run_and_check_say_the_older_cluster_warning(embedded, capsys):
+    plan, pg_root, env = embedded
+    for major in ("14", "15"):
+        _fake_bindir(pg_root, major)
+    _cluster(plan, "14")
+    args = argparse.Namespace(warnings=[])
+    _warn_start(plan, env, args)  # what run and check say before they start or write anything
+    assert postgres.version_warning(plan) in args.warnings
+    assert "synapse-workers: warning: The embedded PostgreSQL cluster in" in capsys.readouterr().err
