@@ -77,6 +77,7 @@ TURN_URIS = Variable("SYNAPSE_TURN_URIS")
 TLS_PORT, TLS_CERT, TLS_KEY = Variable("SYNAPSE_TLS_PORT"), Variable("SYNAPSE_TLS_CERT"), Variable("SYNAPSE_TLS_KEY")
 REPLICATION_SOCKETS = Variable("SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS")
 DISABLE_LOGROTATE = Variable("NGINX_DISABLE_LOGROTATE")
+BACKUP_KEEP, BACKUP_SCHEDULE = Variable("SYNAPSE_BACKUP_KEEP"), Variable("SYNAPSE_BACKUP_SCHEDULE")
 
 
 def _unused(names: list[str], message: str, *needs: Variable, expected: str) -> Problem:
@@ -264,6 +265,16 @@ def start_warnings(plan: Plan, env: Mapping[str, str], facts: Facts) -> list[Pro
                 f"{DISABLE_LOGROTATE} does nothing without {LOGS_TO_DISK} (no log files to rotate).",
                 LOGS_TO_DISK,
                 expected=f"{LOGS_TO_DISK}=on",
+            )
+        )
+    if _set(plan, env, BACKUP_KEEP.name) and s.backup.schedule is None:
+        warnings.append(
+            _unused(
+                [BACKUP_KEEP.name],
+                f"{BACKUP_KEEP} does nothing without {BACKUP_SCHEDULE} (it is the scheduled backups' --keep; "
+                "`synapse-workers backup` removes old backups only with --keep N).",
+                BACKUP_SCHEDULE,
+                expected=f"{BACKUP_SCHEDULE} set",
             )
         )
     return warnings

@@ -396,3 +396,18 @@ def test_backup_writes_to_synapse_backup_dir_without_o(tmp_root):
     assert "expected -o DIR" in problem and "or SYNAPSE_BACKUP_DIR set to it" in problem
     with pytest.raises(UserError, match="SYNAPSE_BACKUP_DIR='relative' is invalid"):
         _backup_output(Namespace(output=None), {"SYNAPSE_BACKUP_DIR": "relative"})
+
+
+def test_keep_without_a_schedule_is_a_warning(base_env):
+    from synapse_workers.start_warnings import Facts, start_warnings
+
+    def about_keep(env):
+        found = start_warnings(load_plan(env), env, Facts())
+        return [w for w in found if "SYNAPSE_BACKUP" in w]
+
+    env = {**base_env, "SYNAPSE_BACKUP_KEEP": "3"}
+    (warning,) = about_keep(env)
+    assert warning.startswith("SYNAPSE_BACKUP_KEEP does nothing without SYNAPSE_BACKUP_SCHEDULE")
+    assert warning.subject.name == "SYNAPSE_BACKUP_KEEP"
+    assert about_keep({**env, "SYNAPSE_BACKUP_SCHEDULE": "0 4 * * *", "SYNAPSE_BACKUP_DIR": "/srv/backups"}) == []
+    assert about_keep({**base_env, "SYNAPSE_BACKUP_KEEP": "7"}) == []  # the default, as the compose files pass it
