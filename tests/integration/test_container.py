@@ -48,6 +48,7 @@ def test_image_metadata(podman):
     assert "8008/tcp" in config["ExposedPorts"] and "8448/tcp" in config["ExposedPorts"]
     assert "/data" in config["Volumes"]
     assert "/var/lib/prometheus" in config["Volumes"]  # the built-in Prometheus's database, a volume of its own
+    assert "/backups" in config["Volumes"] and "SYNAPSE_BACKUP_DIR=/backups" in config["Env"]  # backups' own volume
     assert inspect["Healthcheck"]["Test"] == ["CMD", "synapse-workers", "health"]  # kept by --format docker
     # No compilers, headers or package lists in the final stage.
     probe = podman(

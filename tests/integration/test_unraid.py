@@ -52,7 +52,8 @@ def appdata() -> Iterator[Path]:
 
 def start(podman: Podman, appdata: Path, filled: dict[str, str], network: str = "bridge") -> UnraidCommand:
     """What Unraid does on Apply: the command from the template, the missing host paths made, create, start."""
-    form = {**filled, "Data": str(appdata / "synapse-workers"), "Prometheus data": str(appdata / "prometheus")}
+    form = {**filled, "Data": str(appdata / "synapse-workers"), "Prometheus data": str(appdata / "prometheus"),
+            "Backups": str(appdata / "backups")}
     command = xml_to_command(TEMPLATE, form, network=network, name=f"sw-test-{secrets.token_hex(4)}", image=IMAGE)
     command.create_paths()
     podman.created.append(("container", command.name))
@@ -121,9 +122,9 @@ def test_new_user_on_the_bridge_network(podman, appdata):
     assert webui.status_code == 200, webui.status_code
     # Unraid's time zone reaches the processes (the compressor's schedule is in local time).
     assert podman("exec", command.name, "date", "+%Z").stdout.strip() in ("CET", "CEST")
-    # Prometheus's volume is the template's Path, not an anonymous volume.
+    # Prometheus's and the backups' volumes are the template's Paths, not anonymous volumes.
     mounts = podman("inspect", "--format", "{{range .Mounts}}{{.Destination}}={{.Type}} {{end}}", command.name)
-    assert set(mounts.stdout.split()) == {"/data=bind", "/var/lib/prometheus=bind"}, mounts.stdout
+    assert set(mounts.stdout.split()) == {"/data=bind", "/var/lib/prometheus=bind", "/backups=bind"}, mounts.stdout
     check_no_warning_about_unraids_variables(podman, command.name)
     TIMINGS["unraid: stop (s)"] = round(podman.stop(command.name), 2)
     assert podman("inspect", "--format", "{{.State.ExitCode}}", command.name).stdout.strip() == "0"
