@@ -251,3 +251,25 @@ def test_a_failed_pg_upgrade_leaves_the_old_cluster_in_place(root):
         still.close()
     again = _sw(env, "upgrade-postgres", "--old-bindir", str(bindir(old)))
     assert again.returncode == 2 and f"{staged} exists (an interrupted upgrade-postgres left it)" in again.stderr
+
+
+def test_copy_mode_without_room_for_the_copy_is_refused(root):
+    """A data dir on a small file system (a real tmpfs): the copy would not fit, so nothing starts and --link is
+    offered."""
+    old = "14"
+    env = stack_env(root, "")
+    data = Path(env["SYNAPSE_DATA_DIR"])
+    data.mkdir(mode=0o755)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m,mode=0755", "tmpfs", str(data)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs as root: {mounted.stderr!r}")
+    try:
+        _populated_cluster(old, data / "postgres")  # about 48 MiB: no room for a second copy in 80
+        snapshot = tree_snapshot(data)
+        result = _sw(env, "upgrade-postgres", "--old-bindir", str(bindir(old)))
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert "needs about as much free space beside it" in result.stderr and "use --link" in result.stderr
+        assert tree_snapshot(data) == snapshot
+    finally:
+        subprocess.run(["umount", str(data)], check=False)
