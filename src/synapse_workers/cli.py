@@ -131,6 +131,17 @@ def _parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="every process of the running stack: PID, state, uptime, restarts")
     status.add_argument("--json", action="store_true", help="a list of objects (name, pid, state, uptime_s, ...)")
     status.set_defaults(func=cmd_status)
+    port = sub.add_parser(
+        "port-sqlite",
+        help="port homeserver.yaml's SQLite database into the embedded PostgreSQL cluster (stack stopped; the file "
+        "is not edited: shared.yaml sets the new database over it)",
+    )
+    port.add_argument(
+        "--force",
+        action="store_true",
+        help="ported already: start over from the SQLite file (what the server wrote to PostgreSQL since is lost)",
+    )
+    port.set_defaults(func=cmd_port_sqlite)
     compress = sub.add_parser(
         "compress-state",
         help="run synapse_auto_compressor once, now, against the running stack's PostgreSQL; exit with its status",
@@ -301,7 +312,7 @@ def _check_json(args: argparse.Namespace, code: int, problems: list[Problem], ch
 
 
 def _check(args: argparse.Namespace, env: Mapping[str, str], checks: list[dict[str, object]]) -> int:
-    from .run import access, postgres
+    from .run import access, port_sqlite, postgres
     from .run.binaries import check_machine
     from .run.prepare import dir_problems
 
@@ -312,6 +323,7 @@ def _check(args: argparse.Namespace, env: Mapping[str, str], checks: list[dict[s
     problems: list[str] = [*access.check(plan, os.geteuid() == 0)]  # what `run` refuses before anything starts
     problems += dir_problems(plan, os.geteuid() == 0)  # the runtime dir's and Prometheus's storage's way
     problems += postgres.version_problems(plan)  # an embedded cluster these binaries cannot open
+    problems += port_sqlite.cluster_problems(plan)  # ported from SQLite, but the embedded cluster is gone
     if problems:
         raise UserError(*problems)
     write_files(plan, render_all(plan))
@@ -447,10 +459,16 @@ def cmd_run(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     from .programs import programs
     from .run import postgres
     from .run.binaries import coturn_user, find_binaries, prometheus_user
+    from .run.port_sqlite import cluster_problems, port_at_start
     from .run.prepare import check_before_start
     from .run.supervise import Stack, lock_runtime_dir
 
+    ported = port_at_start(env, args.host)  # SYNAPSE_PORT_SQLITE=on: the SQLite database first, once
+    if ported:
+        return ported
     plan = _slice_plan(args, env)
+    if cluster_problems(plan):  # ported, but the embedded cluster is gone: never start an empty server
+        raise UserError(*cluster_problems(plan))
     _warn_start(plan, env, args)
     _warn_memory(plan, args, now=True)
     as_root = os.geteuid() == 0
@@ -497,6 +515,14 @@ def cmd_upgrade_postgres(args: argparse.Namespace, env: Mapping[str, str]) -> in
     return 0
 
 
+def cmd_port_sqlite(args: argparse.Namespace, env: Mapping[str, str]) -> int:
+    """homeserver.yaml's SQLite database into the embedded cluster (run/port_sqlite.py): 0 ported, 1 failed (nothing
+    changed), 2 refused (already ported without --force, a running stack, not SQLite)."""
+    from .run.port_sqlite import port_command
+
+    return port_command(env, None, args.force)
+
+
 def cmd_compress_state(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     """The scheduled job's command, now (SYNAPSE_COMPRESSOR_* tune it; SYNAPSE_ENABLE_COMPRESSOR need not be on)."""
     from .plan import COMPRESS_STATE, Job
@@ -506,7 +532,7 @@ def cmd_compress_state(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     if plan.homeserver.database == "sqlite":
         raise UserError(
             f"compress-state needs PostgreSQL, but {plan.homeserver.path} uses SQLite: synapse_auto_compressor works "
-            "on PostgreSQL only."
+            "on PostgreSQL only (`synapse-workers port-sqlite` ports the database into the embedded PostgreSQL)."
         )
     if not os.path.isdir(plan.layout.state_dir):
         print(

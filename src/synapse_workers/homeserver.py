@@ -16,7 +16,7 @@ import yaml
 
 from .errors import File, Problem, UserError, Variable
 from .homeserver_keys import check_shape
-from .layout import SecretPaths
+from .layout import SecretPaths, make_layout
 from .settings import Settings
 
 SYNAPSE_DEFAULT_MAX_UPLOAD_SIZE = 50 * 1024**2  # Synapse's max_upload_size when no config file sets one
@@ -42,6 +42,20 @@ class UserListener:
 
 
 SYNAPSE_DEFAULT_BIND_ADDRESSES = ("::", "0.0.0.0")  # synapse/config/server.py DEFAULT_BIND_ADDRESSES
+
+
+@dataclass(frozen=True)
+class SqlitePort:
+    """The user's SQLite database ported into the embedded cluster (`port-sqlite`), as its marker file
+    (`Layout.sqlite_port_marker`) records it; the user's homeserver.yaml still says sqlite3 and is never edited.
+    `ported_at` None: the port about to be made (`port-sqlite`'s own plan), not one that happened."""
+
+    marker: str  # the marker file
+    sqlite_database: str | None  # the SQLite file ported (absolute); None in a marker: the one homeserver.yaml names
+    ported_at: str | None = None  # ISO 8601 UTC; None: not ported yet
+
+    def as_json(self) -> dict[str, Any]:
+        return {"marker": self.marker, "sqlite_database": self.sqlite_database, "ported_at": self.ported_at}
 
 
 @dataclass(frozen=True)
@@ -79,6 +93,10 @@ class HomeserverInfo:
     media_store_path: str | None = None
     sqlite_database: str | None = None
     key_files: tuple[tuple[str, str], ...] = ()
+    # The file says sqlite3 and its database was ported into the embedded cluster (`port-sqlite`'s marker): then
+    # `database` is "postgres", `database_host` the embedded cluster's socket dir, `sqlite_database` None, and
+    # shared.yaml sets the embedded cluster's `database` section over the file's.
+    sqlite_port: SqlitePort | None = None
 
 
 # The variables the sentences below name (made at import: a name not in the registry fails there).
@@ -87,6 +105,7 @@ SERVER_NAME = Variable("SYNAPSE_SERVER_NAME")
 REPORT_STATS = Variable("SYNAPSE_REPORT_STATS")
 WORKER_TYPES = Variable("SYNAPSE_WORKER_TYPES")
 DATABASE = Variable("SYNAPSE_DATABASE")
+PORT_SQLITE = Variable("SYNAPSE_PORT_SQLITE")
 
 
 def _unreadable(path: str, message: str, expected: str, found: str) -> UserError:
@@ -139,7 +158,10 @@ def check_homeserver(settings: Settings, path: str, doc: dict[str, Any]) -> None
         raise UserError(*problems)
 
 
-def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) -> HomeserverInfo:
+def describe(
+    settings: Settings, doc: dict[str, Any] | None, has_workers: bool, sqlite_port: SqlitePort | None = None
+) -> HomeserverInfo:
+    """sqlite_port: the marker of a completed `port-sqlite` (read by load.py), or the port about to be made."""
     core = settings.core
     path = core.homeserver_config_path
     if doc is None:
@@ -175,6 +197,8 @@ def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) 
     else:
         check_homeserver(settings, path, doc)
         info = _describe_existing(settings, path, doc)
+        if info.database == "sqlite" and sqlite_port is not None:
+            info = _ported(settings, info, sqlite_port)
     info = replace(
         info,
         max_upload_size_from_env="max_upload_size" in core.model_fields_set,
@@ -182,17 +206,53 @@ def describe(settings: Settings, doc: dict[str, Any] | None, has_workers: bool) 
     )
     if has_workers and info.database == "sqlite":
         where = f"{path} uses SQLite" if info.exists else f"{DATABASE}=sqlite"
+        if info.exists:
+            how = (
+                f"Port it into the embedded PostgreSQL once: `synapse-workers port-sqlite` (the file is not edited), "
+                f"or set {PORT_SQLITE}=on to do it at this start; or leave {WORKER_TYPES} empty."
+            )
+        else:
+            how = f"Use {DATABASE}=embedded (the default) or leave {WORKER_TYPES} empty."
         raise UserError(
             Problem(
-                f"{WORKER_TYPES} needs PostgreSQL, but {where}: Synapse workers share one PostgreSQL database. "
-                f"Port the database to PostgreSQL (synapse_port_db) or leave {WORKER_TYPES} empty.",
+                f"{WORKER_TYPES} needs PostgreSQL, but {where}: Synapse workers share one PostgreSQL database. {how}",
                 WORKER_TYPES,
                 expected="PostgreSQL, or no workers",
                 found=where,
-                related=() if info.exists else (DATABASE,),
+                related=(PORT_SQLITE,) if info.exists else (DATABASE,),
             )
         )
     return info
+
+
+def _ported(settings: Settings, info: HomeserverInfo, port: SqlitePort) -> HomeserverInfo:
+    """The file says sqlite3, and its database is (or is about to be) in the embedded cluster: that cluster is the
+    database from now on. A marker that names another SQLite file than the file does is refused (which one
+    holds the server's history is the admin's call, never a guess)."""
+    assert info.sqlite_database is not None
+    sqlite = os.path.normpath(os.path.join(os.getcwd(), info.sqlite_database))
+    if port.sqlite_database is not None and port.sqlite_database != sqlite:
+        found = f"{port.marker} records a port of {port.sqlite_database!r}"
+        raise UserError(
+            Problem(
+                f"{found}, but {info.path} ({CONFIG_PATH}) names the SQLite database {sqlite!r}: which one holds "
+                f"this server's history is unclear. Expected the file the port was made from; to port {sqlite!r} "
+                "instead, run `synapse-workers port-sqlite --force` (the embedded database is replaced), or remove "
+                "the marker to serve from SQLite again.",
+                File(port.marker),
+                expected=f"a port of {sqlite!r}",
+                found=found,
+                related=(CONFIG_PATH,),
+            )
+        )
+    socket_dir = make_layout(settings.core.runtime_dir, settings.core.data_dir).postgres_socket_dir
+    return replace(
+        info,
+        database="postgres",
+        database_host=socket_dir,
+        sqlite_database=None,
+        sqlite_port=replace(port, sqlite_database=sqlite),
+    )
 
 
 def _describe_existing(settings: Settings, path: str, doc: dict[str, Any]) -> HomeserverInfo:
@@ -369,24 +429,26 @@ def database_block(settings: Settings, secrets: SecretPaths, embedded_socket_dir
     if kind == "sqlite":
         return {"name": "sqlite3", "args": {"database": f"{settings.core.data_dir}/homeserver.db"}}
     if kind == "embedded":
-        # No password in this file: libpq reads it from the passfile (0600, created by `run`).
-        args: dict[str, Any] = {
-            "user": "synapse",
-            "dbname": "synapse",
-            "host": embedded_socket_dir,
-            "passfile": secrets.postgres,
-        }
-    else:
-        # Like every other secret, the password is not in this file: libpq reads the passfile, which
-        # `generate`/`run` write from POSTGRES_PASSWORD (0600), so changing the variable changes the password.
-        args = {
-            "user": db.user,
-            "dbname": db.name,
-            "host": db.host,
-            "port": db.port,
-            "passfile": secrets.external_postgres,
-        }
+        return embedded_database(secrets, embedded_socket_dir)
+    # Like every other secret, the password is not in this file: libpq reads the passfile, which
+    # `generate`/`run` write from POSTGRES_PASSWORD (0600), so changing the variable changes the password.
+    args: dict[str, Any] = {
+        "user": db.user,
+        "dbname": db.name,
+        "host": db.host,
+        "port": db.port,
+        "passfile": secrets.external_postgres,
+    }
     # Small pools: every worker opens its own, and PostgreSQL allows 100 connections by default.
+    args.update({"cp_min": 1, "cp_max": 5})
+    return {"name": "psycopg2", "txn_limit": 10000, "args": args}
+
+
+def embedded_database(secrets: SecretPaths, socket_dir: str) -> dict[str, Any]:
+    """Synapse's `database` section for the embedded cluster over its socket: a generated homeserver.yaml's, and
+    shared.yaml's over a ported SQLite one. No password: libpq reads it from the passfile (0600, made by `run`)."""
+    args: dict[str, Any] = {"user": "synapse", "dbname": "synapse", "host": socket_dir, "passfile": secrets.postgres}
+    # Small pools: every worker opens its own (the cluster's max_connections follows: plan.postgres_max_connections).
     args.update({"cp_min": 1, "cp_max": 5})
     return {"name": "psycopg2", "txn_limit": 10000, "args": args}
 

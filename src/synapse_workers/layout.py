@@ -37,6 +37,10 @@ class Layout:
     lock_file: str
     postgres_socket_dir: str
     postgres_data_dir: str
+    # `port-sqlite`: written once a port of the user's SQLite database into the embedded cluster completed (what,
+    # when, from which file); with it, a homeserver.yaml that still says sqlite3 runs on the embedded cluster.
+    sqlite_port_marker: str
+    sqlite_port_dir: str  # `port-sqlite`'s scratch dir (the SQLite copy it ports, synapse_port_db's config), removed
     logs_on_disk: str  # SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK
     nginx_access_log: str  # in logs_on_disk, written by nginx itself (rotated by logrotate)
     nginx_error_log: str  # nginx's stderr (its error log), masked, written by the output listener (run/logprefix.py)
@@ -107,6 +111,8 @@ def make_layout(runtime_dir: str, data_dir: str) -> Layout:
         lock_file=f"{r}/.launcher.lock",
         postgres_socket_dir=f"{r}/postgresql",
         postgres_data_dir=f"{data_dir}/postgres",
+        sqlite_port_marker=f"{data_dir}/synapse-workers-postgres.json",
+        sqlite_port_dir=f"{data_dir}/.synapse-workers-port-sqlite",
         logs_on_disk=f"{data_dir}/logs",
         nginx_access_log=f"{data_dir}/logs/nginx-access.log",
         nginx_error_log=f"{data_dir}/logs/nginx-error.log",

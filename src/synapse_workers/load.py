@@ -7,6 +7,7 @@ plan's own checks (ports, socket paths) run once those inputs are sound.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from .errors import File, Problem, UserError, Variable, YamlPath
-from .homeserver import HomeserverInfo, describe, read_homeserver
+from .homeserver import HomeserverInfo, SqlitePort, describe, read_homeserver
 from .layout import RUNTIME_MARKER, make_layout
 from .plan import Plan, make_plan
 from .secrets import copies_needed
@@ -24,8 +25,9 @@ from .workers import parse_workers
 T = TypeVar("T")
 
 
-def load_plan(env: Mapping[str, str], host: str | None = None) -> Plan:
-    """host: with SYNAPSE_HOSTS, the host whose slice is wanted (`--host NAME`)."""
+def load_plan(env: Mapping[str, str], host: str | None = None, port_target: bool = False) -> Plan:
+    """host: with SYNAPSE_HOSTS, the host whose slice is wanted (`--host NAME`). port_target: the plan as it will
+    be once homeserver.yaml's SQLite database is ported into the embedded cluster (`port-sqlite`'s own plan)."""
     problems: list[str] = []
 
     def attempt(step: Callable[[], T]) -> T | None:
@@ -41,8 +43,14 @@ def load_plan(env: Mapping[str, str], host: str | None = None) -> Plan:
     if settings is None:
         raise UserError(*problems)
     attempt(lambda: _check_files(settings))
+    marker = make_layout(settings.core.runtime_dir, settings.core.data_dir).sqlite_port_marker
     info = attempt(
-        lambda: describe(settings, read_homeserver(settings.core.homeserver_config_path), has_workers=bool(workers))
+        lambda: describe(
+            settings,
+            read_homeserver(settings.core.homeserver_config_path),
+            has_workers=bool(workers),
+            sqlite_port=SqlitePort(marker, None) if port_target else read_sqlite_port(marker),
+        )
     )
     if info is not None:
         attempt(lambda: _check_listener_tls(info))
@@ -57,6 +65,35 @@ def load_plan(env: Mapping[str, str], host: str | None = None) -> Plan:
     if plan is None or problems:
         raise UserError(*problems)
     return plan
+
+
+def read_sqlite_port(path: str) -> SqlitePort | None:
+    """`port-sqlite`'s marker (`Layout.sqlite_port_marker`), or None when there is none. A marker we cannot read is
+    refused (exit 2): whether the server's history is in SQLite or in PostgreSQL is never guessed."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        data = exc
+    if (
+        isinstance(data, dict)
+        and isinstance(data.get("sqlite_database"), str)
+        and isinstance(data.get("ported_at"), str)
+    ):
+        return SqlitePort(path, data["sqlite_database"], data["ported_at"])
+    found = str(data) if isinstance(data, Exception) else "no sqlite_database/ported_at"
+    raise UserError(
+        Problem(
+            f"{path} cannot be read ({found}): it records that the SQLite database was ported into the embedded "
+            "PostgreSQL (`synapse-workers port-sqlite`). Expected the JSON that command wrote: restore it, remove it "
+            "to serve from SQLite again, or run `synapse-workers port-sqlite --force` to port again.",
+            File(path),
+            expected="the JSON file `synapse-workers port-sqlite` writes",
+            found=found,
+        )
+    )
 
 
 def host_network_ports(settings: Settings, homeserver_port: int | None, env: Mapping[str, str]) -> Settings:

@@ -421,6 +421,8 @@ class Plan:
             "workers": [w.as_json() for w in self.workers],
             "redis": None if self.redis is None else self.redis.as_json(),
             "postgres": None if self.postgres is None else self.postgres.as_json(),
+            # homeserver.yaml says sqlite3 and its database was ported into the embedded cluster (port-sqlite)
+            "sqlite_port": None if self.homeserver.sqlite_port is None else self.homeserver.sqlite_port.as_json(),
             "health_port": self.health_port,
             "metrics_proxy_port": self.metrics_proxy_port,
             "services": {s.name: s.as_json() for s in self.services},
@@ -549,7 +551,7 @@ def _jobs(settings: Settings, homeserver: HomeserverInfo) -> tuple[Job, ...]:
             raise UserError(
                 Problem(
                     f"{COMPRESSOR}=on needs PostgreSQL, but {where}: synapse_auto_compressor works on "
-                    f"PostgreSQL only. Unset {COMPRESSOR} or port the database (synapse_port_db).",
+                    f"PostgreSQL only. Unset {COMPRESSOR} or port the database (`synapse-workers port-sqlite`).",
                     COMPRESSOR,
                     expected="a PostgreSQL database",
                     found="SQLite",

@@ -533,6 +533,12 @@ class DatabaseSettings(Section):
         "POSTGRES_PASSWORD",
         help="External PostgreSQL password (kept in a 0600 libpq passfile); setting it selects the external database",
     )
+    port_sqlite: Bool = var(
+        "SYNAPSE_PORT_SQLITE",
+        False,
+        help="At start, port homeserver.yaml's SQLite database into the embedded PostgreSQL once "
+        "(`synapse-workers port-sqlite`); the file is not edited",
+    )
 
     @property
     def kind(self) -> str:

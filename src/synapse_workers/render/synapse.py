@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .. import catalog
-from ..homeserver import size_text
+from ..homeserver import embedded_database, size_text
 from ..plan import HEALTH, METRICS, PUBLIC, REPLICATION, Listener, Plan, Process
 from ..settings import LoggingSettings
 
@@ -55,6 +55,9 @@ def shared_config(plan: Plan, redis_password: bool = True) -> dict[str, Any]:
         doc["redis"] = {"enabled": True, "path": plan.redis.path}
     if plan.postgres is not None and plan.postgres.host is not None:
         doc["database"] = remote_database(plan)
+    elif plan.postgres is not None and plan.homeserver.sqlite_port is not None:
+        # homeserver.yaml still says sqlite3 (never edited); its database was ported into the embedded cluster.
+        doc["database"] = embedded_database(plan.secrets, plan.postgres.socket_dir)
     if plan.workers or plan.multi_host:
         # Replication crosses hosts: always authenticated then, even before the first worker exists.
         doc["worker_replication_secret_path"] = plan.secrets.replication
@@ -81,7 +84,8 @@ def shared_config(plan: Plan, redis_password: bool = True) -> dict[str, Any]:
 
 def remote_database(plan: Plan) -> dict[str, Any]:
     """Several hosts: the embedded cluster over TCP on its host's address (password from the libpq passfile,
-    the same file on every host), over the generated homeserver.yaml's socket directory."""
+    the same file on every host), over the generated homeserver.yaml's socket directory (or a ported SQLite
+    homeserver.yaml's sqlite3 section)."""
     assert plan.postgres is not None
     args = {
         "user": "synapse",
