@@ -48,10 +48,19 @@ class Role:
     # Main serves this role's endpoints too, so nginx may send them to main while every process of the role
     # is down. False when deploying the role switches the feature off on main (see `shared_config`).
     main_can_stand_in: bool = True
+    # Another role that serves the same endpoints and answers them first while every process of this role is
+    # down (main after it, when main can stand in for that one).
+    stand_in: str | None = None
+    # nginx's proxy_read_timeout for this role's requests, when it must be longer than NGINX_PROXY_READ_TIMEOUT.
+    read_timeout: str | None = None
 
     @property
     def is_writer(self) -> bool:
         return bool(self.streams)
+
+
+# nginx's proxy_read_timeout for an initial sync (see Role.read_timeout).
+INITIAL_SYNC_READ_TIMEOUT = "10m"
 
 
 def _writer(name: str, stream: str, summary: str, extra: tuple[str, ...] = ()) -> Role:
@@ -63,6 +72,15 @@ ROLES: dict[str, Role] = {
     r.name: r
     for r in (
         Role("synchrotron", "/sync, /events and initialSync, sticky per user", (CLIENT,)),
+        Role(
+            "initial_synchrotron",
+            "initial syncs: /sync without since or with full_state=true, /events without from, initialSync; "
+            "sticky per user (incremental syncs stay on synchrotron)",
+            (CLIENT,),
+            stand_in="synchrotron",
+            # A large account's first sync (hundreds of rooms) can take minutes to compute.
+            read_timeout=INITIAL_SYNC_READ_TIMEOUT,
+        ),
         Role("sliding_synchrotron", "sliding sync (MSC3575 simplified), sticky per user", (CLIENT,)),
         Role("client_reader_room", "room-scoped client reads (members, state, context, /messages, ...)", (CLIENT,)),
         Role("client_reader_non_room", "other client reads: login, register, keys, devices, versions, ...", (CLIENT,)),
@@ -152,11 +170,34 @@ ROUND_ROBIN, BY_USER, BY_ROOM, BY_ORIGIN = None, "user", "room", "origin"
 
 
 @dataclass(frozen=True)
+class Query:
+    """A class of requests to one location told apart by their query string. nginx cannot match a query in a
+    `location`: it joins the values of `args` with ':' as its `$arg_<name>` variables give them (the first
+    occurrence, the name matched without case, the value as sent, empty when absent) and the request is in the
+    class when one of `patterns` matches (a `map`; `routing.py` evaluates the same)."""
+
+    name: str
+    args: tuple[str, ...]
+    patterns: tuple[str, ...]
+    why: str
+
+
+# An initial sync: no `since` (or an empty one), or `full_state=true` (Synapse's parse_boolean takes only
+# true/false); the initial /events: no `from`.
+INITIAL_SYNC = Query(
+    "initial_sync", ("since", "full_state"), ("^:", ":true$"), "an initial sync (no since, or full_state=true)"
+)
+INITIAL_EVENTS = Query("initial_events", ("from",), ("^$",), "an initial events request (no from)")
+
+
+@dataclass(frozen=True)
 class Branch:
-    """For requests with one of `methods` (None: any), the first deployed role of `roles` serves."""
+    """For requests with one of `methods` (None: any), and in the class `query` when one is given (such branches
+    are tried first, whatever the method), the first deployed role of `roles` serves."""
 
     methods: frozenset[str] | None
     roles: tuple[str, ...]
+    query: Query | None = None
 
 
 @dataclass(frozen=True)
@@ -204,6 +245,13 @@ def _split(
     """Writes only to `all_roles` (else main); reads also to `read_roles`."""
     branches = (Branch(ANY, tuple(all_roles)), Branch(READ, tuple(read_roles)))
     return Rule(rid, group, pattern, branches, balance, hard, why, tuple(examples))
+
+
+def _initial(rid: str, pattern: str, query: Query, examples: Iterable[str]) -> Rule:
+    """A sync route whose initial requests (`query`) go to the initial-sync pool, the rest to synchrotron."""
+    branches = (Branch(ANY, ("initial_synchrotron",), query), Branch(ANY, ("synchrotron",)))
+    why = f"{query.why} to initial_synchrotron, the rest (incremental) to synchrotron"
+    return Rule(rid, "sync", pattern, branches, BY_USER, why=why, examples=tuple(examples))
 
 
 C = "^/_matrix/client/(api/v1|r0|v3|unstable)"  # the docs' usual client prefix
@@ -354,26 +402,27 @@ RULES: tuple[Rule, ...] = (
         ],
     ),
     # --- sync -----------------------------------------------------------------------------------------
-    _r(
-        "sync",
+    _initial(
         "sync",
         "^/_matrix/client/(r0|v3)/sync$",
-        "synchrotron",
-        balance=BY_USER,
-        examples=["GET /_matrix/client/v3/sync"],
+        INITIAL_SYNC,
+        examples=[
+            "GET /_matrix/client/v3/sync",
+            "GET /_matrix/client/v3/sync?since=s72594_4483_1934&timeout=30000",
+            "GET /_matrix/client/v3/sync?since=s72594_4483_1934&full_state=true",
+        ],
     ),
-    _r(
+    _initial(
         "events",
-        "sync",
         "^/_matrix/client/(api/v1|r0|v3)/events$",
-        "synchrotron",
-        balance=BY_USER,
-        examples=["GET /_matrix/client/v3/events"],
+        INITIAL_EVENTS,
+        examples=["GET /_matrix/client/v3/events", "GET /_matrix/client/v3/events?from=s1&timeout=30000"],
     ),
     _r(
         "initial_sync",
         "sync",
         "^/_matrix/client/(api/v1|r0|v3)/initialSync$",
+        "initial_synchrotron",
         "synchrotron",
         balance=BY_USER,
         examples=["GET /_matrix/client/v3/initialSync"],
@@ -382,6 +431,7 @@ RULES: tuple[Rule, ...] = (
         "room_initial_sync",
         "sync",
         "^/_matrix/client/(api/v1|r0|v3)/rooms/[^/]+/initialSync$",
+        "initial_synchrotron",
         "synchrotron",
         balance=BY_USER,
         examples=["GET /_matrix/client/v3/rooms/!r:x/initialSync"],

@@ -127,13 +127,24 @@ UNAVAILABLE = "unavailable"
 
 
 @dataclass(frozen=True)
+class QueryTarget:
+    """Requests of a route in the class `query` go to `upstream` (before the route's method targets)."""
+
+    query: catalog.Query
+    upstream: str
+    when_down: str | None  # as Route.when_down, for this upstream
+
+
+@dataclass(frozen=True)
 class Route:
     rule: catalog.Rule
     # (methods or None for "any other"), upstream name; evaluated in order, the None entry last.
     targets: tuple[tuple[frozenset[str] | None, str], ...]
     # While a worker upstream of the route is down (nginx itself answers 502/504): MAIN stands in (the rule is
-    # not HARD and main still serves the roles' endpoints), UNAVAILABLE, or None (every target is main).
+    # not HARD and main still serves the roles' endpoints), another upstream stands in (its role is the
+    # `stand_in` of the route's role: that one first, then main), UNAVAILABLE, or None (every target is main).
     when_down: str | None = None
+    queries: tuple[QueryTarget, ...] = ()
 
     def upstream_for(self, method: str) -> str:
         for methods, upstream in self.targets:
@@ -441,6 +452,21 @@ class Plan:
                     "pattern": r.rule.pattern,
                     "targets": [{"methods": sorted(m) if m else None, "upstream": u} for m, u in r.targets],
                     "when_down": r.when_down,
+                    **(
+                        {
+                            "queries": [
+                                {
+                                    "query": q.query.name,
+                                    "why": q.query.why,
+                                    "upstream": q.upstream,
+                                    "when_down": q.when_down,
+                                }
+                                for q in r.queries
+                            ]
+                        }
+                        if r.queries
+                        else {}
+                    ),
                 }
                 for r in self.routes
             ],
@@ -1174,19 +1200,43 @@ def _routing(main: Process, workers: tuple[Process, ...]) -> tuple[tuple[Upstrea
     routes = []
     for rule in catalog.RULES:
         targets: list[tuple[frozenset[str] | None, str]] = []
+        queries: list[QueryTarget] = []
         for branch in rule.branches:
             found = next((r for r in branch.roles if r in by_role), None)
             if found is None:
                 continue
-            servers = by_role[found]
-            balance = rule.balance if len(servers) > 1 else None
-            name = found if balance is None else f"{found}_by_{balance}"
-            upstreams.setdefault(name, Upstream(name, found, balance, servers))
-            targets.append((branch.methods, name))
+            name = _upstream(upstreams, by_role, rule, found)
+            if branch.query is not None:
+                queries.append(QueryTarget(branch.query, name, _stand_in(upstreams, by_role, rule, {found})))
+            else:
+                targets.append((branch.methods, name))
         targets = _simplify(targets)
         roles = {served for _, name in targets if (served := upstreams[name].role)}
-        routes.append(Route(rule, tuple(targets), _when_down(rule, roles)))
+        routes.append(Route(rule, tuple(targets), _stand_in(upstreams, by_role, rule, roles), tuple(queries)))
     return tuple(upstreams.values()), tuple(routes)
+
+
+def _upstream(
+    upstreams: dict[str, Upstream], by_role: dict[str, tuple[str, ...]], rule: catalog.Rule, role: str
+) -> str:
+    """The upstream of `role`'s processes for `rule` (hashed by the rule's key when there are several), made once."""
+    servers = by_role[role]
+    balance = rule.balance if len(servers) > 1 else None
+    name = role if balance is None else f"{role}_by_{balance}"
+    upstreams.setdefault(name, Upstream(name, role, balance, servers))
+    return name
+
+
+def _stand_in(
+    upstreams: dict[str, Upstream], by_role: dict[str, tuple[str, ...]], rule: catalog.Rule, roles: set[str]
+) -> str | None:
+    """Route.when_down for a target served by `roles`: the deployed `stand_in` role's upstream when the one role
+    has one, else main or unavailable (_when_down)."""
+    if len(roles) == 1:
+        other = catalog.ROLES[next(iter(roles))].stand_in
+        if other is not None and other in by_role:
+            return _upstream(upstreams, by_role, rule, other)
+    return _when_down(rule, roles)
 
 
 def _when_down(rule: catalog.Rule, roles: set[str]) -> str | None:

@@ -12,7 +12,7 @@ from urllib.parse import unquote
 
 from . import catalog
 from .errors import UserError
-from .plan import MAIN, Plan, Route
+from .plan import MAIN, UNAVAILABLE, Plan, Route
 
 
 def normalise(path: str) -> str:
@@ -28,6 +28,23 @@ def normalise(path: str) -> str:
             segments.append(segment)
     trailing = bool(parts) and parts[-1] in ("", ".", "..") and segments
     return "/" + "/".join(segments) + ("/" if trailing and segments[-1] != "" else "")
+
+
+def nginx_arg(path: str, name: str) -> str:
+    """nginx's `$arg_<name>` for a request target: the value of the first `&`-separated parameter whose name is
+    `name` without regard to case, as sent (not decoded); empty when there is none."""
+    query = path.split("?", 1)[1] if "?" in path else ""
+    for part in query.split("&"):
+        key, equals, value = part.partition("=")
+        if equals and key.lower() == name.lower():
+            return value
+    return ""
+
+
+def in_class(query: catalog.Query, path: str) -> bool:
+    """Whether the request target is in the query class, as nginx's `map` decides it (render/nginx.py)."""
+    key = ":".join(nginx_arg(path, arg) for arg in query.args)
+    return any(re.search(pattern, key) for pattern in query.patterns)
 
 
 def private_path(path: str) -> bool:
@@ -80,9 +97,18 @@ def explain(plan: Plan, method: str, path: str, port: int | None = None) -> dict
             "servers": [MAIN],
             "why": "no worker route matches: main serves everything not routed elsewhere",
         }
-    upstream = plan.upstream(route.upstream_for(method))
     rule = route.rule
     why = rule.why or f"docs/workers.md group '{rule.group}'"
+    target = next((q for q in route.queries if in_class(q.query, path)), None)
+    if target is not None:
+        upstream = plan.upstream(target.upstream)
+        why = f"{why}; this request is {target.query.why}"
+        when_down = target.when_down
+    else:
+        upstream = plan.upstream(route.upstream_for(method))
+        when_down = route.when_down
+        if route.queries:
+            why = f"{why}; this request is not {' or '.join(q.query.why for q in route.queries)}"
     if upstream.name == MAIN:
         roles = [r for b in rule.branches if b.methods is None or method in b.methods for r in b.roles]
         wanted = " or ".join(dict.fromkeys(roles))
@@ -101,14 +127,18 @@ def explain(plan: Plan, method: str, path: str, port: int | None = None) -> dict
         "balance": upstream.balance,
         "hard": rule.hard,
         "why": why,
-        "when_down": _when_down(route, upstream.name),
+        "when_down": _when_down(plan, when_down, upstream.name),
     }
 
 
-def _when_down(route: Route, upstream: str) -> str | None:
+def _when_down(plan: Plan, when_down: str | None, upstream: str) -> str | None:
     """What nginx answers while every server of the upstream is down (None: the upstream is main)."""
     if upstream == MAIN:
         return None
-    if route.when_down == MAIN:
+    if when_down == MAIN:
         return "main answers instead (it serves this endpoint too)"
-    return "503 with Retry-After at once (only this worker type serves it)"
+    if when_down == UNAVAILABLE or when_down is None:
+        return "503 with Retry-After at once (only this worker type serves it)"
+    role = plan.upstream(when_down).role
+    then = "main" if role and catalog.ROLES[role].main_can_stand_in else "503 with Retry-After"
+    return f"{when_down} answers instead (it serves this endpoint too), and {then} while it is down as well"

@@ -801,7 +801,7 @@ class NginxSettings(Section):
     worker_connections: Annotated[int, _int(16, 1 << 20)] = var(
         "NGINX_WORKER_CONNECTIONS",
         8192,
-        help="Connections per nginx worker (a proxied request holds two; a burst of new connections may land on one worker)",
+        help="Connections per nginx worker (a proxied request holds two; a burst of connections may land on one)",
     )
     page_size: Bytes = var(
         "NGINX_GENERAL_PAGE_SIZE_BYTES", 4096, help="P, the page size the buffer defaults below are multiples of"

@@ -28,6 +28,8 @@ class Req:
 # Preference lists (where the docs allow a choice, the more specific worker comes first).
 MAIN: tuple[str, ...] = ()
 SYNC = ("synchrotron",)
+# An initial sync (no since, or full_state=true; /events without from; initialSync): its own pool when deployed.
+INITIAL = ("initial_synchrotron", "synchrotron")
 SLIDING = ("sliding_synchrotron", "synchrotron")
 FED_ROOM = ("federation_reader_room",)
 FED_OTHER = ("federation_reader_non_room",)
@@ -75,13 +77,18 @@ REQUESTS: list[Req] = [
     # ---------------------------------------------------------------- §3.1 sync
     *_group(
         "sync",
-        ("GET", f"{C}/sync", SYNC, "v3 sync"),
+        ("GET", f"{C}/sync", INITIAL, "v3 sync without since: initial"),
+        ("GET", f"{C}/sync?timeout=0&filter=0", INITIAL, "sync without since, other parameters: initial"),
         ("GET", f"{R0}/sync?since=s72594_4483_1934&timeout=30000", SYNC, "r0 sync with a since token"),
-        ("GET", f"{C}/events?from=s1", SYNC, "legacy /events"),
-        ("GET", "/_matrix/client/api/v1/events", SYNC, "api/v1 /events"),
-        ("GET", f"{R0}/initialSync", SYNC, "global initialSync"),
-        ("GET", f"{C}/rooms/{ROOM_ID}/initialSync", SYNC, "room initialSync, encoded room ID"),
-        ("GET", f"{C}/rooms/{ROOM_RAW}/initialSync", SYNC, "room initialSync, raw room ID"),
+        ("GET", f"{C}/sync?since=s72594_4483_1934&full_state=true", INITIAL, "full_state=true: initial"),
+        ("GET", f"{C}/sync?full_state=false&since=s72594_4483_1934", SYNC, "full_state=false: incremental"),
+        ("GET", f"{C}/sync?since=&timeout=0", INITIAL, "an empty since: initial"),
+        ("GET", f"{C}/sync?timeout=0&xsince=s1", INITIAL, "a parameter ending in since is not since"),
+        ("GET", f"{C}/events?from=s1", SYNC, "legacy /events with from"),
+        ("GET", "/_matrix/client/api/v1/events", INITIAL, "api/v1 /events without from: initial"),
+        ("GET", f"{R0}/initialSync", INITIAL, "global initialSync"),
+        ("GET", f"{C}/rooms/{ROOM_ID}/initialSync", INITIAL, "room initialSync, encoded room ID"),
+        ("GET", f"{C}/rooms/{ROOM_RAW}/initialSync", INITIAL, "room initialSync, raw room ID"),
         ("GET", f"{C}/rooms/%21a%2Fb%3Aexample.org/initialSync", MAIN,
          "an encoded / inside the ID decodes to a separator: rooms/[^/]+/initialSync fails (§11), main"),
         ("POST", f"{UNSTABLE}/org.matrix.simplified_msc3575/sync", SLIDING,

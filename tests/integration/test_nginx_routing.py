@@ -19,6 +19,7 @@ import shutil
 import string
 import subprocess
 import tempfile
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -47,6 +48,7 @@ COMPLEMENT = (
 READERS = "client_reader:2, push_rules, thread_subscriptions, account_data"
 UNIX = "synchrotron:2, client_reader, media_repository, federation_inbound, event_creator, typing+to_device"
 STICKY = "synchrotron:2, federation_inbound:2, event_creator:2, federation_reader:2, receipts:2"
+INITIAL_SPLIT = "synchrotron:2, initial_synchrotron:2, client_reader"
 
 # name -> extra environment ({root} is the topology's temp dir).
 TOPOLOGIES: dict[str, dict[str, str]] = {
@@ -62,8 +64,10 @@ TOPOLOGIES: dict[str, dict[str, str]] = {
         "NGINX_LISTEN_UNIX_SOCKET": "{root}/public.sock",
     },
     "sticky": {"SYNAPSE_WORKER_TYPES": STICKY},
+    "initial": {"SYNAPSE_WORKER_TYPES": INITIAL_SPLIT},
+    "initial_only": {"SYNAPSE_WORKER_TYPES": "initial_synchrotron, event_creator, client_reader"},
 }
-ROUTING_TOPOLOGIES = ("monolith", "sync2", "complement", "full", "readers", "unix", "sticky")
+ROUTING_TOPOLOGIES = ("monolith", "sync2", "complement", "full", "readers", "unix", "sticky", "initial", "initial_only")
 BODY = b'{"test": true}'
 
 
@@ -408,6 +412,62 @@ def test_sync_is_sticky_per_user(deployments):
         assert _sync_process(dep, user_token, in_query=True) == via_header, user_token
         used.add(via_header)
     assert used == synchrotrons
+
+
+INITIAL_PATHS = (
+    "/_matrix/client/v3/sync",
+    "/_matrix/client/v3/sync?since=s1_2&full_state=true",
+    "/_matrix/client/v3/events",
+    "/_matrix/client/r0/initialSync",
+    "/_matrix/client/v3/rooms/%21room%3Aexample.org/initialSync",
+)
+INCREMENTAL_PATHS = ("/_matrix/client/v3/sync?since=s1_2&timeout=0", "/_matrix/client/v3/events?from=s1_2")
+
+
+def test_initial_syncs_are_sticky_per_user_on_their_own_pool(deployments):
+    """One user's initial requests (every kind) reach one initial_synchrotron, by header or query token; the
+    same user's incremental syncs one synchrotron; across users both of each pool work."""
+    dep = deployments.get("initial")
+    initial, incremental = {"initial_synchrotron1", "initial_synchrotron2"}, {"synchrotron1", "synchrotron2"}
+    used_initial, used_incremental = set(), set()
+    for i in range(40):
+        token = access_token(f"user{i}.{RNG.randrange(10**6)}")
+        headers = {"Authorization": f"Bearer {token}"}
+        first = {dep.answer("GET", path, headers=headers)["process"] for path in INITIAL_PATHS}
+        sep = "&" if "?" in INITIAL_PATHS[1] else "?"
+        first.add(dep.answer("GET", f"{INITIAL_PATHS[1]}{sep}access_token={token}")["process"])
+        assert len(first) == 1 and first <= initial, first
+        then = {dep.answer("GET", path, headers=headers)["process"] for path in INCREMENTAL_PATHS}
+        assert len(then) == 1 and then <= incremental, then
+        used_initial |= first
+        used_incremental |= then
+    assert used_initial == initial and used_incremental == incremental
+
+
+def test_initial_syncs_fall_back_to_the_sync_pool_then_to_main():
+    """The initial pool down (its stubs closed before any request): the user's own synchrotron answers; the sync
+    pool down too: main answers everything."""
+    with ExitStack() as stack:
+        dep = Deployment("initial-down", {"SYNAPSE_WORKER_TYPES": INITIAL_SPLIT})
+        stack.callback(dep.close)
+        token = access_token("bob")
+        headers = {"Authorization": f"Bearer {token}"}
+        for name in ("initial_synchrotron1", "initial_synchrotron2"):
+            dep.fleet.stubs.pop(name).close()
+        incremental = {dep.answer("GET", path, headers=headers)["process"] for path in INCREMENTAL_PATHS}
+        assert len(incremental) == 1 and incremental <= {"synchrotron1", "synchrotron2"}, incremental
+        for path in INITIAL_PATHS:
+            started = time.monotonic()
+            body = dep.answer("GET", path, headers=headers)
+            assert body["process"] in incremental and body["raw_path"] == path, (path, body["process"])
+            assert time.monotonic() - started < 2, path
+        both = Deployment("sync-pools-down", {"SYNAPSE_WORKER_TYPES": INITIAL_SPLIT})
+        stack.callback(both.close)
+        for name in ("initial_synchrotron1", "initial_synchrotron2", "synchrotron1", "synchrotron2"):
+            both.fleet.stubs.pop(name).close()
+        for path in (*INITIAL_PATHS, *INCREMENTAL_PATHS):
+            body = both.answer("GET", path, headers=headers)
+            assert body["process"] == "main" and body["raw_path"] == path, (path, body["process"])
 
 
 def test_messages_are_sticky_per_room(deployments):

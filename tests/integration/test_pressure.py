@@ -14,15 +14,17 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 
+from tests.support.matrix import register, registration_secret
 from tests.support.stack import Stack, make_root, stack_env
 
 pytestmark = pytest.mark.integration
 
-WORKERS = "synchrotron"
+WORKERS = "synchrotron, initial_synchrotron"
 AGGREGATOR_HEADER = "X-Synapse-Workers-Aggregator"
 
 
@@ -126,7 +128,7 @@ def _enough_descriptors(count: int) -> None:
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     root = make_root("sw-pressure-")
-    running = Stack(stack_env(root, WORKERS, SYNAPSE_LAUNCH_MODE="fork"))
+    running = Stack(stack_env(root, WORKERS, SYNAPSE_LAUNCH_MODE="fork", SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK="1"))
     try:
         running.start(300)
         yield running
@@ -135,9 +137,15 @@ def stack() -> Iterator[Stack]:
         shutil.rmtree(root, ignore_errors=True)
 
 
+def plan_json(stack: Stack) -> dict:
+    result = stack.cli("plan", "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
 def aggregator_counters(stack: Stack) -> tuple[int, int]:
     """(requests, refreshes) the launcher's aggregator has seen, asked on its loopback port (this request counts)."""
-    plan = json.loads(stack.cli("plan", "--json").stdout)
+    plan = plan_json(stack)
     answer = httpx.get(f"http://127.0.0.1:{plan['health_port']}/health", timeout=10)
     fields = dict(part.split("=") for part in answer.headers[AGGREGATOR_HEADER].split())
     return int(fields["requests"]), int(fields["refreshes"])
@@ -248,3 +256,47 @@ def test_the_first_flood_waits_for_one_verdict_and_a_dead_aggregator_shows_withi
         assert seen[-1][0] < 1 + 5 + 1.5, seen[-5:]
     finally:
         dep.close()
+
+
+# ---- the initial-sync pool, with real Synapse processes ------------------------------------------------------
+
+
+def _served_by(stack: Stack, marker: str) -> str:
+    """The process whose public port nginx's access log names for the one request whose line holds `marker`."""
+    plan = plan_json(stack)
+    ports = {f"127.0.0.1:{lst['port']}": proc["name"] for proc in [plan["main"], *plan["workers"]]
+             for lst in proc["listeners"] if lst["kind"] == "public"}
+    log = Path(stack.env["SYNAPSE_DATA_DIR"], "logs", "nginx-access.log")
+    lines = [line for line in log.read_text().splitlines() if marker in line]
+    assert len(lines) == 1, lines
+    upstream = lines[0].split("upstream=", 1)[1].split()[0]
+    return ports[upstream]
+
+
+def test_initial_syncs_are_served_by_the_initial_pool_and_incremental_ones_by_synchrotron(stack: Stack):
+    """Real Synapse behind real nginx: an initial /sync (and full_state=true, /events without from, initialSync)
+    is answered 200 by initial_synchrotron1, the incremental one by synchrotron1, as nginx's access log shows."""
+    secret = registration_secret(stack.env["SYNAPSE_DATA_DIR"])
+    user = register(stack.base_url, secret, f"initial{int(time.time())}")
+    headers = {"Authorization": f"Bearer {user['access_token']}"}
+    with httpx.Client(base_url=stack.base_url, headers=headers, timeout=60) as client:
+        first = client.get("/_matrix/client/v3/sync", params={"timeout": "0", "set_presence": "offline",
+                                                                "filter": '{"room":{"timeline":{"limit":1}}}'})
+        assert first.status_code == 200, first.text
+        since = first.json()["next_batch"]
+        requests = {
+            "initial": ("/_matrix/client/v3/sync", {"timeout": "0", "set_presence": "offline"}),
+            "full_state": ("/_matrix/client/v3/sync", {"since": since, "full_state": "true", "timeout": "0"}),
+            "incremental": ("/_matrix/client/v3/sync", {"since": since, "timeout": "0"}),
+            "events_initial": ("/_matrix/client/v3/events", {"timeout": "0"}),
+            "global_initial_sync": ("/_matrix/client/v3/initialSync", {"limit": "1"}),
+        }
+        served = {}
+        for name, (path, params) in requests.items():
+            answer = client.get(path, params={**params, "marker": name})
+            assert answer.status_code == 200, (name, answer.status_code, answer.text)
+            time.sleep(0.2)  # nginx writes its access log line once the answer is sent
+            served[name] = _served_by(stack, f"marker={name}")
+    assert served == {"initial": "initial_synchrotron1", "full_state": "initial_synchrotron1",
+                      "incremental": "synchrotron1", "events_initial": "initial_synchrotron1",
+                      "global_initial_sync": "initial_synchrotron1"}, served

@@ -603,7 +603,8 @@ def test_normalise():
 
 
 # One process per role, so a request's first-choice role is always deployed.
-ALL_ROLES = ("synchrotron, sliding_synchrotron, client_reader_room, client_reader_non_room, federation_reader_room, "
+ALL_ROLES = ("synchrotron, initial_synchrotron, sliding_synchrotron, "
+             "client_reader_room, client_reader_non_room, federation_reader_room, "
              "federation_reader_non_room, federation_inbound, event_creator, frontend_proxy, user_dir, "
              "media_repository, pusher, federation_sender, appservice, background_worker, event_persister, "
              "account_data, presence, receipts, to_device, typing, push_rules, device_lists, thread_subscriptions")
@@ -688,3 +689,51 @@ def test_every_route_ends_with_a_catch_all(topo):
     for route in plan.routes:
         assert route.targets[-1][0] is None, route.rule.id
         assert set(route.upstreams) <= names
+
+
+# ---- the initial-sync pool: query classes as nginx's $arg_ variables see them ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, initial",
+    [
+        ("/_matrix/client/v3/sync", True),
+        ("/_matrix/client/v3/sync?timeout=30000", True),
+        ("/_matrix/client/v3/sync?since=s1_2", False),
+        ("/_matrix/client/v3/sync?SINCE=s1_2", False),  # nginx's $arg_ matches the name without case
+        ("/_matrix/client/v3/sync?since=", True),
+        ("/_matrix/client/v3/sync?since=s1_2&full_state=true", True),
+        ("/_matrix/client/v3/sync?full_state=true&since=s1_2", True),
+        ("/_matrix/client/v3/sync?since=s1_2&full_state=false", False),
+        ("/_matrix/client/v3/sync?since=s1_2&full_state=TRUE", False),  # Synapse's parse_boolean: true only
+        ("/_matrix/client/v3/sync?xsince=s1_2", True),
+        ("/_matrix/client/v3/sync?since=s1_2&since=", False),  # the first one counts, for nginx and Twisted
+        ("/_matrix/client/v3/events", True),
+        ("/_matrix/client/v3/events?from=s1_2", False),
+        ("/_matrix/client/r0/initialSync", True),
+        ("/_matrix/client/v3/rooms/!r:x/initialSync?limit=1", True),
+    ],
+)
+def test_initial_requests_go_to_the_initial_pool(topo, path, initial):
+    plan = topo("synchrotron, initial_synchrotron")
+    assert where(plan, "GET", path) == (["initial_synchrotron1"] if initial else ["synchrotron1"])
+    # Without the initial pool every one of them stays on synchrotron; without synchrotron incremental ones on main.
+    assert where(topo("synchrotron"), "GET", path) == ["synchrotron1"]
+    assert where(topo("initial_synchrotron"), "GET", path) == (["initial_synchrotron1"] if initial else [MAIN])
+
+
+def test_the_initial_pool_is_stood_in_for_by_the_sync_pool_then_main(topo):
+    plan = topo("synchrotron:2, initial_synchrotron:2")
+    answer = explain(plan, "GET", "/_matrix/client/v3/sync")
+    assert answer["upstream"] == "initial_synchrotron_by_user" and answer["balance"] == "user"
+    assert answer["when_down"].startswith("synchrotron_by_user answers instead") and "then" not in answer["why"]
+    assert "main while it is down as well" in answer["when_down"]
+    assert explain(plan, "GET", "/_matrix/client/v3/sync?since=s1")["when_down"].startswith("main answers instead")
+    alone = explain(topo("initial_synchrotron"), "GET", "/_matrix/client/v3/initialSync")
+    assert alone["when_down"].startswith("main answers instead")
+    routes = {r["id"]: r for r in plan.as_json()["routes"]}
+    assert routes["sync"]["queries"] == [{
+        "query": "initial_sync", "why": "an initial sync (no since, or full_state=true)",
+        "upstream": "initial_synchrotron_by_user", "when_down": "synchrotron_by_user",
+    }]
+    assert routes["sync"]["targets"] == [{"methods": None, "upstream": "synchrotron_by_user"}]

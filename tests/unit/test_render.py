@@ -539,3 +539,18 @@ def test_shared_yaml_redis_password_is_a_parameter(env):
     # A unix socket (one host) is unchanged by it.
     assert shared_config(plan, redis_password=False)["redis"] == shared_config(plan)["redis"]
     assert shared_config(plan)["redis"] == {"enabled": True, "path": plan.redis.path}
+
+
+def test_the_initial_pool_has_its_own_location_read_timeout_and_stand_ins(env):
+    plan, files = rendered(env, "synchrotron:2, initial_synchrotron")
+    conf = files.managed[plan.layout.nginx_conf]
+    sync = re.search(r'location ~ "\^/_matrix/client/\(r0\|v3\)/sync\$" \{(.*?)\n        \}', conf, re.S).group(1)
+    assert "proxy_read_timeout" not in sync  # incremental syncs keep NGINX_PROXY_READ_TIMEOUT
+    assert "if ($sw_q_initial_sync)" in sync and "proxy_pass http://synchrotron_by_user;" in sync
+    initial = re.search(r"location @sw_q_sync \{(.*?)\n        \}", conf, re.S).group(1)
+    assert "proxy_pass http://initial_synchrotron;" in initial and "proxy_read_timeout 10m;" in initial
+    assert "error_page 502 504 = @sw_down_synchrotron_by_user;" in initial
+    down = re.search(r"location @sw_down_synchrotron_by_user \{(.*?)\n        \}", conf, re.S).group(1)
+    assert "error_page 502 504 = @sw_main;" in down
+    assert '"~^:" 1;' in conf and '"~:true$" 1;' in conf  # map "$arg_since:$arg_full_state"
+    assert re.search(r'map "\$arg_from" \$sw_q_initial_events \{\s*default 0;\s*"" 1;', conf)

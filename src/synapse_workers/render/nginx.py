@@ -21,8 +21,10 @@ from ..settings import NginxSettings
 
 TEMPLATES = Path(__file__).parent / "templates"
 HASH_KEYS = {catalog.BY_USER: "$sw_user", catalog.BY_ROOM: "$sw_room", catalog.BY_ORIGIN: "$sw_origin"}
-# Named locations for a route whose pool is down (plan.Route.when_down).
+# Named locations for a route whose pool is down (plan.Route.when_down); another pool standing in: @sw_down_<it>.
 WHEN_DOWN = {MAIN: "= @sw_main", UNAVAILABLE: "=503 @sw_unavailable"}
+# A request in a route's query class (plan.QueryTarget) jumps to its own named location with this status.
+QUERY_JUMP = 418
 RETRY_AFTER_SECONDS = 5  # below the upstream servers' fail_timeout default (10s): clients come back soon
 UNAVAILABLE_BODY = '{"errcode":"M_UNKNOWN","error":"Temporarily unavailable: the process serving this request is down"}'
 # Loopback upstreams accept at once or are gone; a dead process must not hold a request for nginx's 60s.
@@ -85,8 +87,27 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
             }
         )
     routes = []
+    queries: dict[str, catalog.Query] = {}
+    stand_ins: dict[str, str] = {}  # a pool standing in for another → what stands in for it in turn
+    when_down: set[str | None] = set()
+
+    def down(value: str | None) -> str | None:
+        """The error_page target for `value` (plan.Route.when_down), noting what the named locations need."""
+        when_down.add(value)
+        if value is None or value in WHEN_DOWN:
+            return WHEN_DOWN[value] if value else None
+        role = plan.upstream(value).role
+        assert role is not None
+        stand_ins[value] = MAIN if catalog.ROLES[role].main_can_stand_in else UNAVAILABLE
+        when_down.add(stand_ins[value])
+        return f"= @sw_down_{value}"
+
     for route in plan.routes:
         split = len(route.targets) > 1
+        if len(route.queries) > 1:
+            raise ValueError(f"route {route.rule.id}: one query class per route")
+        for target in route.queries:
+            queries[target.query.name] = target.query
         routes.append(
             {
                 "id": route.rule.id,
@@ -95,10 +116,24 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
                 "target": route_variable(route) if split else route.targets[0][1],
                 "split": split,
                 "methods": [(sorted(methods) if methods else None, upstream) for methods, upstream in route.targets],
-                "when_down": WHEN_DOWN[route.when_down] if route.when_down else None,
+                "when_down": down(route.when_down),
+                # A chain of error pages (the jump to a query's location, a pool standing in, then main) needs
+                # nginx's recursive_error_pages where it starts.
+                "recursive": bool(route.queries) or route.when_down not in (None, *WHEN_DOWN),
+                "read_timeout": None if split else read_timeout(plan, route.targets[0][1]),
+                "queries": [
+                    {
+                        "name": target.query.name,
+                        "why": target.query.why,
+                        "location": f"@sw_q_{route.rule.id}",
+                        "upstream": target.upstream,
+                        "when_down": down(target.when_down),
+                        "read_timeout": read_timeout(plan, target.upstream),
+                    }
+                    for target in route.queries
+                ],
             }
         )
-    when_down = {route.when_down for route in plan.routes}
     bind = plan.public.bind_address
     trusted = plan.public.trusted_proxies
     text = _env.get_template("nginx.conf.j2").render(
@@ -118,6 +153,21 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
         trust_unix="unix:" in trusted,
         stand_in=MAIN in when_down,
         unavailable=UNAVAILABLE in when_down,
+        query_maps=[
+            {
+                "name": query.name,
+                "why": query.why,
+                "key": nginx_quote(":".join(f"$arg_{arg}" for arg in query.args)),
+                # nginx's map tries no regex on an empty value: "^$" is the exact empty string.
+                "patterns": ['""' if pattern == "^$" else nginx_quote(f"~{pattern}") for pattern in query.patterns],
+            }
+            for query in queries.values()
+        ],
+        query_jump=QUERY_JUMP,
+        stand_ins=[
+            {"upstream": name, "when_down": WHEN_DOWN[then], "read_timeout": read_timeout(plan, name)}
+            for name, then in stand_ins.items()
+        ],
         retry_after=RETRY_AFTER_SECONDS,
         unavailable_body=nginx_single_quote(UNAVAILABLE_BODY),
         # Unbuffered, a request body goes to the worker as it arrives and is not kept for main.
@@ -132,6 +182,12 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
         backlog=LISTEN_BACKLOG,
     )
     return {plan.layout.nginx_conf: text}
+
+
+def read_timeout(plan: Plan, upstream: str) -> str | None:
+    """The pool's own proxy_read_timeout (catalog.Role.read_timeout), if it has one."""
+    role = plan.upstream(upstream).role
+    return catalog.ROLES[role].read_timeout if role else None
 
 
 def _extra(extra: ExtraListener) -> dict[str, object]:
