@@ -77,6 +77,7 @@ TURN_URIS = Variable("SYNAPSE_TURN_URIS")
 TLS_PORT, TLS_CERT, TLS_KEY = Variable("SYNAPSE_TLS_PORT"), Variable("SYNAPSE_TLS_CERT"), Variable("SYNAPSE_TLS_KEY")
 REPLICATION_SOCKETS = Variable("SYNAPSE_HTTP_REPLICATION_UNIX_SOCKETS")
 DISABLE_LOGROTATE = Variable("NGINX_DISABLE_LOGROTATE")
+PORT_SQLITE = Variable("SYNAPSE_PORT_SQLITE")
 BACKUP_KEEP, BACKUP_SCHEDULE = Variable("SYNAPSE_BACKUP_KEEP"), Variable("SYNAPSE_BACKUP_SCHEDULE")
 
 
@@ -275,6 +276,15 @@ def start_warnings(plan: Plan, env: Mapping[str, str], facts: Facts) -> list[Pro
                 "`synapse-workers backup` removes old backups only with --keep N).",
                 BACKUP_SCHEDULE,
                 expected=f"{BACKUP_SCHEDULE} set",
+            )
+        )
+    if _set(plan, env, PORT_SQLITE.name) and hs.database != "sqlite" and hs.sqlite_port is None:
+        why = f"{hs.path} uses PostgreSQL" if hs.exists else f"there is no {hs.path} yet (it is generated)"
+        warnings.append(
+            _unused(
+                [PORT_SQLITE.name],
+                f"{PORT_SQLITE} does nothing: {why}, so there is no SQLite database to port.",
+                expected="a homeserver.yaml on SQLite",
             )
         )
     return warnings
