@@ -53,6 +53,9 @@ class Role:
     stand_in: str | None = None
     # nginx's proxy_read_timeout for this role's requests, when it must be longer than NGINX_PROXY_READ_TIMEOUT.
     read_timeout: str | None = None
+    # Requests the whole pool of this role (all its processes) holds in flight before nginx answers 429
+    # (NGINX_POOL_LIMITS overrides it). Seed values, not yet measured (docs/benchmarks.md will say).
+    pool_limit: int = 500
 
     @property
     def is_writer(self) -> bool:
@@ -61,6 +64,9 @@ class Role:
 
 # nginx's proxy_read_timeout for an initial sync (see Role.read_timeout).
 INITIAL_SYNC_READ_TIMEOUT = "10m"
+# The pool name of main in NGINX_POOL_LIMITS, and its default bound (a seed value, like Role.pool_limit's).
+MAIN_POOL = "main"
+MAIN_POOL_LIMIT = 250
 
 
 def _writer(name: str, stream: str, summary: str, extra: tuple[str, ...] = ()) -> Role:
@@ -71,17 +77,19 @@ def _writer(name: str, stream: str, summary: str, extra: tuple[str, ...] = ()) -
 ROLES: dict[str, Role] = {
     r.name: r
     for r in (
-        Role("synchrotron", "/sync, /events and initialSync, sticky per user", (CLIENT,)),
+        # Long-polls: each holds a request for up to its timeout (30 s for most clients) while doing little.
+        Role("synchrotron", "/sync, /events and initialSync, sticky per user", (CLIENT,), pool_limit=2000),
         Role(
             "initial_synchrotron",
             "initial syncs: /sync without since or with full_state=true, /events without from, initialSync; "
             "sticky per user (incremental syncs stay on synchrotron)",
             (CLIENT,),
             stand_in="synchrotron",
-            # A large account's first sync (hundreds of rooms) can take minutes to compute.
+            # A large account's first sync (hundreds of rooms) can take minutes to compute, and much memory.
             read_timeout=INITIAL_SYNC_READ_TIMEOUT,
+            pool_limit=50,
         ),
-        Role("sliding_synchrotron", "sliding sync (MSC3575 simplified), sticky per user", (CLIENT,)),
+        Role("sliding_synchrotron", "sliding sync (MSC3575 simplified), sticky per user", (CLIENT,), pool_limit=2000),
         Role("client_reader_room", "room-scoped client reads (members, state, context, /messages, ...)", (CLIENT,)),
         Role("client_reader_non_room", "other client reads: login, register, keys, devices, versions, ...", (CLIENT,)),
         Role("federation_reader_room", "room-scoped federation requests (state, backfill, joins, ...)", (FEDERATION,)),

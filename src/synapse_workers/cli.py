@@ -716,6 +716,7 @@ def cmd_routes(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     print(f"  why: {result['why']}")
     if result.get("when_down"):
         print(f"  if {result['upstream']} is down: {result['when_down']}")
+    print(f"  pool {result['pool']}: at most {result['limit']} requests in flight (NGINX_POOL_LIMITS), then 429")
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import catalog
@@ -376,6 +376,9 @@ class Plan:
     extra_listeners: tuple[ExtraListener, ...] = ()
     # One line each, printed by generate, check and run: listeners of the user's file that are not served.
     warnings: tuple[Problem, ...] = ()
+    # Requests nginx lets each pool hold in flight (main, and each role some route sends requests to), past which
+    # it answers 429: NGINX_POOL_LIMITS, else the catalogue's defaults.
+    pool_limits: dict[str, int] = field(default_factory=dict)
     # Derived once here, never again by a renderer or the launcher (none of them is in `as_json`):
     # the generated homeserver.yaml's media_store_path (SYNAPSE_MEDIA_STORE_PATH, or <data dir>/media_store);
     # an existing homeserver.yaml's own is `homeserver.media_store_path`.
@@ -446,6 +449,7 @@ class Plan:
                 {"name": u.name, "role": u.role, "balance": u.balance, "servers": list(u.servers)}
                 for u in self.upstreams
             ],
+            "pool_limits": self.pool_limits,
             "routes": [
                 {
                     "id": r.rule.id,
@@ -539,6 +543,12 @@ def make_plan(
     _check_ports(settings, homeserver, public, ports, (main, *worker_procs), services, extra_listeners)
     _check_socket_paths(settings, layout, (main, *worker_procs))
     upstreams, routes = _routing(main, worker_procs)
+    given = dict(settings.nginx.pool_limits)
+    pools = dict.fromkeys(u.role or catalog.MAIN_POOL for u in upstreams)
+    pool_limits = {
+        pool: given.get(pool, catalog.MAIN_POOL_LIMIT if pool == catalog.MAIN_POOL else catalog.ROLES[pool].pool_limit)
+        for pool in pools
+    }
     appservices = tuple(dict.fromkeys((*homeserver.app_service_config_files, *app_service_files)))
     return Plan(
         settings=settings,
@@ -564,6 +574,7 @@ def make_plan(
         placement=placement,
         extra_listeners=extra_listeners,
         warnings=warnings,
+        pool_limits=pool_limits,
         media_store=settings.homeserver.media_store_path or f"{settings.core.data_dir}/media_store",
         disk_logs=layout.logs_on_disk if settings.logging.to_disk else None,
     )

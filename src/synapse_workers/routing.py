@@ -96,6 +96,7 @@ def explain(plan: Plan, method: str, path: str, port: int | None = None) -> dict
             "upstream": MAIN,
             "servers": [MAIN],
             "why": "no worker route matches: main serves everything not routed elsewhere",
+            **_bound(plan, catalog.MAIN_POOL),
         }
     rule = route.rule
     why = rule.why or f"docs/workers.md group '{rule.group}'"
@@ -128,7 +129,13 @@ def explain(plan: Plan, method: str, path: str, port: int | None = None) -> dict
         "hard": rule.hard,
         "why": why,
         "when_down": _when_down(plan, when_down, upstream.name),
+        **_bound(plan, upstream.role or catalog.MAIN_POOL),
     }
+
+
+def _bound(plan: Plan, pool: str) -> dict[str, Any]:
+    """The pool a request counts against and how many it holds in flight before nginx answers 429."""
+    return {"pool": pool, "limit": plan.pool_limits[pool]}
 
 
 def _when_down(plan: Plan, when_down: str | None, upstream: str) -> str | None:

@@ -328,6 +328,31 @@ def _hosts(value: Any) -> tuple[tuple[str, str], ...]:
     return tuple(found.items())
 
 
+POOL_LIMITS_HELP = (
+    "comma-separated POOL=NUMBER pairs, POOL a worker type or main, NUMBER from 1 to 1000000, such as "
+    "initial_synchrotron=50, synchrotron=2000, main=250"
+)
+
+
+def _pool_limits(value: Any) -> tuple[tuple[str, int], ...]:
+    """NGINX_POOL_LIMITS → ((pool, requests in flight), ...): a pool is a role or main; a shorthand
+    (client_reader) sets each of its roles."""
+    found: dict[str, int] = {}
+    names = (*catalog.TYPE_NAMES, catalog.MAIN_POOL)
+    for name, number in _pairs(value, POOL_LIMITS_HELP):
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{POOL_LIMITS_HELP}; {name!r} is not a worker type or main{hint}")
+        if not number.isdigit() or not 1 <= int(number) <= 1_000_000:
+            raise ValueError(f"{POOL_LIMITS_HELP}; {name}={number} is not a number from 1 to 1000000")
+        for pool in (name,) if name == catalog.MAIN_POOL else catalog.expand_type(name):
+            if pool in found:
+                raise ValueError(f"{POOL_LIMITS_HELP}; the pool {pool!r} is given twice")
+            found[pool] = int(number)
+    return tuple(found.items())
+
+
 def _placement(value: Any) -> tuple[tuple[str, str], ...]:
     """SYNAPSE_PLACEMENT → ((key, host name), ...); whether keys and hosts exist is checked against the worker
     list and SYNAPSE_HOSTS (plan.py, _check_combinations)."""
@@ -863,6 +888,14 @@ class NginxSettings(Section):
     )
     proxy_read_timeout: NginxTime = var(
         "NGINX_PROXY_READ_TIMEOUT", "60s", help="How long nginx waits for Synapse's answer, such as 60s"
+    )
+    pool_limits: Annotated[tuple[tuple[str, int], ...], BeforeValidator(_passthrough(_pool_limits))] = var(
+        "NGINX_POOL_LIMITS",
+        (),
+        help="Requests each pool (a worker type's processes, or main) holds at once, then 429: POOL=NUMBER pairs, "
+        "such as initial_synchrotron=50, main=250",
+        default_text=f"synchrotron and sliding_synchrotron 2000, initial_synchrotron 50, main "
+        f"{catalog.MAIN_POOL_LIMIT}, every other type 500",
     )
     disable_logrotate: Bool = var(
         "NGINX_DISABLE_LOGROTATE",

@@ -19,12 +19,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.matrix import register, registration_secret
+from tests.support.matrix import PASSWORD, register, registration_secret
 from tests.support.stack import Stack, make_root, stack_env
 
 pytestmark = pytest.mark.integration
 
 WORKERS = "synchrotron, initial_synchrotron"
+# Small bounds so that a test can fill a pool: long-polls hold the sync pools' requests for LONG_POLL_MS.
+POOL_LIMITS = "synchrotron=4, initial_synchrotron=3"
+LONG_POLL_MS = 4000
 AGGREGATOR_HEADER = "X-Synapse-Workers-Aggregator"
 
 
@@ -128,7 +131,8 @@ def _enough_descriptors(count: int) -> None:
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     root = make_root("sw-pressure-")
-    running = Stack(stack_env(root, WORKERS, SYNAPSE_LAUNCH_MODE="fork", SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK="1"))
+    running = Stack(stack_env(root, WORKERS, SYNAPSE_LAUNCH_MODE="fork", SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK="1",
+                              NGINX_POOL_LIMITS=POOL_LIMITS))
     try:
         running.start(300)
         yield running
@@ -300,3 +304,75 @@ def test_initial_syncs_are_served_by_the_initial_pool_and_incremental_ones_by_sy
     assert served == {"initial": "initial_synchrotron1", "full_state": "initial_synchrotron1",
                       "incremental": "synchrotron1", "events_initial": "initial_synchrotron1",
                       "global_initial_sync": "initial_synchrotron1"}, served
+
+
+# ---- bounds per pool: past the limit, 429 at once --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def user(stack: Stack) -> dict:
+    """A registered user, its headers, and a since token (from an initial sync)."""
+    secret = registration_secret(stack.env["SYNAPSE_DATA_DIR"])
+    answer = register(stack.base_url, secret, f"bounded{int(time.time())}")
+    headers = {"Authorization": f"Bearer {answer['access_token']}"}
+    first = httpx.get(f"{stack.base_url}/_matrix/client/v3/sync", params={"timeout": "0"}, headers=headers,
+                      timeout=60)
+    assert first.status_code == 200, first.text
+    return {**answer, "headers": headers, "since": first.json()["next_batch"]}
+
+
+@pytest.mark.parametrize(
+    "pool, limit, path",
+    [
+        ("synchrotron", 4, "/_matrix/client/v3/sync?since={since}&timeout={ms}"),  # incremental long-polls
+        ("initial_synchrotron", 3, "/_matrix/client/v3/events?timeout={ms}"),  # initial class (no from), long-polls
+    ],
+)
+def test_past_its_limit_a_pool_answers_429_at_once_and_the_others_keep_serving(stack, user, pool, limit, path):
+    """K concurrent long-polls on one pool: exactly `limit` are held (answered 200 once the long-poll ends), every
+    other one gets 429 within a second, with Retry-After and Matrix's M_LIMIT_EXCEEDED body; meanwhile main
+    (versions, login), the other sync pool and /health answer 200 as usual."""
+    count = 12
+    target = path.format(since=user["since"], ms=LONG_POLL_MS)
+    auth = f"Authorization: {user['headers']['Authorization']}\r\n"
+    port = int(stack.env["SYNAPSE_HTTP_PORT"])
+    other = ("/_matrix/client/v3/events?timeout=0" if pool == "synchrotron"
+             else f"/_matrix/client/v3/sync?since={user['since']}&timeout=0")
+
+    async def scenario() -> tuple[list[Answer], dict[str, int], float]:
+        flood_task = asyncio.create_task(_flood("127.0.0.1", port, target, count, auth))
+        await asyncio.sleep(1.0)  # the flood is in: the pool is full while its long-polls last
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=10) as client:
+            started = time.monotonic()
+            meanwhile = {
+                "versions": (await client.get("/_matrix/client/versions")).status_code,
+                "login": (await client.post("/_matrix/client/v3/login", json={
+                    "type": "m.login.password", "identifier": {"type": "m.id.user", "user": user["user_id"]},
+                    "password": PASSWORD})).status_code,
+                "other_sync_pool": (await client.get(other, headers=user["headers"])).status_code,
+                "health": (await client.get("/health")).status_code,
+                "same_pool": (await client.get(target, headers=user["headers"])).status_code,
+            }
+            took = time.monotonic() - started
+        return await flood_task, meanwhile, took
+
+    answers, meanwhile, took = asyncio.run(scenario())
+    held = [a for a in answers if a.status == 200]
+    refused = [a for a in answers if a.status == 429]
+    assert len(held) == limit and len(refused) == count - limit, sorted(a.status for a in answers)
+    assert all(a.seconds >= LONG_POLL_MS / 1000 - 0.5 for a in held), [a.seconds for a in held]
+    assert max(a.seconds for a in refused) < 1.0, [a.seconds for a in refused]
+    for answer in refused:
+        assert answer.headers.get("retry-after", "").isdigit() and int(answer.headers["retry-after"]) >= 1
+        assert answer.headers.get("content-type", "").startswith("application/json")
+        body = json.loads(answer.body)
+        assert body["errcode"] == "M_LIMIT_EXCEEDED" and body["retry_after_ms"] == 1000 * int(
+            answer.headers["retry-after"]), body
+        assert pool in body["error"], body
+    assert meanwhile == {"versions": 200, "login": 200, "other_sync_pool": 200, "health": 200, "same_pool": 429}, \
+        meanwhile
+    assert took < 2.0, took
+    # The pool took requests again once its long-polls ended.
+    again = httpx.get(f"{stack.base_url}{path.format(since=user['since'], ms=0)}", headers=user["headers"],
+                      timeout=30)
+    assert again.status_code == 200, again.text

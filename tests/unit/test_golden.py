@@ -175,7 +175,8 @@ def test_workers_facts(base_env):
     assert "hash $sw_user consistent;" in conf
     assert _refuses_internal_paths(conf)
     # HARD stream-writer routes come before the broad account-data pattern (docs: first regex wins).
-    typing = conf.index('rooms/.*/typing" {\n            proxy_pass http://typing;')
+    typing = conf.index('rooms/.*/typing" {\n            set $sw_pool typing;\n'
+                        '            error_page 429 = @sw_limited;\n            proxy_pass http://typing;')
     assert typing < conf.index("/sendToDevice/") < conf.index("/pushrules/") < conf.index("/.*/(tags|account_data)")
 
 

@@ -346,7 +346,12 @@ def test_nginx_method_maps_for_split_routes(env):
     block = re.search(r"map \$request_method \$sw_route_push_rules \{(.*?)\}", conf, re.S).group(1)
     entries = dict(line.strip().rstrip(";").split() for line in block.strip().splitlines())
     assert entries == {"GET": "client_reader_non_room", "HEAD": "client_reader_non_room", "default": "main"}
-    assert re.search(r'pushrules/" \{\s*proxy_pass http://\$sw_route_push_rules;', conf)
+    assert re.search(r'pushrules/" \{\s*set \$sw_pool \$sw_pool_push_rules;(\s*error_page [^;]*;)*\s*proxy_pass '
+                     r'http://\$sw_route_push_rules;', conf)
+    # The pool the request counts against (NGINX_POOL_LIMITS) follows the same methods.
+    block = re.search(r"map \$request_method \$sw_pool_push_rules \{(.*?)\}", conf, re.S).group(1)
+    entries = dict(line.strip().rstrip(";").split() for line in block.strip().splitlines())
+    assert entries == {"GET": "client_reader_non_room", "HEAD": "client_reader_non_room", "default": "main"}
 
 
 def test_nginx_public_listen_and_body_limit(env):
@@ -554,3 +559,19 @@ def test_the_initial_pool_has_its_own_location_read_timeout_and_stand_ins(env):
     assert "error_page 502 504 = @sw_main;" in down
     assert '"~^:" 1;' in conf and '"~:true$" 1;' in conf  # map "$arg_since:$arg_full_state"
     assert re.search(r'map "\$arg_from" \$sw_q_initial_events \{\s*default 0;\s*"" 1;', conf)
+
+
+def test_each_pool_is_bounded_in_nginx(env):
+    plan, files = rendered(env, "synchrotron, initial_synchrotron", NGINX_POOL_LIMITS="synchrotron=5, main=3")
+    conf = files.managed[plan.layout.nginx_conf]
+    assert set(directive(conf, "limit_conn")) == {"sw_pool_main 3", "sw_pool_synchrotron 5",
+                                                    "sw_pool_initial_synchrotron 50"}
+    assert directive(conf, "limit_conn_status") == ["429"]
+    limited = re.search(r"location @sw_limited \{(.*?)\n        \}", conf, re.S).group(1)
+    assert "add_header Retry-After 2 always;" in limited and '"errcode":"M_LIMIT_EXCEEDED"' in limited
+    assert '"retry_after_ms":2000' in limited
+    # Every location that counts a request against a pool and has error pages of its own keeps the 429 one
+    # (error_page is not inherited then); a stand-in's location counts nothing again.
+    for block in re.findall(r"\n        location [^{]*\{(.*?)\n        \}", conf, re.S):
+        if "set $sw_pool" in block and "error_page" in block:
+            assert "error_page 429 = @sw_limited;" in block, block

@@ -25,6 +25,14 @@ HASH_KEYS = {catalog.BY_USER: "$sw_user", catalog.BY_ROOM: "$sw_room", catalog.B
 WHEN_DOWN = {MAIN: "= @sw_main", UNAVAILABLE: "=503 @sw_unavailable"}
 # A request in a route's query class (plan.QueryTarget) jumps to its own named location with this status.
 QUERY_JUMP = 418
+# A pool at its bound (plan.pool_limits): 429 with Matrix's rate-limit error at once, never a 502/503 an outer
+# proxy would take for "origin down"; the client tries again after this many seconds.
+LIMITED_RETRY_AFTER_SECONDS = 2
+# ($sw_pool: nginx puts the pool's name in; the text is single-quoted in nginx.conf)
+LIMITED_BODY = (
+    '{"errcode":"M_LIMIT_EXCEEDED","error":"Too many requests in flight for the $sw_pool pool of this server; '
+    f'try again shortly","retry_after_ms":{1000 * LIMITED_RETRY_AFTER_SECONDS}}}'
+)
 RETRY_AFTER_SECONDS = 5  # below the upstream servers' fail_timeout default (10s): clients come back soon
 UNAVAILABLE_BODY = '{"errcode":"M_UNKNOWN","error":"Temporarily unavailable: the process serving this request is down"}'
 # Loopback upstreams accept at once or are gone; a dead process must not hold a request for nginx's 60s.
@@ -114,6 +122,8 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
                 "why": route.rule.why or route.rule.group,
                 "pattern": nginx_quote(route.rule.pattern),
                 "target": route_variable(route) if split else route.targets[0][1],
+                "pool": f"$sw_pool_{route.rule.id}" if split else pool(plan, route.targets[0][1]),
+                "pools": [(sorted(methods) if methods else None, pool(plan, name)) for methods, name in route.targets],
                 "split": split,
                 "methods": [(sorted(methods) if methods else None, upstream) for methods, upstream in route.targets],
                 "when_down": down(route.when_down),
@@ -127,6 +137,7 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
                         "why": target.query.why,
                         "location": f"@sw_q_{route.rule.id}",
                         "upstream": target.upstream,
+                        "pool": pool(plan, target.upstream),
                         "when_down": down(target.when_down),
                         "read_timeout": read_timeout(plan, target.upstream),
                     }
@@ -164,6 +175,10 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
             for query in queries.values()
         ],
         query_jump=QUERY_JUMP,
+        main_pool=catalog.MAIN_POOL,
+        pool_limits=list(plan.pool_limits.items()),
+        limited_retry_after=LIMITED_RETRY_AFTER_SECONDS,
+        limited_body=f"'{LIMITED_BODY}'",
         stand_ins=[
             {"upstream": name, "when_down": WHEN_DOWN[then], "read_timeout": read_timeout(plan, name)}
             for name, then in stand_ins.items()
@@ -182,6 +197,11 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
         backlog=LISTEN_BACKLOG,
     )
     return {plan.layout.nginx_conf: text}
+
+
+def pool(plan: Plan, upstream: str) -> str:
+    """The pool an upstream's requests count against (plan.pool_limits): its role, or main."""
+    return plan.upstream(upstream).role or catalog.MAIN_POOL
 
 
 def read_timeout(plan: Plan, upstream: str) -> str | None:
