@@ -139,8 +139,8 @@ def database_args(config_paths: list[str]) -> dict[str, Any]:
     name, args, config_path = database_section(config_paths)
     if name not in ("psycopg2", "psycopg"):
         raise CompressorError(
-            f"{config_path} uses {name}: synapse_auto_compressor works on PostgreSQL only (synapse_port_db moves "
-            "a SQLite database to PostgreSQL)",
+            f"{config_path} uses {name}: synapse_auto_compressor works on PostgreSQL only (`synapse-workers "
+            "port-sqlite` moves a SQLite database into the embedded PostgreSQL)",
             2,
         )
     return {k: v for k, v in args.items() if not k.startswith("cp_")}

@@ -311,6 +311,8 @@ def _port(plan: Plan, force: bool) -> int:
             _stop_postmaster(postmaster)
             postmaster = None
         except (Exception, Interrupted) as exc:
+            for signum in previous:  # the clean-up is short and bounded: a second signal does not cut it off
+                signal.signal(signum, signal.SIG_IGN)
             if child is not None:
                 _stop_child(child)
             dropped = False
@@ -318,12 +320,16 @@ def _port(plan: Plan, force: bool) -> int:
                 dropped = _drop(replace(plan, postgres=replace(plan.postgres, socket_dir=socket_dir)), owner, setpriv)
             if postmaster is not None:
                 _stop_postmaster(postmaster)
+            if isinstance(exc, UserError):  # refused before the port began (no postgres user, say): said as such
+                raise
             _failed(plan, sqlite, before, exc, dropped)
             if isinstance(exc, Interrupted):
                 return 128 + exc.signum
             if isinstance(exc, PortError | subprocess.CalledProcessError | RuntimeError | OSError):
                 return 1
             raise
+        for signum in previous:  # the port is complete: a signal now does not cut the marker's writing off
+            signal.signal(signum, signal.SIG_IGN)
         _write_marker(plan, sqlite, before, size, started)
         say(
             f"done in {time.time() - started:.0f} s: {progress.summary()} ported. {layout.sqlite_port_marker} records "
