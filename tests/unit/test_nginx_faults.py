@@ -66,7 +66,8 @@ def test_a_monolith_has_no_fallback(base_env):
     plan = plan_for(base_env, "")
     assert set(when_down(plan).values()) == {None}
     conf = next(iter(render_nginx(plan, plan.settings.nginx).values()))
-    assert "error_page" not in conf and "@sw_" not in conf and "$sw_resend_unsafe" not in conf
+    assert "error_page 502" not in conf and "$sw_resend_unsafe" not in conf
+    assert "@sw_main" not in conf and "@sw_unavailable" not in conf and "@sw_down_" not in conf
     assert "proxy_connect_timeout 5s;" in conf
 
 
@@ -103,8 +104,9 @@ def test_each_worker_route_says_what_happens_when_its_pool_is_down(base_env):
     assert set(bodies) == {route.rule.id for route in plan.routes}
     for route in plan.routes:
         body = bodies[route.rule.id]
-        assert body.strip().startswith("proxy_pass http://"), route.rule.id
-        fallbacks = re.findall(r"error_page (.*);", body)
+        assert body.strip().startswith("set $sw_pool "), route.rule.id  # then proxy_pass (NGINX_POOL_LIMITS)
+        assert "proxy_pass http://" in body, route.rule.id
+        fallbacks = [page for page in re.findall(r"error_page (.*);", body) if page != "429 = @sw_limited"]
         expected = {MAIN: ["502 504 = @sw_main"], UNAVAILABLE: ["502 504 =503 @sw_unavailable"], None: []}
         assert fallbacks == expected[route.when_down], route.rule.id
     main = re.search(r"location @sw_main \{(.*?)\n        \}", conf, re.S).group(1)

@@ -128,15 +128,20 @@ def test_map_differences(rc):
 
 
 def test_catalogue_differences_against_a_real_plan(rc, base_env):
-    # A plan deploying every role: /sync goes to a synchrotron, /versions and the invented endpoint to main.
+    # A plan deploying every role: /sync goes to a synchrotron (without since: the initial one), /versions and the
+    # invented endpoint to main.
     plan = load_plan({**base_env, "SYNAPSE_WORKER_TYPES": rc.ALL_ROLES})
     diff = rc.map_differences([SYNC, VERSIONS], [VERSIONS, NEW], [], [])
     streams = {"events", "typing", "to_device", "account_data", "receipts", "presence", "push_rules",
                "device_lists", "thread_subscriptions", "brand_new_stream"}  # quarantined_media_changes missing
     cat = rc.catalogue_differences(plan, diff, [SYNC, VERSIONS], [VERSIONS, NEW], streams)
-    assert cat.unregistered_examples == ["GET /_matrix/client/v3/sync (rule sync)"]
+    assert cat.unregistered_examples == [  # each example of the rule, its query string aside
+        "GET /_matrix/client/v3/sync (rule sync)",
+        "GET /_matrix/client/v3/sync?since=s72594_4483_1934&timeout=30000 (rule sync)",
+        "GET /_matrix/client/v3/sync?since=s72594_4483_1934&full_state=true (rule sync)",
+    ]
     assert cat.new_endpoints == [("POST /_matrix/client/unstable/org.example.msc9999/x/poke", "PokeServlet", "main")]
-    assert cat.removed_routed == [("GET /_matrix/client/r0/sync", "SyncRestServlet", "synchrotron")]
+    assert cat.removed_routed == [("GET /_matrix/client/r0/sync", "SyncRestServlet", "initial_synchrotron")]
     # no fixture registration matches any KEPT_ON_MAIN entry but the key server's (not in the map)
     assert len(cat.stale_kept_on_main) == 5 and "^/_matrix/key/v2/server" not in cat.stale_kept_on_main
     assert cat.streams_unknown == ["quarantined_media_changes"] and cat.streams_new == ["brand_new_stream"]
