@@ -291,6 +291,22 @@ def test_an_interrupted_port_changes_nothing_and_the_next_port_starts_with_worke
         plan = json.loads(subprocess.run([SW, "plan", "--json"], env=env, capture_output=True, text=True).stdout)
         assert plan["sqlite_port"] is None and plan["postgres"] is None
 
+        # 1b. The command itself stopped (`docker stop`: SIGTERM) while synapse_port_db runs: the same.
+        port = subprocess.Popen([SW, "port-sqlite"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)  # fmt: skip
+        said = []
+        for line in port.stderr:
+            said.append(line)
+            if "Running background updates on PostgreSQL" in line or "Creating port tables" in line:
+                port.send_signal(signal.SIGTERM)
+                break
+        said += port.stderr.readlines()
+        assert port.wait(timeout=30) == 128 + signal.SIGTERM, "".join(said)
+        assert "FAILED: the port was interrupted (SIGTERM). Nothing changed: " in "".join(said), "".join(said)
+        assert _fingerprint(data) == before and not (data / MARKER).exists()
+        assert _port_db_child(data) is None and not (data / ".synapse-workers-port-sqlite").exists()
+        assert not any(str(data / "postgres").encode() in p.cmdline for p in process_table().values())
+
         # 2. The SQLite server starts as before and serves every message.
         stack = Stack(env).start()
         _check_served(stack.base_url, clone)
@@ -357,6 +373,14 @@ def test_the_start_switch_ports_before_anything_starts(official):
         log = stack.log_path.read_text(errors="replace")  # both starts
         assert log.count("port-sqlite: done in") == 1 and log.count("SYNAPSE_PORT_SQLITE is on") == 1
         _check_served(stack.base_url, clone)
+        assert stack.stop()[0] == 0, stack.tail()
+        # --force starts over from the SQLite file (the marker is written again).
+        first = json.loads((data / MARKER).read_text())
+        forced = subprocess.run([SW, "port-sqlite", "--force"], env=env, capture_output=True, text=True, timeout=600)
+        assert forced.returncode == 0, forced.stderr
+        assert f"--force: removed {data / MARKER}" in forced.stderr
+        again = json.loads((data / MARKER).read_text())
+        assert again["sqlite_sha256"] == first["sqlite_sha256"] == before["homeserver.db"]
     finally:
         if stack is not None:
             stack.close()
