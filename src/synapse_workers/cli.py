@@ -267,6 +267,9 @@ def cmd_plan(args: argparse.Namespace, env: Mapping[str, str]) -> int:
     print(
         f"server_name {plan.homeserver.server_name}; public port {plan.public.port}; Synapse {catalog.SYNAPSE_VERSION}"
     )
+    ported = plan.homeserver.sqlite_port
+    if ported is not None:
+        print(f"  database: the embedded PostgreSQL, ported from {ported.sqlite_database} at {ported.ported_at}")
     for extra in plan.extra_listeners:
         tls = " (TLS)" if extra.tls_cert else ""
         addresses = ", ".join(f"[{a}]" if ":" in a else a for a in extra.bind_addresses)

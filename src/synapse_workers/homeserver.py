@@ -206,7 +206,9 @@ def describe(
     )
     if has_workers and info.database == "sqlite":
         where = f"{path} uses SQLite" if info.exists else f"{DATABASE}=sqlite"
-        if info.exists:
+        if info.exists and settings.database.port_sqlite:
+            how = f"{PORT_SQLITE} is on: `synapse-workers run` ports it before anything starts (this command does not)."
+        elif info.exists:
             how = (
                 f"Port it into the embedded PostgreSQL once: `synapse-workers port-sqlite` (the file is not edited), "
                 f"or set {PORT_SQLITE}=on to do it at this start; or leave {WORKER_TYPES} empty."

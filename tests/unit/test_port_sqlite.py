@@ -72,6 +72,9 @@ def test_without_the_marker_the_file_is_sqlite_and_workers_are_refused_naming_th
     (problem,) = refused.value.problems
     assert "`synapse-workers port-sqlite`" in problem and "SYNAPSE_PORT_SQLITE=on" in problem
     assert [v.name for v in refused.value.details[0].related] == ["SYNAPSE_PORT_SQLITE"]
+    with pytest.raises(UserError) as refused:  # `check`/`plan` with the switch on: `run` would port first
+        load_plan({**env, "SYNAPSE_WORKER_TYPES": "synchrotron", "SYNAPSE_PORT_SQLITE": "on"})
+    assert "SYNAPSE_PORT_SQLITE is on: `synapse-workers run` ports it before anything starts" in str(refused.value)
 
 
 def test_with_the_marker_the_embedded_cluster_is_the_database_layered_over_the_untouched_file(tmp_root):
@@ -136,6 +139,9 @@ def test_plan_json_shows_the_port(tmp_root, capsys):
         "ported_at": "2026-12-06T04:00:00Z",
     }
     assert shown["postgres"]["data_dir"] == f"{data}/postgres"
+    assert cli_main(["plan"], env) == 0
+    ported = f"  database: the embedded PostgreSQL, ported from {data}/homeserver.db at 2026-12-06T04:00:00Z"
+    assert ported in capsys.readouterr().out.splitlines()
 
 
 def test_a_marker_of_another_sqlite_file_is_refused(tmp_root):
