@@ -528,6 +528,28 @@ def test_room_keyed_routes_are_sticky(deployments, kind, procs, make):
     assert used == set(procs), kind
 
 
+ROOM_HISTORY = (  # a room's state and history over federation: one reader's caches answer concurrent duplicates
+    ("GET", "/_matrix/federation/v1/state/{room}?event_id=%24e1"),
+    ("GET", "/_matrix/federation/v1/state_ids/{room}?event_id=%24e1"),
+    ("POST", "/_matrix/federation/v1/get_missing_events/{room}"),
+    ("GET", "/_matrix/federation/v1/backfill/{room}?v=%24e1&limit=10"),
+    ("GET", "/_matrix/federation/v1/event_auth/{room}/%24e1"),
+)
+
+
+def test_one_rooms_federation_history_requests_share_one_reader(deployments):
+    """state, state_ids, get_missing_events, backfill and event_auth of one room reach one federation reader
+    (hashed by room, whoever asks); across rooms both readers work."""
+    dep = deployments.get("sticky")
+    used = set()
+    for i in range(30):
+        room = f"%21h{i}x{RNG.randrange(10**9)}%3Aexample.org"
+        seen = {dep.answer(method, path.format(room=room))["process"] for method, path in ROOM_HISTORY}
+        assert len(seen) == 1 and seen <= {"federation_reader1", "federation_reader2"}, (room, seen)
+        used |= seen
+    assert used == {"federation_reader1", "federation_reader2"}
+
+
 # ------------------------------------------------------------------------------------------------------
 # Method-sensitive routes with HEAD and OPTIONS; the emulation on encoded dot segments
 # ------------------------------------------------------------------------------------------------------

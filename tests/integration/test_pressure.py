@@ -376,3 +376,77 @@ def test_past_its_limit_a_pool_answers_429_at_once_and_the_others_keep_serving(s
     again = httpx.get(f"{stack.base_url}{path.format(since=user['since'], ms=0)}", headers=user["headers"],
                       timeout=30)
     assert again.status_code == 200, again.text
+
+
+def test_each_request_counts_against_the_pool_that_serves_it():
+    """With stubs that hold a request as long as it asks (X-Stub-Delay): main at its bound answers 429 for what
+    only main serves, including the write of a method-split route, while the read of that route (a client_reader's)
+    and the sync pools answer; an initial sync counts against the initial pool only, an incremental one against
+    synchrotron."""
+    from tests.integration.test_nginx_routing import Deployment
+
+    dep = Deployment("bounds", {"SYNAPSE_WORKER_TYPES": "synchrotron, initial_synchrotron, client_reader",
+                                "NGINX_POOL_LIMITS": "main=3, initial_synchrotron=2"})
+    try:
+        port = dep.plan.public.port
+        hold = "X-Stub-Delay: 2\r\n"
+
+        async def scenario(path: str, count: int, meanwhile: dict[str, tuple[str, str]]):
+            flood_task = asyncio.create_task(_flood("127.0.0.1", port, path, count, hold))
+            await asyncio.sleep(0.7)
+            async with httpx.AsyncClient(base_url=dep.base, timeout=10) as client:
+                seen = {name: (await client.request(method, target, content=b"{}" if method == "PUT" else None))
+                        .status_code for name, (method, target) in meanwhile.items()}
+            return await flood_task, seen
+
+        answers, seen = asyncio.run(scenario("/nowhere", 8, {
+            "push rules read (client_reader)": ("GET", "/_matrix/client/v3/pushrules/"),
+            "push rules write (main)": ("PUT", "/_matrix/client/v3/pushrules/global/room/%21r%3Ax"),
+            "initial sync": ("GET", "/_matrix/client/v3/sync"),
+            "incremental sync": ("GET", "/_matrix/client/v3/sync?since=s1"),
+        }))
+        assert sorted(a.status for a in answers) == [200] * 3 + [429] * 5
+        assert all(a.seconds < 1.0 for a in answers if a.status == 429)
+        assert all(a.seconds >= 1.5 for a in answers if a.status == 200)
+        assert seen == {"push rules read (client_reader)": 200, "push rules write (main)": 429,
+                        "initial sync": 200, "incremental sync": 200}, seen
+
+        answers, seen = asyncio.run(scenario("/_matrix/client/v3/sync?timeout=0", 5, {
+            "incremental sync": ("GET", "/_matrix/client/v3/sync?since=s1"),
+            "initialSync": ("GET", "/_matrix/client/v3/initialSync"),
+            "main": ("GET", "/nowhere"),
+        }))
+        assert sorted(a.status for a in answers) == [200] * 2 + [429] * 3
+        assert all(json.loads(a.body)["errcode"] == "M_LIMIT_EXCEEDED" for a in answers if a.status == 429)
+        assert "initial_synchrotron pool" in json.loads(next(a.body for a in answers if a.status == 429))["error"]
+        assert seen == {"incremental sync": 200, "initialSync": 429, "main": 200}, seen
+    finally:
+        dep.close()
+
+
+def test_a_request_a_stand_in_serves_counts_once_against_the_pool_it_was_sent_to():
+    """The initial pool down (its stubs closed before any request): initial syncs go to the synchrotron, still
+    bounded by the initial pool's limit, and the synchrotron's own bound is left to incremental syncs."""
+    from tests.integration.test_nginx_routing import Deployment
+
+    dep = Deployment("bounds-down", {"SYNAPSE_WORKER_TYPES": "synchrotron, initial_synchrotron",
+                                     "NGINX_POOL_LIMITS": "initial_synchrotron=2, synchrotron=3"})
+    try:
+        dep.fleet.stubs.pop("initial_synchrotron1").close()
+        port = dep.plan.public.port
+
+        async def scenario():
+            initial = asyncio.create_task(_flood("127.0.0.1", port, "/_matrix/client/v3/sync", 5,
+                                                 "X-Stub-Delay: 2\r\n"))
+            await asyncio.sleep(0.7)
+            incremental = await _flood("127.0.0.1", port, "/_matrix/client/v3/sync?since=s1", 3,
+                                       "X-Stub-Delay: 0.5\r\n")
+            return await initial, incremental
+
+        initial, incremental = asyncio.run(scenario())
+        assert sorted(a.status for a in initial) == [200] * 2 + [429] * 3
+        held = [json.loads(a.body)["process"] for a in initial if a.status == 200]
+        assert held == ["synchrotron1"] * 2, held
+        assert [a.status for a in incremental] == [200] * 3  # the synchrotron's 3 were all free
+    finally:
+        dep.close()

@@ -1,7 +1,8 @@
 """Stub upstream HTTP servers: stand-ins for Synapse processes behind the generated nginx.
 
-Each stub answers any method on any path with 200 and a JSON body naming the process and echoing what it
-received: the raw request line (method + target exactly as sent by nginx) and the X-Forwarded-For,
+Each stub answers any method on any path with 200 (after `X-Stub-Delay` seconds when the request sends that
+header: a slow request or a long-poll) and a JSON body naming the process and echoing what it received: the raw
+request line (method + target exactly as sent by nginx) and the X-Forwarded-For,
 X-Forwarded-Proto and Host headers. Every request is also recorded, so tests can assert that a path
 never reached any upstream.
 
@@ -16,6 +17,7 @@ import os
 import socket
 import socketserver
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -69,6 +71,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         body = self._read_body()
         server = self.server
+        # A request that asks for it is held this many seconds first (a slow request, a long-poll).
+        if delay := self.headers.get("X-Stub-Delay"):
+            time.sleep(float(delay))
         # The target exactly as received: http.server rewrites a leading "//" in self.path (gh-87389).
         target = self.requestline.split(" ")[1] if self.requestline.count(" ") == 2 else self.path
         hit = Hit(
