@@ -313,6 +313,16 @@ RULES: tuple[Rule, ...] = (
         examples=["PUT /_matrix/client/unstable/io.element.msc4306/rooms/!r:x/thread/$e/subscription"],
     ),
     _r(
+        "thread_subscriptions_list",
+        "stream writers",
+        "^/_matrix/client/unstable/io\\.element\\.msc4308/thread_subscriptions$",
+        "thread_subscriptions",
+        NONROOM,
+        why="MSC4308 list of thread subscriptions (GET; experimental_features.msc4306_enabled): generic workers "
+        "register it",
+        examples=["GET /_matrix/client/unstable/io.element.msc4308/thread_subscriptions?dir=b"],
+    ),
+    _r(
         "media_quarantine",
         "media",
         "^/_synapse/admin/v1/(quarantine_media/|room/.*/media/quarantine$|"
@@ -548,6 +558,30 @@ RULES: tuple[Rule, ...] = (
             "PUT /_matrix/client/v3/devices/DEV",
             "POST /_matrix/client/v3/delete_devices",
         ],
+    ),
+    _r(
+        "dehydrated_device",
+        "encryption",
+        "^/_matrix/client/unstable/org\\.matrix\\.msc3814\\.v1/dehydrated_device(/[^/]+/events)?$",
+        "device_lists",
+        NONROOM,
+        why="MSC3814 dehydrated devices (experimental_features.msc3814_enabled): generic workers register them; "
+        "a device and its keys, like /devices",
+        examples=[
+            "GET /_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device",
+            "PUT /_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device",
+            "DELETE /_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device",
+            "POST /_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device/DEV/events",
+        ],
+    ),
+    _r(
+        "rtc_transports",
+        "client api",
+        "^/_matrix/client/unstable/org\\.matrix\\.msc4143/rtc/transports$",
+        NONROOM,
+        why="MatrixRTC / Element Call transports (MSC4143, experimental_features.msc4143_enabled): generic workers "
+        "register it (it reads the config)",
+        examples=["GET /_matrix/client/unstable/org.matrix.msc4143/rtc/transports"],
     ),
     _r(
         "keys",

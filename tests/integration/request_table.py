@@ -164,6 +164,15 @@ REQUESTS: list[Req] = [
         ("GET", f"{C}/devices/ABCDEFGH", DEVICES, "one device"),
         ("PUT", f"{C}/devices/ABCDEFGH", DEVICES, "rename device"),
         ("DELETE", f"{C}/devices/ABCDEFGH", DEVICES, "delete device"),
+        # Registered on generic workers when homeserver.yaml's experimental_features enable them (Synapse 1.163.2).
+        ("GET", f"{UNSTABLE}/org.matrix.msc3814.v1/dehydrated_device", DEVICES, "MSC3814 dehydrated device"),
+        ("PUT", f"{UNSTABLE}/org.matrix.msc3814.v1/dehydrated_device", DEVICES, "MSC3814 store dehydrated device"),
+        ("DELETE", f"{UNSTABLE}/org.matrix.msc3814.v1/dehydrated_device", DEVICES, "MSC3814 delete"),
+        ("POST", f"{UNSTABLE}/org.matrix.msc3814.v1/dehydrated_device/ABCDEFGH/events", DEVICES,
+         "MSC3814 the dehydrated device's to-device events"),
+        ("GET", f"{UNSTABLE}/org.matrix.msc3814.v1/dehydrated_device/ABCDEFGH/events/x", MAIN,
+         "MSC3814: nothing under events/"),
+        ("GET", f"{UNSTABLE}/org.matrix.msc4143/rtc/transports", CLIENT, "MatrixRTC transports (MSC4143)"),
         ("GET", "/_matrix/client/versions", CLIENT, "versions"),
         ("GET", f"{C}/voip/turnServer", CLIENT, "turnServer"),
         ("GET", f"{C}/rooms/{ROOM_ID}/event/{EVENT_ID}", ROOM, "one event"),
@@ -352,6 +361,8 @@ REQUESTS: list[Req] = [
          "thread subscription write (HARD)"),
         ("DELETE", f"{UNSTABLE}/io.element.msc4306/rooms/{ROOM_ID}/thread/{EVENT_ID}/subscription", THREADS,
          "thread subscription delete"),
+        ("GET", f"{UNSTABLE}/io.element.msc4308/thread_subscriptions?dir=b&limit=10",
+         ("thread_subscriptions", "client_reader_non_room"), "MSC4308 the list of thread subscriptions"),
     ),
     # ---------------------------------------------------------------- §8 main-only endpoints (sample)
     *_group(

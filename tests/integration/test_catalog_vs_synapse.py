@@ -58,7 +58,8 @@ ALL_ROLES = (
 )
 
 # Config switches that make Synapse register servlets the catalogue routes (the map reflects the config).
-EXTRA_CONFIG = {"experimental_features": {"msc4306_enabled": True}}  # thread subscriptions (MSC4306)
+# Thread subscriptions (MSC4306/MSC4308), MatrixRTC transports (MSC4143), dehydrated devices (MSC3814).
+EXTRA_CONFIG = {"experimental_features": {"msc4306_enabled": True, "msc4143_enabled": True, "msc3814_enabled": True}}
 
 # Endpoints a generic worker registers that the catalogue leaves on main although catalog.KEPT_ON_MAIN does
 # not list them: (regex as the map prints it, servlet class) → why. Keep this short and honest.
@@ -71,8 +72,6 @@ ALLOWED_ON_MAIN: dict[tuple[str, str], str] = {
         "GET events/{eventId}: deprecated pre-r0 API; docs/workers.md lists events$ only",
     ("^/_matrix/client/unstable/im.nheko.summary/rooms/.*/summary$", "RoomSummaryRestServlet"):
         "older MSC3266 unstable path; docs/workers.md lists im.nheko.summary/summary/ only",
-    ("^/_matrix/client/unstable/io.element.msc4308/thread_subscriptions$", "ThreadSubscriptionsPaginationRestServlet"):
-        "MSC4308 subscription list (GET, experimental); not in docs/workers.md",
 }
 
 # The map drops WORKERS_DENIED_METHODS for every worker, but the named stream writer does register them.

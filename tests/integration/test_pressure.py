@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.support.matrix import PASSWORD, register, registration_secret
 from tests.support.stack import Stack, make_root, stack_env
@@ -128,12 +129,22 @@ def _enough_descriptors(count: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
+# Client endpoints peers route to workers that Synapse 1.163.2 registers only behind these switches.
+EXPERIMENTAL = {"msc4143_enabled": True, "msc3814_enabled": True, "msc4306_enabled": True}
+
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     root = make_root("sw-pressure-")
     running = Stack(stack_env(root, WORKERS, SYNAPSE_LAUNCH_MODE="fork", SYNAPSE_WORKERS_WRITE_LOGS_TO_DISK="1",
                               NGINX_POOL_LIMITS=POOL_LIMITS))
     try:
+        generated = running.cli("generate")
+        assert generated.returncode == 0, generated.stderr
+        homeserver = Path(running.env["SYNAPSE_CONFIG_DIR"], "homeserver.yaml")
+        config = yaml.safe_load(homeserver.read_text())
+        config["experimental_features"] = EXPERIMENTAL
+        homeserver.write_text(yaml.safe_dump(config, sort_keys=False))  # in place: its owner and mode stay
         running.start(300)
         yield running
     finally:
@@ -450,3 +461,41 @@ def test_a_request_a_stand_in_serves_counts_once_against_the_pool_it_was_sent_to
         assert [a.status for a in incremental] == [200] * 3  # the synchrotron's 3 were all free
     finally:
         dep.close()
+
+
+# ---- endpoints peers route to workers: where a running generic worker serves them ------------------------------
+
+# (method, path, status): a generic worker of Synapse 1.163.2 serves it (with the switches above), so without a
+# token it answers 401 (one checks its body first: 400 M_BAD_JSON for an empty one), never 404/405; the catalogue
+# routes each to a worker (tests/integration/request_table.py says which).
+SERVED_BY_WORKERS = (
+    ("GET", "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports", 401),
+    ("GET", "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device", 401),
+    ("PUT", "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device", 400),
+    ("DELETE", "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device", 401),
+    ("POST", "/_matrix/client/unstable/org.matrix.msc3814.v1/dehydrated_device/ABCDEFGH/events", 401),
+    ("GET", "/_matrix/client/unstable/io.element.msc4308/thread_subscriptions?dir=b", 401),
+    ("PUT", "/_matrix/client/unstable/io.element.msc4306/rooms/%21r%3Alocalhost/thread/%24e/subscription", 401),
+)
+# Controls: what a generic worker does not serve answers 404 or 405 without a token (main answers 401).
+NOT_SERVED_BY_WORKERS = (
+    ("POST", "/_matrix/client/v3/logout"),
+    ("POST", "/_matrix/client/unstable/org.matrix.msc4143/rtc/transports"),
+)
+
+
+def test_a_running_worker_serves_the_endpoints_routed_to_workers(stack: Stack):
+    plan = plan_json(stack)
+    worker = next(w for w in plan["workers"] if w["name"] == "synchrotron1")
+    port = next(lst["port"] for lst in worker["listeners"] if lst["kind"] == "public")
+    main = f"http://127.0.0.1:{next(lst['port'] for lst in plan['main']['listeners'] if lst['kind'] == 'public')}"
+    with httpx.Client(timeout=30) as client:
+        for method, path, status in SERVED_BY_WORKERS:
+            answer = client.request(method, f"http://127.0.0.1:{port}{path}", content=b"{}")
+            assert answer.status_code == status, (method, path, answer.status_code, answer.text)
+            if status == 400:
+                assert answer.json()["errcode"] == "M_BAD_JSON", answer.text
+        for method, path in NOT_SERVED_BY_WORKERS:
+            answer = client.request(method, f"http://127.0.0.1:{port}{path}", content=b"{}")
+            assert answer.status_code in (404, 405), (method, path, answer.status_code, answer.text)
+            assert client.request(method, f"{main}{path}", content=b"{}").status_code in (401, 405), (method, path)
