@@ -17,10 +17,10 @@ device). A "light" user is in one small room. Two windows of --seconds each:
   flood   --clients initial syncs of the heavy user at once, each started again as soon as answered
 
 Throughout, one probe loop (one request at a time): the light user's incremental /sync (timeout=0; the
-synchrotron), a message send (the event_creator) and a password login (client_reader; Synapse's login rate
-limits lifted in homeserver.yaml). Per window and probe:
-count, p50/p90/max ms; for the flood: initial syncs answered 200, 429, otherwise; the CPU other processes of
-the machine used meanwhile (cores). ~3 minutes with the defaults.
+synchrotron), a message send (the event_creator), a password login (client_reader; Synapse's login rate
+limits lifted in homeserver.yaml) and the public /health (a probe that is not 200 counts as an error). Per
+window and probe: count, p50/p90/max ms; for the flood: initial syncs answered 200, 429, otherwise; the CPU
+other processes of the machine used meanwhile (cores). ~3 minutes with the defaults.
 
     /opt/synapse-workers/venv/bin/python bench/pressure.py
 """
@@ -100,7 +100,7 @@ class Prober(threading.Thread):
         with httpx.Client(base_url=self.base, headers=headers, timeout=120) as http:
             n = 0
             while not self.stop.is_set():
-                for probe in ("incremental sync", "send", "login"):
+                for probe in ("incremental sync", "send", "login", "public /health"):
                     started = time.monotonic()
                     try:
                         if probe == "incremental sync":
@@ -108,6 +108,8 @@ class Prober(threading.Thread):
                         elif probe == "send":
                             path = f"/_matrix/client/v3/rooms/{quote(self.room)}/send/m.room.message/probe-{n}"
                             response = http.put(path, json={"msgtype": "m.text", "body": f"probe {n}"})
+                        elif probe == "public /health":
+                            response = httpx.get(f"{self.base}/health", timeout=120)
                         else:
                             body = {"type": "m.login.password", "password": PASSWORD,
                                     "identifier": {"type": "m.id.user", "user": self.user}}
@@ -170,7 +172,7 @@ def measure(name: str, workers: str, args) -> list[list]:
                         flooder.start()
                 time.sleep(args.seconds)
                 end = time.monotonic()
-            for probe in ("incremental sync", "send", "login"):
+            for probe in ("incremental sync", "send", "login", "public /health"):
                 values = [s * 1000 for p, t, s in prober.samples if p == probe and start <= t < end]
                 rows.append([name, window, probe, len(values), fmt(percentile(values, 50)),
                              fmt(percentile(values, 90)), fmt(max(values) if values else None), fmt(cpu.foreign, 2)])
