@@ -367,3 +367,62 @@ def test_a_sqlite_monolith_through_the_commands(tmp_path):
     assert db.execute("SELECT name FROM users").fetchall() == [("@alice:localhost",)]
     db.close()
     assert (tmp_path / "new/data/media_store/local_content/xy/zzz").read_bytes() == b"media bytes"
+
+
+def test_pg_dump_is_the_newest_installed_majors_not_the_clusters_own(tmp_path, monkeypatch):
+    """pg_dump dumps its own major and older servers, never newer ones: a cluster of 14 beside 14's and 15's binaries
+    (and 16's psql alone) is dumped with 15's pg_dump, although it runs with its own 14's (postgres_bin)."""
+    from synapse_workers.run import postgres
+
+    def program(major: str, name: str, executable: bool = True) -> str:
+        path = tmp_path / "pg" / major / "bin" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755 if executable else 0o644)
+        return str(path)
+
+    for major in ("9.6", "14", "15"):
+        program(major, "postgres")
+    program("9.6", "pg_dump")  # PG_VERSION's form before 10: older than 14
+    own, newest = program("14", "pg_dump"), program("15", "pg_dump")
+    program("16", "psql")  # a newer client without pg_dump
+    program("17", "pg_dump", executable=False)  # not a program
+    program("tools", "pg_dump")  # not a major
+    monkeypatch.setattr(postgres, "PG_ROOT", str(tmp_path / "pg"))
+    cluster = tmp_path / "cluster"
+    cluster.mkdir()
+    (cluster / "PG_VERSION").write_text("14\n")
+    assert postgres.postgres_bin(str(cluster)) == os.path.dirname(own)  # the cluster runs with its own binaries
+    assert bk.pg_tool("pg_dump", 14) == (newest, 15)
+    assert bk.pg_tool("pg_dump", 15) == (newest, 15)
+    assert bk.pg_tool("pg_dump") == (newest, 15)
+    with pytest.raises(bk.BackupError, match=r"pg_dump 15 \(.*/15/bin/pg_dump\) cannot work with a PostgreSQL 16"):
+        bk.pg_tool("pg_dump", 16)
+
+
+def test_restore_moves_the_paths_of_port_sqlites_marker_with_homeserver_yamls(server, tmp_path):
+    """The marker names the SQLite file it was ported from; `load` refuses one naming another file than
+    homeserver.yaml does, so restore moves its paths as homeserver.yaml's (the rest of it byte for byte the same)."""
+    sources, data = server
+    marker = {
+        "format": 1,
+        "homeserver_yaml": f"{data}/homeserver.yaml",
+        "sqlite_database": f"{data}/homeserver.db",
+        "sqlite_sha256": "ab" * 32,
+        "postgres_data_dir": f"{data}/postgres",
+        "ported_at": "2026-12-06T04:00:00Z",
+    }
+    (data / "synapse-workers-postgres.json").write_text(json.dumps(marker, indent=2) + "\n")
+    path, _ = backup_now(sources, tmp_path / "backups")
+    target = tmp_path / "elsewhere"
+    assert rs.run_restore(restore_env(target), str(path), io.StringIO()) == 0
+    new = target / "data"
+    moved = json.loads((new / "synapse-workers-postgres.json").read_text())
+    assert moved == {
+        **marker,
+        "homeserver_yaml": f"{new}/homeserver.yaml",
+        "sqlite_database": f"{new}/homeserver.db",
+        "postgres_data_dir": f"{new}/postgres",
+    }
+    doc = yaml.safe_load((new / "homeserver.yaml").read_text())
+    assert doc["database"]["args"]["database"] == moved["sqlite_database"]

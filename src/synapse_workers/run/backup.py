@@ -61,6 +61,11 @@ LOCKED = 75  # EX_TEMPFAIL, as the compressor: another backup holds the lock
 APPLICATION_NAME = "synapse-workers backup"  # pg_stat_activity names the dump's backend so
 NICE = 10
 STAMP = re.compile(r"\d{8}T\d{6}Z")
+STALE_NOTE = (
+    "port-sqlite moved this server's SQLite database into the embedded PostgreSQL: its database is database.dump. "
+    "The SQLite file (stale_copy, among the data dir's files) is as it was at the port; it is kept so that the "
+    "server can go back to SQLite by removing the marker (without what was written since the port)"
+)
 CHUNK = 1 << 20
 
 
@@ -284,6 +289,7 @@ class Sources:
     skip: frozenset[str]  # absolute paths under the data dir not copied as data/ (dirs or files)
     extras: tuple[str, ...]  # files outside the data dir the server reads
     database: Database
+    ported: dict[str, Any] | None = None  # `port-sqlite`'s marker: the sqlite3 file's database is the embedded cluster
 
     def roots(self) -> dict[str, Any]:
         return {
@@ -348,6 +354,17 @@ def sources(plan: Plan, output: str) -> Sources:
         path = _absolute(extra)
         if not _inside(path, data_dir) and path not in wanted and os.path.isfile(path) and path not in skip:
             wanted.append(path)
+    ported = None
+    if hs.sqlite_port is not None and hs.sqlite_port.sqlite_database is not None:
+        stale = os.path.normpath(hs.sqlite_port.sqlite_database)
+        kept = _inside(stale, data_dir) and os.path.isfile(stale)  # then listing() copies it as a data file
+        ported = {
+            "marker": f"data/{os.path.relpath(layout.sqlite_port_marker, data_dir)}",
+            "sqlite_database": stale,
+            "ported_at": hs.sqlite_port.ported_at,
+            "stale_copy": f"data/{os.path.relpath(stale, data_dir)}" if kept else None,
+            "note": STALE_NOTE,
+        }
     return Sources(
         server_name=hs.server_name,
         data_dir=data_dir,
@@ -357,6 +374,7 @@ def sources(plan: Plan, output: str) -> Sources:
         skip=frozenset(os.path.normpath(p) for p in skip),
         extras=tuple(wanted),
         database=database,
+        ported=ported,
     )
 
 
@@ -389,22 +407,26 @@ def lower_priority(pid: int = 0) -> None:
 
 
 def pg_tool(name: str, server_major: int | None = None) -> tuple[str, int]:
-    """The newest PostgreSQL client program `name` installed (Debian's /usr/lib/postgresql/<major>/bin), and its
-    major; refused when it is older than the server (pg_dump cannot dump a newer server)."""
+    """The PostgreSQL client program `name` of the newest major installed (Debian's PG_ROOT/<major>/bin), and that
+    major: never the embedded cluster's own binaries when it is older (run/postgres.postgres_bin), since a pg_dump
+    dumps servers of its own major and older ones, never newer ones, and a pg_restore reads the archives of its own
+    and older pg_dumps. Refused when the newest is older than the server."""
+    from .postgres import PG_ROOT, major_key
+
     found = []
-    for path in glob.glob(f"/usr/lib/postgresql/*/bin/{name}"):
-        try:
-            found.append((int(path.split("/")[4]), path))
-        except ValueError:
-            continue
+    for path in glob.glob(f"{PG_ROOT}/*/bin/{name}"):
+        key = major_key(path.split("/")[-3])
+        if key and os.access(path, os.X_OK):
+            found.append((key, path))
     if not found:
         on_path = shutil.which(name)
         if on_path is None:
             raise BackupError(f"{name} is not installed (apt-get install postgresql-client)")
         out = subprocess.run([on_path, "--version"], capture_output=True, text=True, check=False).stdout
         match = re.search(r"(\d+)(?:\.\d+)?", out)
-        found.append((int(match.group(1)) if match else 0, on_path))
-    major, path = max(found)
+        found.append(((int(match.group(1)) if match else 0,), on_path))
+    key, path = max(found)
+    major = key[0]
     if server_major is not None and major < server_major:
         raise BackupError(
             f"{name} {major} ({path}) cannot work with a PostgreSQL {server_major} server: install PostgreSQL "
@@ -750,6 +772,13 @@ def make_backup(src: Sources, output: str, progress: Progress, outcome: Outcome)
         if src.database.kind == "postgres":
             database = dump_postgres(src.database, partial / DUMP, progress)
             writer.add_made(DUMP)
+            if src.ported is not None:  # the stale SQLite file is copied with the data dir's files, as it is
+                database["ported_from_sqlite"] = src.ported
+                kept = f" (kept as {src.ported['stale_copy']})" if src.ported["stale_copy"] else ""
+                progress.say(
+                    f"database: {src.ported['sqlite_database']} was ported into the embedded PostgreSQL at "
+                    f"{src.ported['ported_at']}: the dump is the database, the SQLite file is as it was then{kept}"
+                )
         else:
             assert src.database.sqlite_path is not None
             database = copy_sqlite(src.database.sqlite_path, partial / SQLITE_COPY, progress)
