@@ -236,16 +236,18 @@ def test_the_public_health_follows_the_stack_within_seconds(stack: Stack):
 # ---- nginx's copy of the verdict, with the aggregator in front of stub processes ------------------------------
 
 
-def test_the_first_flood_waits_for_one_verdict_and_a_dead_aggregator_shows_within_seconds():
+@pytest.mark.parametrize("buffering", ["on", "off"])
+def test_the_first_flood_waits_for_one_verdict_and_a_dead_aggregator_shows_within_seconds(buffering: str):
     """With stubs for the processes: 300 requests before any verdict exists reach the aggregator once (the
     others wait for that one); once the aggregator is gone, nginx's copy is served at most 5 s past its second,
-    then clients see that nothing answers (502), however often they ask."""
+    then clients see that nothing answers (502), however often they ask. NGINX_PROXY_BUFFERING=off (nginx keeps
+    no copy of an unbuffered answer) changes nothing here."""
     from synapse_workers.programs import Health
     from synapse_workers.run.health import Aggregator
     from tests.integration.test_nginx_routing import Deployment
     from tests.support.stubs import wait_connectable
 
-    dep = Deployment("health-copy", {"SYNAPSE_WORKER_TYPES": ""})
+    dep = Deployment("health-copy", {"SYNAPSE_WORKER_TYPES": "", "NGINX_PROXY_BUFFERING": buffering})
     try:
         main = dep.fleet.stubs["main"].address
         aggregator = Aggregator({"main": Health("http", f"http://{main}/health")}, dep.plan.health_port, ttl=0.0)
