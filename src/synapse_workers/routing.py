@@ -83,7 +83,10 @@ def explain(plan: Plan, method: str, path: str, port: int | None = None) -> dict
         why += answer
         return _answered_by_nginx(method, path, 404, why)
     if normalise(path) == "/health":
-        why = "the whole stack's health, answered by the launcher (same as `synapse-workers health`)"
+        why = (
+            "the whole stack's health (same as `synapse-workers health`): nginx answers from its copy of the "
+            "launcher's verdict, at most a second old, counted in no pool"
+        )
         return _answered_by_nginx(method, path, 200, why)
     if private_path(path):
         return _answered_by_nginx(method, path, 404, "internal-only path: nginx refuses it on the public port")
