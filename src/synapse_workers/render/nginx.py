@@ -5,8 +5,15 @@ wins). Method-sensitive routes pick their upstream through a `map $request_metho
 on a key taken from the access token, the room ID or the federation origin.
 
 When nginx cannot reach any process of a route's pool (it answers 502/504 itself), the route's `when_down`
-decides: main stands in (`error_page ... = @sw_main`), or a fast 503 with Retry-After (`@sw_unavailable`).
-nginx's `backup` servers would do the first, but cannot be combined with `hash ... consistent`.
+decides: main stands in (`error_page ... = @sw_main`), another pool does first (`@sw_down_<upstream>`, then main),
+or a fast 503 with Retry-After (`@sw_unavailable`). nginx's `backup` servers would do the first, but cannot be
+combined with `hash ... consistent`.
+
+A route's query class (plan.QueryTarget: initial syncs) is a `map` on `$arg_` values; the route's location jumps to
+the class's named location (`return 418` + `error_page 418`), which has its own pool, read timeout and stand-in.
+Every proxying location names its pool (`$sw_pool`); a `limit_conn` zone per pool bounds the requests in flight
+(plan.pool_limits) and the next one gets 429 M_LIMIT_EXCEEDED (`@sw_limited`). The public `/health` is a cached
+copy of the launcher's verdict (see HEALTH_STALE_SECONDS).
 """
 
 from __future__ import annotations
