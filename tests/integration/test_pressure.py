@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.matrix import PASSWORD, register, registration_secret
+from tests.support.matrix import PASSWORD, register, registration_secret, unlimited
 from tests.support.stack import Stack, make_root, stack_env
 
 pytestmark = pytest.mark.integration
@@ -67,9 +67,23 @@ async def _request(host: str, port: int, path: str, go: asyncio.Event, connected
     lines = head.decode("latin-1").split("\r\n")
     if not lines[0].startswith("HTTP/1."):
         return Answer(0, took, connect, {}, raw, error or "no status line")
-    fields = dict(line.split(":", 1) for line in lines[1:] if ":" in line)
-    return Answer(int(lines[0].split()[1]), took, connect, {k.strip().lower(): v.strip() for k, v in fields.items()},
-                  body)
+    fields = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+    if fields.get("transfer-encoding", "").lower() == "chunked":
+        body = _dechunk(body)
+    return Answer(int(lines[0].split()[1]), took, connect, fields, body)
+
+
+def _dechunk(data: bytes) -> bytes:
+    """A chunked HTTP/1.1 body (RFC 9112 7.1), whole."""
+    out = bytearray()
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line.split(b";", 1)[0], 16)
+        if size == 0:
+            break
+        out += data[:size]
+        data = data[size + 2:]
+    return bytes(out)
 
 
 async def _flood(host: str, port: int, path: str, count: int, headers: str = "") -> list[Answer]:
@@ -501,3 +515,44 @@ def test_a_running_worker_serves_the_endpoints_routed_to_workers(stack: Stack):
             answer = client.request(method, f"http://127.0.0.1:{port}{path}", content=b"{}")
             assert answer.status_code in (404, 405), (method, path, answer.status_code, answer.text)
             assert client.request(method, f"{main}{path}", content=b"{}").status_code in (401, 405), (method, path)
+
+
+HEAVY_ROOMS = 100
+
+
+def test_concurrent_initial_syncs_of_a_large_account_beyond_the_bound(stack: Stack):
+    """A user in HEAVY_ROOMS rooms (rate limits lifted through the admin API): 10 of its initial syncs at once on
+    an initial pool bounded at 3: exactly 3 are computed and answered 200 (with every room), the other 7 get 429
+    within a second, with Retry-After and M_LIMIT_EXCEEDED; an incremental sync meanwhile answers 200."""
+    secret = registration_secret(stack.env["SYNAPSE_DATA_DIR"])
+    admin = register(stack.base_url, secret, f"admin{int(time.time())}", admin=True)
+    heavy = register(stack.base_url, secret, f"heavy{int(time.time())}")
+    unlimited(stack.base_url, admin["access_token"], heavy["user_id"])
+    headers = {"Authorization": f"Bearer {heavy['access_token']}"}
+    with httpx.Client(base_url=stack.base_url, headers=headers, timeout=120) as client:
+        for i in range(HEAVY_ROOMS):
+            client.post("/_matrix/client/v3/createRoom", json={"name": f"room {i}"}).raise_for_status()
+        since = client.get("/_matrix/client/v3/sync", params={"timeout": "0", "filter": '{"room":{"rooms":[]}}'},
+                           ).raise_for_status().json()["next_batch"]
+    port = int(stack.env["SYNAPSE_HTTP_PORT"])
+    auth = f"Authorization: Bearer {heavy['access_token']}\r\n"
+
+    async def scenario() -> tuple[list[Answer], int, float]:
+        flood_task = asyncio.create_task(_flood("127.0.0.1", port, "/_matrix/client/v3/sync?timeout=0", 10, auth))
+        await asyncio.sleep(0.3)
+        async with httpx.AsyncClient(base_url=stack.base_url, headers=headers, timeout=60) as client:
+            started = time.monotonic()
+            status = (await client.get("/_matrix/client/v3/sync", params={"since": since, "timeout": "0"})).status_code
+            took = time.monotonic() - started
+        return await flood_task, status, took
+
+    answers, incremental, took = asyncio.run(scenario())
+    held = [a for a in answers if a.status == 200]
+    refused = [a for a in answers if a.status == 429]
+    print(f"initial syncs of {HEAVY_ROOMS} rooms: 200 in {sorted(round(a.seconds, 2) for a in held)} s, 429 in "
+          f"at most {max((a.seconds for a in refused), default=0):.3f} s; incremental meanwhile {took:.2f} s")
+    assert len(held) == 3 and len(refused) == 7, sorted(a.status for a in answers)
+    assert all(len(json.loads(a.body)["rooms"]["join"]) == HEAVY_ROOMS for a in held)
+    assert max(a.seconds for a in refused) < 1.0
+    assert all(a.headers.get("retry-after") and json.loads(a.body)["errcode"] == "M_LIMIT_EXCEEDED" for a in refused)
+    assert incremental == 200
