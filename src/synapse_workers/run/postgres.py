@@ -14,7 +14,7 @@ import pwd
 import subprocess
 from pathlib import Path
 
-from ..errors import File, Problem, UserError
+from ..errors import File, Problem, Subject, UserError
 from ..plan import Plan
 from ..programs import child_environment, setpriv_prefix
 from ..secrets import PASSFILE_SYNAPSE
@@ -131,6 +131,49 @@ def version_warning(plan: Plan) -> Problem | None:
         expected=f"a cluster of PostgreSQL {newest}, the newest installed",
         found=f"a cluster of PostgreSQL {major}",
     )
+
+
+def dump_major_problems(
+    backup: str,
+    dumped: int | None,
+    written_by: int | None,
+    target: str,
+    target_major: int | None,
+    pg_restore: tuple[str, int] | None,
+    subject: Subject,
+) -> list[Problem]:
+    """Whether a backup's dump (of a PostgreSQL `dumped` database, written by pg_dump `written_by`) can be restored
+    into `target` (PostgreSQL `target_major`) with `pg_restore` (path, major): a dump goes into its own major or a
+    newer one, never an older (PostgreSQL does not promise an older server loads it), and a pg_restore reads the
+    archives of its own and older pg_dumps only (pg_restore 15 of pg_dump 18's: "unsupported version (1.16) in file
+    header"). Checked before a restore writes anything; at most one problem (the server's first). A manifest
+    without the majors (unknown) is not refused."""
+    if dumped is not None and target_major is not None and target_major < dumped:
+        return [
+            Problem(
+                f"restore: {backup} holds a dump of a PostgreSQL {dumped} database, but {target} is PostgreSQL "
+                f"{target_major}: a dump restores into the same or a newer major only. Nothing was restored. "
+                f"Restore it where PostgreSQL {max(dumped, written_by or 0)} or newer is installed (the image or "
+                "host the backup was made on, or a newer one).",
+                subject,
+                expected=f"PostgreSQL {dumped} or newer",
+                found=f"PostgreSQL {target_major}",
+            )
+        ]
+    if written_by is not None and pg_restore is not None and pg_restore[1] < written_by:
+        tool, major = pg_restore
+        return [
+            Problem(
+                f"restore: {backup}'s dump was written by pg_dump {written_by}, which pg_restore {major} ({tool}) "
+                "cannot read: a pg_restore reads the dumps of its own and older majors only. Nothing was restored. "
+                f"Install PostgreSQL {written_by}'s client programs here (Debian: postgresql-client-{written_by}), "
+                "or restore it where that major is installed.",
+                subject,
+                expected=f"pg_restore {written_by} or newer",
+                found=f"pg_restore {major}",
+            )
+        ]
+    return []
 
 
 def cluster_owner(as_root: bool) -> pwd.struct_passwd:

@@ -1,18 +1,21 @@
 """`synapse-workers restore PATH`: a backup (run/backup.py) put back where the environment says.
 
 The target is named by the environment as for `run` (SYNAPSE_DATA_DIR, SYNAPSE_CONFIG_PATH, SYNAPSE_RUNTIME_DIR,
-SYNAPSE_MEDIA_STORE_PATH, UID/GID). Refused (exit 2, nothing written) when the data dir is not empty, homeserver.yaml
-or a non-empty media store already exists there, the backup fails verification, SYNAPSE_SERVER_NAME names another
-server, or (an external database) the target database is not empty. Otherwise every file is put back (paths in
-homeserver.yaml and our log config moved from the backed-up server's directories to the target's), owned by
-Synapse's UID/GID, and the database restored: the embedded cluster is created (run/postgres.py: initdb, role and
-database with the restored password) and `pg_restore` fills it through a temporary postmaster on a private socket
-dir; an external database is filled by `pg_restore` as Synapse's user; SQLite is a file like the others. A restore
-that fails after it began writing removes what it wrote (the target is empty again).
+SYNAPSE_MEDIA_STORE_PATH, UID/GID). Refused (exit 2, nothing written) when the data dir is not empty,
+homeserver.yaml or a non-empty media store already exists there, the backup fails verification, SYNAPSE_SERVER_NAME
+names another server, the dump is of a newer PostgreSQL major than the target (or written by a newer pg_dump than
+the installed pg_restore reads: run/postgres.dump_major_problems), or (an external database) the target database is
+not empty. Otherwise every file is put back (paths in homeserver.yaml and our log config moved from the backed-up
+server's directories to the target's), owned by Synapse's UID/GID, and the database restored: the embedded cluster
+is created (run/postgres.py: initdb, role and database with the restored password) and `pg_restore` fills it through
+a temporary postmaster on a private socket dir; an external database is filled by `pg_restore` as Synapse's user;
+SQLite is a file like the others. A restore that fails after it began writing removes what it wrote (the target is
+empty again).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -29,6 +32,7 @@ import yaml
 
 from ..errors import Argument, File, Problem, UserError, Variable
 from ..homeserver import GENERATED_LOG_CONFIG
+from ..layout import make_layout
 from ..programs import child_environment
 from ..settings import Settings, load_settings
 from .backup import (
@@ -89,6 +93,27 @@ def relocate(path: str, mapping: Mapping[str, str]) -> str:
     return path
 
 
+MARKER_PATHS = ("sqlite_database", "postgres_data_dir")  # port-sqlite's marker: absolute paths of the server
+
+
+def rewrite_marker(text: str, mapping: Mapping[str, str], config: str) -> str:
+    """port-sqlite's marker (Layout.sqlite_port_marker) with its paths moved as homeserver.yaml's are: `load` refuses
+    a marker naming another SQLite file than homeserver.yaml does. A marker we cannot read stays as it is (`run`
+    then names it)."""
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(doc, dict):
+        return text
+    for key in MARKER_PATHS:
+        if isinstance(doc.get(key), str):
+            doc[key] = relocate(doc[key], mapping)
+    if isinstance(doc.get("homeserver_yaml"), str):
+        doc["homeserver_yaml"] = config
+    return json.dumps(doc, indent=2) + "\n"
+
+
 def rewrite_paths(text: str, mapping: Mapping[str, str]) -> str:
     """Text (homeserver.yaml, our log config) with every path under a moved directory moved; comments kept."""
     if not mapping:
@@ -125,6 +150,7 @@ def plan_target(backup: Path, doc: dict[str, Any], settings: Settings) -> tuple[
     except yaml.YAMLError as exc:
         raise UserError(Problem(f"{backup / CONFIG_FILE} cannot be read as YAML: {exc}", BACKUP)) from None
     log_config = homeserver.get("log_config") if isinstance(homeserver, dict) else None
+    marker = make_layout(core.runtime_dir, data).sqlite_port_marker
     places: dict[str, str] = {}
     rewritten = {CONFIG_FILE: text}
     for raw in doc["files"]:
@@ -147,6 +173,8 @@ def plan_target(backup: Path, doc: dict[str, Any], settings: Settings) -> tuple[
             original = (backup / name).read_text(encoding="utf-8", errors="replace")
             if original.startswith(GENERATED_LOG_CONFIG):  # ours: its log file paths move too
                 rewritten[name] = rewrite_paths(original, mapping)
+        if places[name] == marker:
+            rewritten[name] = rewrite_marker((backup / name).read_text(encoding="utf-8"), mapping, config)
     problems: list[Problem] = []
     if os.path.isdir(data) and os.listdir(data):
         problems.append(
@@ -276,9 +304,14 @@ def _external_args(
     return args, None
 
 
-def _external_check(args: dict[str, Any], password: str | None) -> tuple[str, str | None]:
-    """The target database's conninfo and password, refused (exit 2) unless it answers and is empty."""
+def _external_check(
+    args: dict[str, Any], password: str | None, path: str, dump: Mapping[str, Any]
+) -> tuple[str, str | None]:
+    """The target database's conninfo and password, refused (exit 2) unless it answers, is empty, and is of the
+    dump's major or newer."""
     import psycopg2
+
+    from . import postgres
 
     if password is not None:
         args = {**args, "password": password}
@@ -310,7 +343,21 @@ def _external_check(args: dict[str, Any], password: str | None) -> tuple[str, st
                 found=f"{relations} relations in {db.dbname!r}",
             )
         )
+    refusal = postgres.dump_major_problems(
+        path, dump.get("postgres_major"), dump.get("pg_dump_major"), f"the {db.where}", db.server_major,
+        _restore_tool(), BACKUP,
+    )  # fmt: skip
+    if refusal:
+        raise UserError(*refusal)
     return db.conninfo(), db.password
+
+
+def _restore_tool() -> tuple[str, int]:
+    """pg_restore (the newest installed) and its major, refused (exit 2) before anything is written when missing."""
+    try:
+        return pg_tool("pg_restore")
+    except BackupError as exc:
+        raise UserError(Problem(f"restore: {exc}", BACKUP, expected="pg_restore installed")) from None
 
 
 def pg_restore(dump: Path, dsn: str, password: str | None, passfile_path: str | None, progress: Progress) -> None:
@@ -429,12 +476,22 @@ def run_restore(env: Mapping[str, str], path: str, stream: TextIO | None = None)
     external: tuple[str, str | None] | None = None
     if database["kind"] == "postgres" and not database.get("embedded"):
         args, password = _external_args(target, backup, doc, settings)
-        external = _external_check(args, password)
+        external = _external_check(args, password, path, database)
     elif database.get("embedded"):
         from . import postgres
 
-        postgres.postgres_bin()  # refused (exit 2) before anything is written
+        bindir = postgres.postgres_bin()  # refused (exit 2) before anything is written
         postgres.cluster_owner(os.geteuid() == 0)
+        # The cluster restore makes is the newest installed major's: a dump of a newer one is refused here, not
+        # after initdb by pg_restore.
+        newest = postgres.major_key(list(postgres.installed_majors())[-1])[0]
+        target_name = f"the embedded cluster restore would make here (the newest PostgreSQL installed, {bindir})"
+        refusal = postgres.dump_major_problems(
+            path, database.get("postgres_major"), database.get("pg_dump_major"), target_name, newest,
+            _restore_tool(), BACKUP,
+        )  # fmt: skip
+        if refusal:
+            raise UserError(*refusal)
     owner = (settings.core.uid, settings.core.gid) if os.geteuid() == 0 else None
     undo = Undo()
     started = time.monotonic()
