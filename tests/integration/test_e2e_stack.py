@@ -392,7 +392,10 @@ class TestSmallWorkerSet:
             assert any(line.startswith("media_repository1: FAILED") for line in failing), result.stdout
             assert not any(line.startswith(("main:", "synchrotron1:", "event_persister1:")) for line in failing), \
                 result.stdout
-            public = httpx.get(f"{stack.base_url}/health", timeout=30)  # the same verdict on the public port
+            # The same verdict on the public port, once nginx's copy (at most a second old; the previous one is
+            # served while a refresh waits out a check's 3 s timeout) has it.
+            assert wait_for(lambda: httpx.get(f"{stack.base_url}/health", timeout=30).status_code == 503, 8, 0.2)
+            public = httpx.get(f"{stack.base_url}/health", timeout=30)
             assert public.status_code == 503 and "media_repository1" in public.json()["unhealthy"], public.text
         finally:
             os.kill(pid, signal.SIGCONT)

@@ -63,3 +63,57 @@ def test_the_verdict_names_the_failing_process():
             aggregator.stop()
     assert response.status_code == 503
     assert set(response.json()["unhealthy"]) == {"gone1"}
+
+
+# A health listener whose one thread spins on the CPU for a while before each answer: a Synapse reactor stuck in
+# work (busy), or, stopped with SIGSTOP, one that does nothing at all (hung).
+BUSY_SERVER = """
+import sys, time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        end = time.monotonic() + float(sys.argv[2])
+        while time.monotonic() < end:
+            pass
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):
+        pass
+
+HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def test_a_busy_process_is_not_called_dead_but_a_hung_one_is():
+    """A check that times out (3 s) while its process spins on the CPU is healthy (busy); the same process
+    stopped (no CPU at all) is failing; without its pid nothing tells them apart (failing)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from synapse_workers.run.health import check_all
+
+    port = free_port()
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_SERVER, str(port), "6"])
+    try:
+        wait_connectable(f"127.0.0.1:{port}")
+        checks = {"worker1": Health("http", f"http://127.0.0.1:{port}/health")}
+        started = time.monotonic()
+        assert check_all(checks, {"worker1": busy.pid}) == {"worker1": None}
+        assert time.monotonic() - started >= 2.5  # it did time out: the answer takes 6 s
+        time.sleep(6)  # the spinning answer of that check is over
+        assert check_all(checks)["worker1"].startswith("ReadTimeout")
+        time.sleep(6)
+        os.kill(busy.pid, signal.SIGSTOP)
+        try:
+            assert check_all(checks, {"worker1": busy.pid})["worker1"].startswith("ReadTimeout")
+        finally:
+            os.kill(busy.pid, signal.SIGCONT)
+    finally:
+        busy.kill()
+        busy.wait()

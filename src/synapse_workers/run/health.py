@@ -10,9 +10,10 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import httpx
 
@@ -131,9 +132,35 @@ def public_health(plan: Plan) -> Health:
     return Health("http", f"{plan.public.local_url}/health")
 
 
-def check_all(checks: dict[str, Health]) -> dict[str, str | None]:
+# A process whose health check timed out but that used this much CPU meanwhile is busy (its reactor stuck in
+# work), not hung (stopped, deadlocked: no CPU at all): it counts as healthy, so that a server under more load
+# than it can take is not called dead by the public /health or `synapse-workers health` (Docker's check).
+BUSY_CPU_SECONDS = 0.5
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process of this host (/proc/<pid>/stat), None when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def check_all(checks: dict[str, Health], pids: Mapping[str, int] | None = None) -> dict[str, str | None]:
+    """Every check at once: name → None (healthy) or why not. With `pids` (name → pid on this host), a check that
+    timed out while its process used at least BUSY_CPU_SECONDS of CPU counts as healthy (busy, not hung)."""
+    known = {name: pid for name, pid in (pids or {}).items() if pid and name in checks}
+    before = {name: cpu_seconds(pid) for name, pid in known.items()}
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(checks)))) as pool:
-        return dict(zip(checks, pool.map(check, checks.values()), strict=True))
+        results = dict(zip(checks, pool.map(check, checks.values()), strict=True))
+    for name, pid in known.items():
+        why, used = results[name], before[name]
+        if why is not None and why.startswith("ReadTimeout") and used is not None:
+            now = cpu_seconds(pid)
+            if now is not None and now - used >= BUSY_CPU_SECONDS:
+                results[name] = None
+    return results
 
 
 class Aggregator:
@@ -156,8 +183,11 @@ class Aggregator:
         ttl: float = 1.0,
         max_clients: int = 8,
         metrics: Callable[[], str] | None = None,
+        pids: Callable[[], Mapping[str, int]] | None = None,
     ):
         self.checks = checks
+        # The processes' pids on this host, as the launcher last saw them (check_all: busy is not hung).
+        self.pids = pids
         # GET /metrics: this text (Prometheus's exposition format; the scheduled backups', run/backup_report.py).
         # nginx passes only /health on: /metrics stays on loopback.
         self.metrics = metrics
@@ -215,7 +245,7 @@ class Aggregator:
         with self._refresh:  # one refresh at a time; who waited here may find one that started after it asked
             if self._verdict is None or self._at < asked - self.ttl:
                 started = time.monotonic()
-                results = check_all(self.checks)
+                results = check_all(self.checks, self.pids() if self.pids else None)
                 self._verdict = {name: why for name, why in results.items() if why}
                 self._at = started
                 self.refreshes += 1

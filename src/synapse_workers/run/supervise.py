@@ -111,7 +111,11 @@ class Stack:
         # ttl 0: nginx keeps the answer for a second and asks again, so each of its requests gets a verdict
         # that is new (requests that arrive together share one refresh).
         aggregator = Aggregator(
-            synapse_checks(self.plan), self.plan.health_port, ttl=0.0, metrics=backup_metrics(self.plan)
+            synapse_checks(self.plan),
+            self.plan.health_port,
+            ttl=0.0,
+            metrics=backup_metrics(self.plan),
+            pids=self._pids,
         )
         aggregator.start()
         try:
@@ -342,6 +346,11 @@ class Stack:
     def _tail_text(self, name: str, size: int = 3000) -> str | None:
         owner = self.owner.get(name)
         return owner.tail(name, size) if owner else None
+
+    def _pids(self) -> dict[str, int]:
+        """Each program's pid as last written to status.json (the aggregator's busy-or-hung question)."""
+        status = self._written_status
+        return {p.name: p.pid for p in status.processes if p.pid} if isinstance(status, StackStatus) else {}
 
     def _publish_status(self, reports: list[Report] | None = None) -> None:
         """Write state/status.json when anything `status` shows has changed."""
