@@ -67,6 +67,14 @@ INITIAL_SYNC_READ_TIMEOUT = "10m"
 # The pool name of main in NGINX_POOL_LIMITS, and its default bound (a seed value, like Role.pool_limit's).
 MAIN_POOL = "main"
 MAIN_POOL_LIMIT = 250
+# The role whose long-polls (/sync) main holds itself when none of its processes is deployed (a monolith).
+LONG_POLLS = "synchrotron"
+
+
+def main_pool_limit(deployed: Iterable[str]) -> int:
+    """main's default bound: MAIN_POOL_LIMIT, plus the sync pool's when main serves /sync itself (no synchrotron
+    deployed: every client's long-poll waits on main)."""
+    return MAIN_POOL_LIMIT + (0 if LONG_POLLS in deployed else ROLES[LONG_POLLS].pool_limit)
 
 
 def _writer(name: str, stream: str, summary: str, extra: tuple[str, ...] = ()) -> Role:

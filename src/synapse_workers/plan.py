@@ -546,7 +546,10 @@ def make_plan(
     given = dict(settings.nginx.pool_limits)
     pools = dict.fromkeys(u.role or catalog.MAIN_POOL for u in upstreams)
     pool_limits = {
-        pool: given.get(pool, catalog.MAIN_POOL_LIMIT if pool == catalog.MAIN_POOL else catalog.ROLES[pool].pool_limit)
+        pool: given.get(
+            pool,
+            catalog.main_pool_limit(pools) if pool == catalog.MAIN_POOL else catalog.ROLES[pool].pool_limit,
+        )
         for pool in pools
     }
     appservices = tuple(dict.fromkeys((*homeserver.app_service_config_files, *app_service_files)))

@@ -895,7 +895,8 @@ class NginxSettings(Section):
         help="Requests each pool (a worker type's processes, or main) holds at once, then 429: POOL=NUMBER pairs, "
         "such as initial_synchrotron=50, main=250",
         default_text=f"synchrotron and sliding_synchrotron 2000, initial_synchrotron 50, main "
-        f"{catalog.MAIN_POOL_LIMIT}, every other type 500",
+        f"{catalog.MAIN_POOL_LIMIT} (+{catalog.ROLES[catalog.LONG_POLLS].pool_limit} without a synchrotron: main "
+        "holds the /sync long-polls then), every other type 500",
     )
     disable_logrotate: Bool = var(
         "NGINX_DISABLE_LOGROTATE",

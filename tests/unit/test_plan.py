@@ -745,14 +745,16 @@ def test_the_initial_pool_is_stood_in_for_by_the_sync_pool_then_main(topo):
 def test_every_pool_has_a_bound_given_or_by_default(env):
     plan = plan_for(env, "synchrotron:2, initial_synchrotron, client_reader, media_repository",
                     NGINX_POOL_LIMITS="initial_synchrotron=7, main=9, client_reader=11")
-    # Written from the README's defaults: synchrotron 2000, initial_synchrotron 50, main 250, others 500.
+    # Written from the README's defaults: synchrotron 2000, initial_synchrotron 50, main 250 (2250 without a
+    # synchrotron: every /sync long-poll waits on main then), others 500.
     assert plan.pool_limits == {"main": 9, "synchrotron": 2000, "initial_synchrotron": 7,
                                 "client_reader_room": 11, "client_reader_non_room": 11, "media_repository": 500}
     assert plan.as_json()["pool_limits"] == plan.pool_limits
-    assert plan_for(env, "").pool_limits == {"main": 250}
-    assert plan_for(env, "initial_synchrotron").pool_limits == {"main": 250, "initial_synchrotron": 50}
+    assert plan_for(env, "").pool_limits == {"main": 2250}
+    assert plan_for(env, "synchrotron").pool_limits == {"main": 250, "synchrotron": 2000}
+    assert plan_for(env, "initial_synchrotron").pool_limits == {"main": 2250, "initial_synchrotron": 50}
     # A pool that is not deployed is no error: nothing to bound.
-    assert plan_for(env, "", NGINX_POOL_LIMITS="typing=3").pool_limits == {"main": 250}
+    assert plan_for(env, "", NGINX_POOL_LIMITS="typing=3").pool_limits == {"main": 2250}
 
 
 def test_routes_names_the_pool_and_its_bound(env):
@@ -761,4 +763,4 @@ def test_routes_names_the_pool_and_its_bound(env):
         "pool": "synchrotron", "limit": 5}
     assert explain(plan, "GET", "/_matrix/client/v3/sync")["pool"] == "initial_synchrotron"
     assert {k: explain(plan, "POST", "/_matrix/client/v3/logout")[k] for k in ("pool", "limit")} == {
-        "pool": "main", "limit": 250}
+        "pool": "main", "limit": 250}  # a synchrotron holds the long-polls
