@@ -212,7 +212,7 @@ def test_two_backups_exclude_each_other(tmp_path):
     lock = str(tmp_path / "backup.lock")
     with bk.exclusive(lock), pytest.raises(bk.BackupError) as caught, bk.exclusive(lock):
         pass
-    assert caught.value.code == bk.LOCKED and "another backup is running" in str(caught.value)
+    assert caught.value.code == bk.LOCKED and "another backup is in progress" in str(caught.value)
 
 
 def test_the_outcome_is_written_only_where_a_state_dir_exists(tmp_path):

@@ -23,6 +23,7 @@ from synapse_workers.load import load_plan
 from synapse_workers.programs import programs
 from synapse_workers.render import render_all
 from synapse_workers.run import compressor, scheduler
+from synapse_workers.run.flock import LOCKED
 from tests.unit.test_programs import BINARIES
 
 D = datetime
@@ -264,7 +265,7 @@ def test_disable_logrotate_drops_the_rule(base_env):
 def test_outcome_lines():
     assert scheduler.outcome("compress-state", 0, 2.04) == "compress-state: finished OK in 2.0s"
     assert "FAILED with exit 1" in scheduler.outcome("compress-state", 1, 3)
-    assert "holds its lock" in scheduler.outcome("compress-state", compressor.LOCKED, 0)
+    assert "holds its lock" in scheduler.outcome("compress-state", LOCKED, 0)
     assert "killed by signal 9" in scheduler.outcome("rotate-logs", -9, 0)
 
 
@@ -346,7 +347,7 @@ def test_lock_refuses_a_second_holder(tmp_root):
     with compressor.exclusive(lock):
         with pytest.raises(compressor.CompressorError, match="in progress") as info, compressor.exclusive(lock):
             pass
-        assert info.value.code == compressor.LOCKED
+        assert info.value.code == LOCKED
     with compressor.exclusive(lock):  # released
         pass
 

@@ -24,7 +24,6 @@ Restore: run/restore.py.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import functools
 import glob
 import hashlib
@@ -40,7 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -50,6 +49,8 @@ from ..catalog import SYNAPSE_VERSION
 from ..plan import Plan
 from ..programs import child_environment
 from ..secrets import passfile_line
+from . import flock
+from .flock import LOCKED
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -57,7 +58,6 @@ PARTIAL = ".partial-"
 DUMP = "database.dump"
 SQLITE_COPY = "database.sqlite"
 CONFIG_FILE = "config/homeserver.yaml"
-LOCKED = 75  # EX_TEMPFAIL, as the compressor: another backup holds the lock
 APPLICATION_NAME = "synapse-workers backup"  # pg_stat_activity names the dump's backend so
 NICE = 10
 STAMP = re.compile(r"\d{8}T\d{6}Z")
@@ -638,22 +638,9 @@ def write_status(path: str, outcome: Outcome) -> None:
         raise
 
 
-@contextmanager
-def exclusive(path: str) -> Iterator[None]:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise BackupError(f"cannot open the lock file {path}: {exc.strerror} (run as the stack's user)") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BackupError(
-                f"another backup is running (it holds {path}): not starting a second one", LOCKED
-            ) from None
-        yield
-    finally:
-        os.close(fd)
+def exclusive(path: str) -> AbstractContextManager[None]:
+    """The backup's lock (Layout.backup_lock): one backup at a time."""
+    return flock.exclusive(path, "another backup", BackupError)
 
 
 class Writer:

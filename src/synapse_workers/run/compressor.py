@@ -22,18 +22,16 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
 import logging
-import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 from urllib.parse import quote
 
 import yaml
 
-LOCKED = 75  # EX_TEMPFAIL (run/scheduler.py reads it)
+from . import flock
+
 log = logging.getLogger("synapse_workers.compressor")
 
 # Rooms whose state groups are orphaned: not in `rooms` (purged) and without a single event left.
@@ -97,22 +95,9 @@ class CompressorError(Exception):
         self.code = code
 
 
-@contextmanager
-def exclusive(path: str) -> Iterator[None]:
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise CompressorError(f"cannot open the lock file {path}: {exc.strerror} (run as the stack's user)") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise CompressorError(
-                f"another compressor run is in progress (it holds {path}): not starting a second one", LOCKED
-            ) from None
-        yield
-    finally:
-        os.close(fd)
+def exclusive(path: str) -> AbstractContextManager[None]:
+    """The compressor's lock (Layout.compressor_lock): scheduled and manual runs never overlap."""
+    return flock.exclusive(path, "another compressor run", CompressorError)
 
 
 def database_section(config_paths: list[str]) -> tuple[str, dict[str, Any], str]:

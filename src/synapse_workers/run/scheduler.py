@@ -21,11 +21,11 @@ from datetime import datetime
 from pathlib import Path
 
 from ..cron import Cron, next_due, parse
+from .flock import LOCKED  # a job that found another run of itself holding its lock
 
 POLL_SECONDS = 1.0  # how often the loop looks at the clock and its children (and touches the heartbeat)
 ALIVE_SECONDS = 30.0  # a heartbeat older than this: the loop is stuck
 STOP_SECONDS = 8.0  # on SIGTERM, how long running jobs get before they are killed (supervisord waits 10 s)
-LOCKED = 75  # EX_TEMPFAIL: a job that found another run of itself holding its lock (run/compressor.py)
 
 
 @dataclass(frozen=True)
