@@ -557,6 +557,7 @@ def test_the_initial_pool_has_its_own_location_read_timeout_and_stand_ins(env):
     assert "error_page 502 504 = @sw_down_synchrotron_by_user;" in initial
     down = re.search(r"location @sw_down_synchrotron_by_user \{(.*?)\n        \}", conf, re.S).group(1)
     assert "error_page 502 504 = @sw_main;" in down
+    assert "proxy_read_timeout 10m;" in down  # standing in for initial syncs, with their timeout
     assert '"~^:" 1;' in conf and '"~:true$" 1;' in conf  # map "$arg_since:$arg_full_state"
     assert re.search(r'map "\$arg_from" \$sw_q_initial_events \{\s*default 0;\s*"" 1;', conf)
 

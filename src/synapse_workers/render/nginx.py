@@ -103,18 +103,23 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
         )
     routes = []
     queries: dict[str, catalog.Query] = {}
-    stand_ins: dict[str, str] = {}  # a pool standing in for another → what stands in for it in turn
+    # a pool standing in for another → what stands in for it in turn, and the read timeout of what it answers
+    stand_ins: dict[str, tuple[str, str | None]] = {}
     when_down: set[str | None] = set()
 
-    def down(value: str | None) -> str | None:
-        """The error_page target for `value` (plan.Route.when_down), noting what the named locations need."""
+    def down(value: str | None, origin: str | None = None) -> str | None:
+        """The error_page target for `value` (plan.Route.when_down) of requests first sent to the upstream
+        `origin`, noting what the named locations need."""
         when_down.add(value)
         if value is None or value in WHEN_DOWN:
             return WHEN_DOWN[value] if value else None
         role = plan.upstream(value).role
         assert role is not None
-        stand_ins[value] = MAIN if catalog.ROLES[role].main_can_stand_in else UNAVAILABLE
-        when_down.add(stand_ins[value])
+        then = MAIN if catalog.ROLES[role].main_can_stand_in else UNAVAILABLE
+        # Standing in for initial syncs, the synchrotron gets their long read timeout, not its own.
+        timeout = (read_timeout(plan, origin) if origin else None) or read_timeout(plan, value)
+        stand_ins[value] = (then, stand_ins.get(value, (then, None))[1] or timeout)
+        when_down.add(then)
         return f"= @sw_down_{value}"
 
     for route in plan.routes:
@@ -133,7 +138,7 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
                 "pools": [(sorted(methods) if methods else None, pool(plan, name)) for methods, name in route.targets],
                 "split": split,
                 "methods": [(sorted(methods) if methods else None, upstream) for methods, upstream in route.targets],
-                "when_down": down(route.when_down),
+                "when_down": down(route.when_down, None if split else route.targets[0][1]),
                 # A chain of error pages (the jump to a query's location, a pool standing in, then main) needs
                 # nginx's recursive_error_pages where it starts.
                 "recursive": bool(route.queries) or route.when_down not in (None, *WHEN_DOWN),
@@ -145,7 +150,7 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
                         "location": f"@sw_q_{route.rule.id}",
                         "upstream": target.upstream,
                         "pool": pool(plan, target.upstream),
-                        "when_down": down(target.when_down),
+                        "when_down": down(target.when_down, target.upstream),
                         "read_timeout": read_timeout(plan, target.upstream),
                     }
                     for target in route.queries
@@ -187,8 +192,8 @@ def render_nginx(plan: Plan, nginx: NginxSettings, health_upstream: str | None =
         limited_retry_after=LIMITED_RETRY_AFTER_SECONDS,
         limited_body=f"'{LIMITED_BODY}'",
         stand_ins=[
-            {"upstream": name, "when_down": WHEN_DOWN[then], "read_timeout": read_timeout(plan, name)}
-            for name, then in stand_ins.items()
+            {"upstream": name, "when_down": WHEN_DOWN[then], "read_timeout": timeout}
+            for name, (then, timeout) in stand_ins.items()
         ],
         retry_after=RETRY_AFTER_SECONDS,
         unavailable_body=nginx_single_quote(UNAVAILABLE_BODY),
