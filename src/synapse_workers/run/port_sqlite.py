@@ -536,28 +536,7 @@ def _stop_child(child: subprocess.Popen[bytes]) -> None:
 def _psql(plan: Plan, owner: Any, as_root: bool, setpriv: str, sql: str) -> None:
     """SQL as the cluster's owner (peer authentication) over the private socket, on stdin."""
     assert plan.postgres is not None
-    result = subprocess.run(
-        [
-            *_owner_prefix(owner, as_root, setpriv),
-            f"{_bindir(plan)}/psql",
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            plan.postgres.socket_dir,
-            "-U",
-            owner.pw_name,
-            "-d",
-            "postgres",
-        ],
-        input=sql,
-        text=True,
-        capture_output=True,
-        cwd="/",
-        env=child_environment(os.environ),
-        check=False,
-    )
+    result = postgres.psql_as_owner(_bindir(plan), plan.postgres.socket_dir, owner, as_root, setpriv, sql)
     if result.returncode != 0:
         raise RuntimeError(f"psql: {result.stderr.strip()}")
 

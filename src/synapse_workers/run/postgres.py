@@ -238,6 +238,23 @@ def prepare_cluster(plan: Plan, as_root: bool, setpriv: str) -> pwd.struct_passw
     return owner
 
 
+def psql_as_owner(
+    bindir: str, socket_dir: str, owner: pwd.struct_passwd, as_root: bool, setpriv: str, sql: str
+) -> subprocess.CompletedProcess[str]:
+    """psql as the cluster's owner (peer authentication) over `socket_dir`, the SQL on stdin: a password in it
+    never shows in a process list."""
+    return subprocess.run(
+        [*_as_owner(owner, as_root, setpriv), f"{bindir}/psql", "-X", "-q", "-v", "ON_ERROR_STOP=1"]
+        + ["-h", socket_dir, "-U", owner.pw_name, "-d", "postgres"],
+        input=sql,
+        text=True,
+        capture_output=True,
+        cwd="/",
+        env=child_environment(os.environ),
+        check=False,
+    )
+
+
 def ensure_database(plan: Plan, owner: pwd.struct_passwd, as_root: bool, setpriv: str) -> None:
     """Create the synapse role and database if missing; (re)set the role's password from the passfile."""
     assert plan.postgres is not None
@@ -249,27 +266,6 @@ ALTER ROLE synapse PASSWORD '{quoted}';
 SELECT 'CREATE DATABASE synapse OWNER synapse ENCODING ''UTF8'' LC_COLLATE ''C'' LC_CTYPE ''C'' TEMPLATE template0'
   WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = 'synapse')\\gexec
 """
-    # SQL on stdin: the password never shows in a process list.
-    result = subprocess.run(
-        [
-            *_as_owner(owner, as_root, setpriv),
-            f"{postgres_bin(plan.postgres.data_dir)}/psql",
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            plan.postgres.socket_dir,
-            "-U",
-            owner.pw_name,
-            "-d",
-            "postgres",
-        ],
-        input=sql,
-        text=True,
-        capture_output=True,
-        cwd="/",
-        env=child_environment(os.environ),
-    )
+    result = psql_as_owner(postgres_bin(plan.postgres.data_dir), plan.postgres.socket_dir, owner, as_root, setpriv, sql)
     if result.returncode != 0:
         raise RuntimeError(f"setting up the embedded database failed: {result.stderr.strip()}")

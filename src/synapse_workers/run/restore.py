@@ -433,6 +433,14 @@ def restore_embedded(env: Mapping[str, str], dump: Path, progress: Progress) -> 
             postgres.ensure_database(private, owner, as_root, setpriv)
             dsn = conninfo(host=socket_dir, dbname="synapse", user="synapse")
             pg_restore(dump, dsn, None, plan.secrets.postgres, progress)
+            # A dump carries no planner statistics (pg_dump before 18): without them a large server plans badly until
+            # autovacuum gets to every table (upgrade-postgres analyzes too).
+            analyze = postgres.psql_as_owner(
+                postgres.postgres_bin(), socket_dir, owner, as_root, setpriv, "\\connect synapse\nANALYZE;\n"
+            )
+            if analyze.returncode != 0:
+                raise BackupError(f"ANALYZE after the restore failed: {analyze.stderr.strip()}")
+            progress.say("database: statistics rebuilt (ANALYZE)")
     finally:
         shutil.rmtree(socket_dir, ignore_errors=True)
 
