@@ -463,6 +463,32 @@ def passfile(password: str | None) -> Iterator[str | None]:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+def run_pg_tool(
+    command: list[str],
+    appname: str,
+    pgpassfile: str | None,
+    progress: Progress,
+    tick: Callable[[], str],
+    meanwhile: Callable[[], None] = lambda: None,
+) -> tuple[int, str]:
+    """pg_dump/pg_restore with the password only in a passfile (PGPASSFILE names it), progress ticks while it
+    runs (`meanwhile` is called on each), its stderr kept with any password masked: (exit code, stderr)."""
+    from .compressor import REDACT
+
+    env = child_environment(os.environ)
+    env["PGAPPNAME"] = appname
+    if pgpassfile:
+        env["PGPASSFILE"] = pgpassfile
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=errors, cwd="/")
+        while proc.poll() is None:
+            meanwhile()
+            progress.tick(tick)
+            time.sleep(0.2)
+        errors.seek(0)
+        return proc.returncode, REDACT.clean(errors.read().strip())
+
+
 SSL_KEYS = ("sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl")
 
 
@@ -505,8 +531,6 @@ def connect(args: dict[str, Any]) -> tuple[Any, Connected]:
 
 def dump_postgres(database: Database, target: Path, progress: Progress) -> dict[str, Any]:
     """One `pg_dump --format=custom` of Synapse's database into target: one snapshot, whatever runs meanwhile."""
-    from .compressor import REDACT
-
     try:
         conn, db = connect(database.args)
     except BackupError as exc:
@@ -517,24 +541,21 @@ def dump_postgres(database: Database, target: Path, progress: Progress) -> dict[
         conn.autocommit = True
         tool, tool_major = pg_tool("pg_dump", db.server_major)
         progress.say(f"database: pg_dump {tool_major} of the PostgreSQL {db.server_major} {db.where}")
-        with passfile(db.password) as pgpass, tempfile.TemporaryFile("w+") as errors:
-            env = child_environment(os.environ)
-            env["PGAPPNAME"] = APPLICATION_NAME
-            if pgpass:
-                env["PGPASSFILE"] = pgpass
+        reniced = not database.embedded  # an external server's backends are not ours to renice
+
+        def renice() -> None:
+            nonlocal reniced
+            if not reniced:
+                reniced = _renice_backend(conn)
+
+        started = time.monotonic()
+        with passfile(db.password) as pgpass:
             command = [tool, "--format=custom", "--no-password", f"--file={target}", f"--dbname={db.conninfo()}"]
-            started = time.monotonic()
-            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=errors, cwd="/")
-            reniced = not database.embedded  # an external server's backends are not ours to renice
-            while proc.poll() is None:
-                if not reniced:
-                    reniced = _renice_backend(conn)
-                progress.tick(lambda: f"database: {mib(_size(target))} written")
-                time.sleep(0.2)
-            errors.seek(0)
-            text = REDACT.clean(errors.read().strip())
-        if proc.returncode != 0:
-            raise BackupError(f"pg_dump failed (exit {proc.returncode}) on the {db.where}: {text}")
+            code, text = run_pg_tool(
+                command, APPLICATION_NAME, pgpass, progress, lambda: f"database: {mib(_size(target))} written", renice
+            )
+        if code != 0:
+            raise BackupError(f"pg_dump failed (exit {code}) on the {db.where}: {text}")
         progress.say(f"database: {mib(_size(target))} in {time.monotonic() - started:.1f} s")
         return {
             "kind": "postgres",

@@ -47,6 +47,7 @@ from .backup import (
     passfile,
     pg_tool,
     read_manifest,
+    run_pg_tool,
     verify,
 )
 
@@ -361,28 +362,24 @@ def _restore_tool() -> tuple[str, int]:
 
 
 def pg_restore(dump: Path, dsn: str, password: str | None, passfile_path: str | None, progress: Progress) -> None:
-    from .compressor import REDACT
 
     tool, major = pg_tool("pg_restore")
     progress.say(f"database: pg_restore {major} of {dump.name} ({dump.stat().st_size / (1 << 20):.1f} MiB)")
     started = time.monotonic()
-    with passfile(password) as temporary, tempfile.TemporaryFile("w+") as errors:
-        env = child_environment(os.environ)
-        env["PGAPPNAME"] = "synapse-workers restore"
-        if temporary or passfile_path:
-            env["PGPASSFILE"] = str(temporary or passfile_path)
-        command = [
-            tool, "--no-password", "--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction",
-            f"--dbname={dsn}", str(dump),
-        ]  # fmt: skip
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=errors, cwd="/")
-        while proc.poll() is None:
-            progress.tick(lambda: f"database: restoring, {time.monotonic() - started:.0f} s")
-            time.sleep(0.2)
-        errors.seek(0)
-        text = REDACT.clean(errors.read().strip())
-    if proc.returncode != 0:
-        raise BackupError(f"pg_restore failed (exit {proc.returncode}): {text}")
+    command = [
+        tool, "--no-password", "--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction",
+        f"--dbname={dsn}", str(dump),
+    ]  # fmt: skip
+    with passfile(password) as temporary:
+        code, text = run_pg_tool(
+            command,
+            "synapse-workers restore",
+            temporary or passfile_path,
+            progress,
+            lambda: f"database: restoring, {time.monotonic() - started:.0f} s",
+        )
+    if code != 0:
+        raise BackupError(f"pg_restore failed (exit {code}): {text}")
     progress.say(f"database: restored in {time.monotonic() - started:.1f} s")
 
 
