@@ -46,7 +46,13 @@ def check(health: Health, timeout: float = TIMEOUT) -> str | None:
     """None when healthy, else a short reason."""
     try:
         if health.kind == "http":
-            response = _http().get(health.target, timeout=timeout)
+            try:
+                response = _http().get(health.target, timeout=timeout)
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # A kept-alive connection that went bad under us (the process restarted, or the shared pool lost
+                # it: seen as EBADF under a flood): once more, on a new connection. A process that is down
+                # fails again at once (connection refused); a hung one times out.
+                response = _http().get(health.target, timeout=timeout)
             return None if response.status_code == 200 else f"HTTP {response.status_code}"
         if health.kind == "redis":
             with _connect(health.target, timeout) as sock:
