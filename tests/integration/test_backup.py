@@ -21,7 +21,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from tests.support.matrix import PASSWORD, register, registration_secret, unlimited
+from tests.support.matrix import PASSWORD, register, registration_secret, unlimited, upload_media
 from tests.support.stack import SW, Stack, make_root, stack_env
 from tests.unit.test_cli_errors import snapshot
 
@@ -99,11 +99,7 @@ def test_backup_under_load_restores_elsewhere_with_every_acknowledged_message():
         for user in users[1:]:
             httpx.post(f"{base}/_matrix/client/v3/join/{quote(room)}", timeout=30,
                        headers={"Authorization": f"Bearer {user['access_token']}"}).raise_for_status()
-        uploaded = {}
-        for name, data in MEDIA.items():
-            response = httpx.post(f"{base}/_matrix/media/v3/upload", params={"filename": name}, content=data,
-                                  headers={**auth, "Content-Type": "application/octet-stream"}, timeout=60)
-            uploaded[response.raise_for_status().json()["content_uri"]] = data
+        uploaded = upload_media(base, users[0]["access_token"], MEDIA)
         key_before = httpx.get(f"{base}/_matrix/key/v2/server", timeout=30).raise_for_status().json()
 
         # Chat under load; the backup starts once every sender has been acknowledged a few times.

@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from tests.conftest import in_ci
-from tests.support.matrix import PASSWORD, register, registration_secret, unlimited
+from tests.support.matrix import PASSWORD, register, registration_secret, unlimited, upload_media
 from tests.support.pgmajors import DEBIAN, bindir, debian_major, tree_snapshot
 from tests.support.stack import SW, Stack, make_root, stack_env
 
@@ -134,11 +134,7 @@ def test_a_backup_made_on_15_restores_into_a_new_major_and_is_served():
             httpx.put(f"{base}/_matrix/client/v3/rooms/{quote(room)}/send/m.room.message/t{n}", timeout=30,
                       json={"msgtype": "m.text", "body": f"message {n} on PostgreSQL {old} ✓"},
                       headers={"Authorization": f"Bearer {user['access_token']}"}).raise_for_status()
-        uploaded = {}
-        for name, content in MEDIA.items():
-            response = httpx.post(f"{base}/_matrix/media/v3/upload", params={"filename": name}, content=content,
-                                  headers={**auth, "Content-Type": "application/octet-stream"}, timeout=60)
-            uploaded[response.raise_for_status().json()["content_uri"]] = content
+        uploaded = upload_media(base, alice["access_token"], MEDIA)
         original = room_messages(base, alice["access_token"], room)
         assert len(original) == 30 and original[0][2].startswith("message 0 ")
         key_before = httpx.get(f"{base}/_matrix/key/v2/server", timeout=30).raise_for_status().json()

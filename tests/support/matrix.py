@@ -72,6 +72,17 @@ def register(base_url: str, secret: str, localpart: str, password: str = PASSWOR
     return response.json()
 
 
+def upload_media(base_url: str, token: str, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Upload each file (name → content) through the media API; returns content URI → the bytes sent."""
+    uploaded = {}
+    for name, content in files.items():
+        response = httpx.post(f"{base_url}/_matrix/media/v3/upload", params={"filename": name}, content=content,
+                              headers={"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"},
+                              timeout=60)
+        uploaded[response.raise_for_status().json()["content_uri"]] = content
+    return uploaded
+
+
 def unlimited(base_url: str, admin_token: str, user_id: str) -> None:
     """Admin API: no rate limiting at all for user_id (a zero override disables every limiter for them)."""
     response = httpx.post(f"{base_url}/_synapse/admin/v1/users/{quote(user_id)}/override_ratelimit",
